@@ -1,0 +1,21 @@
+"""t3s-kernels: the LM head and its loss in one pass, for T3S distillation.
+
+    import t3s_kernels as t3s
+    out = t3s.fused_linear_t3s_loss(hidden, lm_head.weight, labels, token_weights=mask, return_stats=True)
+    stats = t3s.token_stats(hidden, lm_head.weight, labels)
+"""
+
+from .api import T3SLoss, T3SLossOutput, TokenStats, fused_linear_t3s_loss, token_stats
+from .reference import reference_t3s_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "fused_linear_t3s_loss",
+    "token_stats",
+    "T3SLoss",
+    "T3SLossOutput",
+    "TokenStats",
+    "reference_t3s_loss",
+    "__version__",
+]

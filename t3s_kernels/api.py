@@ -1,0 +1,192 @@
+"""The public API: ``fused_linear_t3s_loss``, ``token_stats`` and ``T3SLoss``."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .backends.chunked import ChunkedEngine, TorchEpilogue
+from .function import FusedLinearT3SFunction, LossConfig
+from .options import DEFAULT_STRATEGY, GradRequest, HeadOptions
+from .validation import check_head_inputs, check_options
+
+
+@dataclass
+class T3SLossOutput:
+    """``loss`` (float32 scalar, or per token for reduction="none") and, with ``return_stats``,
+    the per-token statistics (float32 / bool, detached, in the labels' shape)."""
+
+    loss: torch.Tensor
+    logprob: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    correct: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
+
+
+@dataclass
+class TokenStats:
+    """Per-token statistics: log-probability of the label (the T3S confidence), entropy of the
+    predictive distribution, whether the label's logit is the maximum (ties count), logsumexp.
+    Zero / False at ignored positions."""
+
+    logprob: torch.Tensor
+    entropy: torch.Tensor
+    correct: torch.Tensor
+    lse: torch.Tensor
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton kernels run on CUDA tensors, or anywhere under TRITON_INTERPRET=1 (the tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def make_engine(device: torch.device, backend: str, strategy: str, chunk_budget_bytes: Optional[int] = None):
+    """The engine that evaluates the head for the given backend / strategy on ``device``."""
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if backend == "torch":
+        if strategy == "tile":
+            raise ValueError("strategy='tile' needs backend='triton'; the torch backend is chunked")
+        return ChunkedEngine(TorchEpilogue(), chunk_budget_bytes)
+    if not triton_available(device):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the triton package; "
+                         f"got tensors on {device}")
+    from .ops.engines import TileEngine, TritonEpilogue
+
+    strategy = DEFAULT_STRATEGY if strategy == "auto" else strategy
+    if strategy == "tile":
+        return TileEngine()
+    return ChunkedEngine(TritonEpilogue(), chunk_budget_bytes)
+
+
+def _autocast(hidden, weight, bias):
+    """Under torch.autocast, run the head in the autocast dtype, as F.linear would."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) if hasattr(torch, "is_autocast_enabled") else False:
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    return hidden, weight, bias
+
+
+def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                          bias: Optional[torch.Tensor] = None, token_weights: Optional[torch.Tensor] = None,
+                          ce_weight: float = 1.0, ignore_index: int = -100, label_smoothing: float = 0.0,
+                          z_loss: float = 0.0, softcap: Optional[float] = None, reduction: str = "mean",
+                          normalizer: Union[None, float, int, torch.Tensor] = None, return_stats: bool = False,
+                          backend: str = "auto", strategy: str = "auto",
+                          chunk_budget_bytes: Optional[int] = None) -> T3SLossOutput:
+    """LM head + T3S loss in one pass, never holding the [tokens x vocab] logits.
+
+    Per token ``l_i = ce_weight * CE_i (label smoothing) + z_loss * lse_i^2`` on the logits
+    ``softcap * tanh((hidden @ weight.T + bias) / softcap)``. A token contributes when its
+    label is not ``ignore_index`` and its weight is not 0; "sum" is ``sum_i w_i l_i``, "mean"
+    divides it by the number of contributing tokens, ``normalizer`` (e.g. num_items_in_batch)
+    replaces that divisor; "none" returns ``w_i l_i`` per token (0 where not contributing).
+
+    Args:
+        hidden: (..., H) float32 / bfloat16 / float16.
+        weight: (V, H), same dtype. labels: (...) int64/int32 in [0, V) or ``ignore_index``.
+        token_weights: (...) float >= 0, or None for all ones.
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
+        strategy: Triton training strategy, "chunked" (token chunks, cuBLAS matmuls, fused
+            epilogue; default) or "tile" (recomputing tile kernels, least memory).
+        chunk_budget_bytes: memory one chunk's [rows x vocab] buffers may use (default 1 GiB).
+    """
+    check_options(backend=backend, strategy=strategy, softcap=softcap, label_smoothing=label_smoothing,
+                  z_loss=z_loss, ce_weight=ce_weight, temperature=1.0, reduction=reduction,
+                  normalizer=normalizer, chunk_budget_bytes=chunk_budget_bytes)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index)
+    lead = labels.shape
+    x = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).long()
+    w = None if token_weights is None else token_weights.reshape(-1)
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = float(normalizer.item())
+    cfg = LossConfig(
+        engine=make_engine(x.device, backend, strategy, chunk_budget_bytes),
+        opts=HeadOptions(vocab_size=weight.shape[0], softcap=softcap, ce_weight=float(ce_weight),
+                         label_smoothing=float(label_smoothing), z_loss=float(z_loss)),
+        ignore_index=ignore_index, reduction=reduction,
+        normalizer=None if normalizer is None else float(normalizer))
+    loss, logprob, entropy, correct, lse = FusedLinearT3SFunction.apply(x, weight, bias, y, w, cfg)
+    if reduction == "none":
+        loss = loss.view(lead)
+    if not return_stats:
+        return T3SLossOutput(loss=loss)
+    return T3SLossOutput(loss=loss, logprob=logprob.view(lead), entropy=entropy.view(lead),
+                         correct=correct.view(lead), lse=lse.view(lead))
+
+
+@torch.no_grad()
+def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, temperature: float = 1.0,
+                ignore_index: int = -100, backend: str = "auto",
+                chunk_budget_bytes: Optional[int] = None) -> TokenStats:
+    """Forward only: per-token statistics of ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
+
+    This is what scoring a dataset needs (T3S's confidence is ``logprob``). On the Triton
+    backend it is one tile kernel at the cost of one matmul, storing O(tokens) floats.
+    """
+    check_options(backend=backend, strategy="auto", softcap=softcap, label_smoothing=0.0, z_loss=0.0,
+                  ce_weight=1.0, temperature=temperature, chunk_budget_bytes=chunk_budget_bytes)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    check_head_inputs(hidden, weight, labels, bias, None, ignore_index)
+    lead = labels.shape
+    x = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1).long()
+    device = x.device
+    if backend == "triton" or (backend == "auto" and device.type == "cuda" and triton_available(device)):
+        engine = make_engine(device, "triton", "tile")  # the forward tile kernel is the 1-matmul path
+    else:
+        engine = make_engine(device, "torch", "auto", chunk_budget_bytes)
+    opts = HeadOptions(vocab_size=weight.shape[0], softcap=softcap, logit_scale=1.0 / float(temperature))
+    valid = y != ignore_index
+    n = y.shape[0]
+    f32 = dict(device=device, dtype=torch.float32)
+    lse, logprob, entropy = (torch.zeros(n, **f32) for _ in range(3))
+    correct = torch.zeros(n, device=device, dtype=torch.bool)
+    idx = valid.nonzero().squeeze(1)
+    if idx.numel():
+        all_valid = idx.numel() == n
+        st, _ = engine.forward(x if all_valid else x[idx], weight, bias, y if all_valid else y[idx], opts,
+                               grads=GradRequest(False, False, False))
+        lse[idx], logprob[idx], entropy[idx] = st.lse, st.label_logit - st.lse, st.entropy
+        correct[idx] = st.label_logit >= st.max_logit
+    return TokenStats(logprob=logprob.view(lead), entropy=entropy.view(lead), correct=correct.view(lead),
+                      lse=lse.view(lead))
+
+
+class T3SLoss(torch.nn.Module):
+    """``fused_linear_t3s_loss`` as a module: options at construction, tensors at call time."""
+
+    def __init__(self, **options):
+        super().__init__()
+        allowed = {name for name, p in inspect.signature(fused_linear_t3s_loss).parameters.items()
+                   if p.kind is p.KEYWORD_ONLY and name != "token_weights"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(f"T3SLoss got unknown option(s) {unknown}; expected some of {sorted(allowed)}")
+        probe = dict(options)
+        check_options(backend=probe.get("backend", "auto"), strategy=probe.get("strategy", "auto"),
+                      softcap=probe.get("softcap"), label_smoothing=probe.get("label_smoothing", 0.0),
+                      z_loss=probe.get("z_loss", 0.0), ce_weight=probe.get("ce_weight", 1.0), temperature=1.0,
+                      reduction=probe.get("reduction", "mean"), normalizer=probe.get("normalizer"),
+                      chunk_budget_bytes=probe.get("chunk_budget_bytes"))
+        self.options = options
+
+    def forward(self, hidden, weight, labels, token_weights=None, **overrides) -> T3SLossOutput:
+        return fused_linear_t3s_loss(hidden, weight, labels, token_weights=token_weights,
+                                     **{**self.options, **overrides})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,89 @@
+"""What every backend returns, and the online-softmax state in PyTorch form.
+
+The state of one row over the vocabulary columns seen so far:
+    m = max_j s_j,  d = sum_j exp(s_j - m),  u = sum_j exp(s_j - m) * (s_j - m)
+Two states merge exactly (the online logsumexp); at the end
+    lse = m + log d,  entropy = log d - u / d.
+Keeping ``u`` relative to ``m`` (not ``sum p_j s_j``) keeps the entropy exact when the
+logits are large. The Triton twin of this merge is ``ops/online_softmax.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+from ..options import GradRequest, HeadOptions
+
+
+@dataclass
+class RowStats:
+    """Per-row float32 results of one pass over the vocabulary."""
+
+    lse: torch.Tensor
+    label_logit: torch.Tensor
+    sum_logits: torch.Tensor  # only meaningful with label smoothing, zeros otherwise
+    entropy: torch.Tensor
+    max_logit: torch.Tensor
+
+    @staticmethod
+    def cat(parts: "list[RowStats]") -> "RowStats":
+        return RowStats(*(torch.cat([getattr(p, f) for p in parts]) for f in RowStats.__dataclass_fields__))
+
+
+@dataclass
+class HeadGrads:
+    """Gradients of sum_i g_i * l_i over the rows a backend was given (None where not requested)."""
+
+    hidden: Optional[torch.Tensor]  # [rows, H], dtype of hidden
+    weight: Optional[torch.Tensor]  # [V, H], float32 accumulator
+    bias: Optional[torch.Tensor]  # [V], float32 accumulator
+
+
+class Engine(Protocol):
+    """A way to evaluate the head. Rows given to it are already compacted by the caller."""
+
+    # True when ``forward`` with ``row_scale`` computes gradients in the same pass
+    # (the chunked strategies: 3 matmuls); False when it would only run forward then
+    # backward (the tile strategy: recomputing in backward costs nothing extra).
+    fuses_backward: bool
+
+    def forward(self, x, weight, bias, labels, opts: HeadOptions,
+                row_scale: Optional[torch.Tensor] = None,
+                grads: GradRequest = GradRequest()) -> "tuple[RowStats, Optional[HeadGrads]]": ...
+
+    def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions,
+                 grads: GradRequest) -> HeadGrads: ...
+
+
+class OnlineState:
+    """Running softmax state of a block of rows, merged chunk by chunk over the vocabulary."""
+
+    def __init__(self, rows: int, device: torch.device):
+        f32 = dict(device=device, dtype=torch.float32)
+        self.m = torch.full((rows,), float("-inf"), **f32)
+        self.d = torch.zeros(rows, **f32)
+        self.u = torch.zeros(rows, **f32)
+        self.label_logit = torch.zeros(rows, **f32)
+        self.sum_logits = torch.zeros(rows, **f32)
+
+    def merge(self, m_b: torch.Tensor, d_b: torch.Tensor, u_b: torch.Tensor) -> None:
+        m = torch.maximum(self.m, m_b)
+        a_self = torch.exp(self.m - m)
+        a_b = torch.exp(m_b - m)
+        # An empty state (d = 0, m = -inf) must add nothing; (m - m_new) * d would be nan.
+        shift_self = torch.where(self.d > 0, self.m - m, torch.zeros_like(m))
+        shift_b = torch.where(d_b > 0, m_b - m, torch.zeros_like(m))
+        self.u = a_self * (self.u + shift_self * self.d) + a_b * (u_b + shift_b * d_b)
+        self.d = a_self * self.d + a_b * d_b
+        self.m = m
+
+    def lse(self) -> torch.Tensor:
+        return self.m + torch.log(self.d)
+
+    def finish(self) -> RowStats:
+        log_d = torch.log(self.d)
+        return RowStats(lse=self.m + log_d, label_logit=self.label_logit, sum_logits=self.sum_logits,
+                        entropy=log_d - self.u / self.d, max_logit=self.m)

@@ -1,0 +1,215 @@
+"""The chunked strategy: token chunks x vocab chunks, matmuls by PyTorch, an epilogue per chunk.
+
+For each chunk of rows, the logits of one vocabulary chunk at a time are made by one
+matmul into a float32 buffer; the *epilogue* folds them into the rows' online softmax
+state and, once the logsumexp is known, turns the same buffer into dL/dlogits, which two
+more matmuls carry to dX and dW. When a whole vocabulary row fits the memory budget the
+logits are made once and the gradient is written over them (3 matmuls); otherwise the
+gradient pass recomputes them (4 matmuls), never holding more than the budget.
+
+The driver is shared: ``TorchEpilogue`` (here) makes it the PyTorch backend, and the
+Triton epilogue kernel (``ops/chunk_epilogue.py``) makes it the Triton chunked strategy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from ..options import DEFAULT_CHUNK_BUDGET_BYTES, GradRequest, HeadOptions
+from .base import HeadGrads, OnlineState, RowStats
+from .matmul import addmm_f32_, mm_f32
+
+
+class Epilogue(Protocol):
+    # Bytes of chunk memory one logit costs (its fp32 buffer plus the epilogue's temporaries).
+    bytes_per_logit: int
+
+    def accumulate(self, logits: torch.Tensor, labels: torch.Tensor, col0: int,
+                   state: OnlineState, opts: HeadOptions) -> None: ...
+
+    def gradient(self, logits: torch.Tensor, labels: torch.Tensor, col0: int, lse: torch.Tensor,
+                 row_scale: torch.Tensor, opts: HeadOptions, out_dtype: torch.dtype) -> torch.Tensor: ...
+
+    def accumulate_and_gradient(self, logits: torch.Tensor, labels: torch.Tensor, state: OnlineState,
+                                row_scale: torch.Tensor, opts: HeadOptions,
+                                out_dtype: torch.dtype) -> torch.Tensor: ...
+
+
+def plan_chunks(n_rows: int, vocab: int, bytes_per_logit: int, budget_bytes: int,
+                chunk_rows: Optional[int] = None, vocab_chunk: Optional[int] = None) -> tuple[int, int]:
+    """(rows per chunk, vocabulary columns per chunk) that keep one chunk within the budget.
+
+    Whole vocabulary rows are preferred (3 matmuls instead of 4) as long as at least
+    ``min_rows`` rows fit, enough to keep the matmuls efficient.
+    """
+    min_rows = 128
+    if vocab_chunk is None:
+        vocab_chunk = vocab if vocab * bytes_per_logit * min(min_rows, n_rows) <= budget_bytes \
+            else max(1024, budget_bytes // (bytes_per_logit * min_rows))
+    vocab_chunk = max(1, min(vocab_chunk, vocab))
+    if chunk_rows is None:
+        chunk_rows = max(1, budget_bytes // (bytes_per_logit * vocab_chunk))
+        if chunk_rows >= 64:
+            chunk_rows -= chunk_rows % 64  # matmul-friendly row counts
+    return max(1, min(chunk_rows, n_rows)), vocab_chunk
+
+
+class ChunkedEngine:
+    fuses_backward = True
+
+    def __init__(self, epilogue: Epilogue, budget_bytes: Optional[int] = None,
+                 chunk_rows: Optional[int] = None, vocab_chunk: Optional[int] = None):
+        self.epilogue = epilogue
+        self.budget_bytes = budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES
+        self.chunk_rows = chunk_rows
+        self.vocab_chunk = vocab_chunk
+
+    def _plan(self, n: int, vocab: int) -> tuple[int, int]:
+        return plan_chunks(n, vocab, self.epilogue.bytes_per_logit, self.budget_bytes,
+                           self.chunk_rows, self.vocab_chunk)
+
+    @staticmethod
+    def _logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                v0: int, v1: int) -> torch.Tensor:
+        logits = mm_f32(x, weight[v0:v1].t())
+        if bias is not None:
+            logits += bias[v0:v1].float()
+        return logits
+
+    @staticmethod
+    def _alloc_grads(x, weight, bias, grads: GradRequest) -> HeadGrads:
+        return HeadGrads(
+            hidden=torch.empty_like(x, memory_format=torch.contiguous_format) if grads.hidden else None,
+            weight=torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if grads.weight else None,
+            bias=torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32)
+            if grads.bias and bias is not None else None,
+        )
+
+    @staticmethod
+    def _backprop(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, v0: int, v1: int,
+                  out: HeadGrads, dx_acc: Optional[torch.Tensor]) -> None:
+        """dX (into ``dx_acc``, float32, or returned whole), dW and db of one [rows x vocab chunk] gradient."""
+        if dx_acc is not None:
+            addmm_f32_(dx_acc, dz, weight[v0:v1])
+        if out.weight is not None:
+            addmm_f32_(out.weight[v0:v1], dz.t(), x)
+        if out.bias is not None:
+            out.bias[v0:v1] += dz.sum(0, dtype=torch.float32)
+
+    def _gradient_pass(self, x, weight, bias, labels, lse, row_scale, opts, out: HeadGrads,
+                       r0: int, r1: int, vocab_chunk: int) -> None:
+        vocab = weight.shape[0]
+        dx_acc = torch.zeros(r1 - r0, x.shape[1], device=x.device, dtype=torch.float32) \
+            if out.hidden is not None else None
+        for v0 in range(0, vocab, vocab_chunk):
+            v1 = min(v0 + vocab_chunk, vocab)
+            dz = self.epilogue.gradient(self._logits(x[r0:r1], weight, bias, v0, v1), labels[r0:r1], v0,
+                                        lse, row_scale, opts, x.dtype)
+            self._backprop(dz, x[r0:r1], weight, v0, v1, out, dx_acc)
+        if dx_acc is not None:
+            out.hidden[r0:r1] = dx_acc
+
+    def forward(self, x, weight, bias, labels, opts: HeadOptions, row_scale=None,
+                grads: GradRequest = GradRequest()):
+        n, vocab = x.shape[0], weight.shape[0]
+        want_grad = row_scale is not None and grads.any
+        rows, vocab_chunk = self._plan(n, vocab)
+        out = self._alloc_grads(x, weight, bias, grads) if want_grad else None
+        parts = []
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            xc, yc = x[r0:r1], labels[r0:r1]
+            state = OnlineState(r1 - r0, x.device)
+            if want_grad and vocab_chunk >= vocab:
+                # Whole rows fit: one matmul for the logits, gradient written over them.
+                logits = self._logits(xc, weight, bias, 0, vocab)
+                dz = self.epilogue.accumulate_and_gradient(logits, yc, state, row_scale[r0:r1], opts, x.dtype)
+                del logits
+                if out.hidden is not None:
+                    torch.mm(dz, weight, out=out.hidden[r0:r1])
+                self._backprop(dz, xc, weight, 0, vocab, out, None)
+            else:
+                for v0 in range(0, vocab, vocab_chunk):
+                    v1 = min(v0 + vocab_chunk, vocab)
+                    self.epilogue.accumulate(self._logits(xc, weight, bias, v0, v1), yc, v0, state, opts)
+                if want_grad:
+                    self._gradient_pass(x, weight, bias, labels, state.lse(), row_scale[r0:r1], opts, out,
+                                        r0, r1, vocab_chunk)
+            parts.append(state.finish())
+        return RowStats.cat(parts), out
+
+    def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions,
+                 grads: GradRequest) -> HeadGrads:
+        n, vocab = x.shape[0], weight.shape[0]
+        rows, vocab_chunk = self._plan(n, vocab)
+        out = self._alloc_grads(x, weight, bias, grads)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            self._gradient_pass(x, weight, bias, labels, lse[r0:r1], row_scale[r0:r1], opts, out,
+                                r0, r1, vocab_chunk)
+        return out
+
+
+class TorchEpilogue:
+    """The epilogue in plain PyTorch: the CPU path, and the Triton kernels' twin."""
+
+    bytes_per_logit = 12  # the fp32 logits plus up to two fp32 temporaries
+
+    @staticmethod
+    def _transform_(logits: torch.Tensor, opts: HeadOptions) -> torch.Tensor:
+        if opts.has_softcap:
+            logits.div_(opts.softcap).tanh_().mul_(opts.softcap)
+        if opts.logit_scale != 1.0:
+            logits.mul_(opts.logit_scale)
+        return logits
+
+    @staticmethod
+    def _label_index(labels: torch.Tensor, col0: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        in_chunk = (labels >= col0) & (labels < col0 + width)
+        return in_chunk, (labels - col0).clamp(0, width - 1)
+
+    def _accumulate_transformed(self, s, labels, col0, state: OnlineState, opts: HeadOptions) -> None:
+        m_b = s.amax(1)
+        shifted = s - m_b[:, None]
+        e = torch.exp(shifted)
+        d_b = e.sum(1)
+        u_b = torch.bmm(e[:, None, :], shifted[:, :, None]).view(-1)  # sum e * (s - m), no temporary
+        del e, shifted
+        state.merge(m_b, d_b, u_b)
+        in_chunk, idx = self._label_index(labels, col0, s.shape[1])
+        state.label_logit += torch.where(in_chunk, s.gather(1, idx[:, None]).view(-1), 0.0)
+        if opts.has_smoothing:
+            state.sum_logits += s.sum(1)
+
+    def _gradient_transformed(self, s, labels, col0, lse, row_scale, opts: HeadOptions, out_dtype):
+        # dl/ds_j = ce_weight * (p_j - (1 - eps) [j = y] - eps / V) + 2 z_loss lse p_j,
+        # then through the temperature scale and the softcap: dt/dz = 1 - tanh^2.
+        cap_slope = None
+        if opts.has_softcap:
+            cap_slope = s / (opts.logit_scale * opts.softcap)
+            cap_slope.square_().neg_().add_(1.0)
+        ds = s.sub_(lse[:, None]).exp_()
+        ds.mul_((opts.ce_weight + 2.0 * opts.z_loss * lse)[:, None])
+        if opts.has_smoothing:
+            ds.sub_(opts.ce_weight * opts.label_smoothing / opts.vocab_size)
+        in_chunk, idx = self._label_index(labels, col0, s.shape[1])
+        hit = -opts.ce_weight * (1.0 - opts.label_smoothing) * in_chunk.float()
+        ds.scatter_add_(1, idx[:, None], hit[:, None])
+        ds.mul_((row_scale * opts.logit_scale)[:, None])
+        if cap_slope is not None:
+            ds.mul_(cap_slope)
+        return ds.to(out_dtype)
+
+    def accumulate(self, logits, labels, col0, state, opts):
+        self._accumulate_transformed(self._transform_(logits, opts), labels, col0, state, opts)
+
+    def gradient(self, logits, labels, col0, lse, row_scale, opts, out_dtype):
+        return self._gradient_transformed(self._transform_(logits, opts), labels, col0, lse, row_scale, opts,
+                                          out_dtype)
+
+    def accumulate_and_gradient(self, logits, labels, state, row_scale, opts, out_dtype):
+        s = self._transform_(logits, opts)
+        self._accumulate_transformed(s, labels, 0, state, opts)
+        return self._gradient_transformed(s, labels, 0, state.lse(), row_scale, opts, out_dtype)

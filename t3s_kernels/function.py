@@ -1,0 +1,157 @@
+"""The autograd function around a backend: compaction, token weights, reductions.
+
+Rows are sorted into three kinds before any matmul:
+  * ignored (label == ignore_index): never reach the head; statistics 0.
+  * scored only (weight 0): forward only, for their statistics.
+  * contributing: forward, and the only rows any backward matmul sees.
+So the backward cost scales with the selected fraction of tokens.
+
+For "mean"/"sum" the upstream gradient is a scalar, so a backend that fuses the backward
+into its forward pass (the chunked strategies) computes dX, dW for ``g_i = w_i / divisor``
+right away and the backward only rescales them. For "none", and for the tile strategy,
+the backward runs from the saved logsumexp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .backends.base import Engine, HeadGrads, RowStats
+from .options import GradRequest, HeadOptions
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    engine: Engine
+    opts: HeadOptions
+    ignore_index: int
+    reduction: str
+    normalizer: Optional[float]
+
+
+def per_token_loss(stats: RowStats, opts: HeadOptions) -> torch.Tensor:
+    """l_i = ce_weight * CE_eps + z_loss * lse^2 from a row's statistics."""
+    eps = opts.label_smoothing
+    ce = stats.lse - (1.0 - eps) * stats.label_logit
+    if opts.has_smoothing:
+        ce = ce - (eps / opts.vocab_size) * stats.sum_logits
+    loss = opts.ce_weight * ce
+    if opts.z_loss:
+        loss = loss + opts.z_loss * stats.lse.square()
+    return loss
+
+
+def _scatter_rows(values: torch.Tensor, index: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """Place per-row ``values`` of the compacted rows at ``index`` in a zero [n, ...] tensor."""
+    if index is None:
+        return values
+    out = values.new_zeros((n,) + values.shape[1:])
+    out[index] = values
+    return out
+
+
+def _select(t: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if index is None else t[index]
+
+
+class FusedLinearT3SFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, token_weights, cfg: LossConfig):
+        n = x.shape[0]
+        grads = GradRequest(hidden=ctx.needs_input_grad[0], weight=ctx.needs_input_grad[1],
+                            bias=bias is not None and ctx.needs_input_grad[2])
+        valid = labels != cfg.ignore_index
+        contributing = valid if token_weights is None else valid & (token_weights != 0)
+        n_contrib = int(contributing.sum())
+        n_valid = int(valid.sum())
+        # index None means "all n rows", which skips a gather of the hidden states.
+        contrib_idx = None if n_contrib == n else contributing.nonzero().squeeze(1)
+        if cfg.normalizer is not None:
+            divisor = cfg.normalizer
+        elif cfg.reduction == "mean":
+            divisor = float(max(n_contrib, 1))
+        else:
+            divisor = 1.0
+
+        row_w = torch.ones(n_contrib, device=x.device) if token_weights is None \
+            else _select(token_weights, contrib_idx).float()
+        eager_grads = grads.any and cfg.engine.fuses_backward and cfg.reduction != "none" and n_contrib > 0
+        x_c, y_c = _select(x, contrib_idx), _select(labels, contrib_idx)
+
+        stats_parts, index_parts = [], []
+        head_grads: Optional[HeadGrads] = None
+        if n_contrib:
+            st, head_grads = cfg.engine.forward(x_c, weight, bias, y_c, cfg.opts,
+                                                row_scale=row_w / divisor if eager_grads else None, grads=grads)
+            stats_parts.append(st)
+            index_parts.append(contributing.nonzero().squeeze(1) if contrib_idx is None else contrib_idx)
+        if n_valid > n_contrib:
+            scored_idx = (valid & ~contributing).nonzero().squeeze(1)
+            st, _ = cfg.engine.forward(x[scored_idx], weight, bias, labels[scored_idx], cfg.opts)
+            stats_parts.append(st)
+            index_parts.append(scored_idx)
+
+        f32 = dict(device=x.device, dtype=torch.float32)
+        lse, logprob, entropy = (torch.zeros(n, **f32) for _ in range(3))
+        correct = torch.zeros(n, device=x.device, dtype=torch.bool)
+        per_row = torch.zeros(n, **f32)
+        for st, idx in zip(stats_parts, index_parts):
+            lse[idx], logprob[idx], entropy[idx] = st.lse, st.label_logit - st.lse, st.entropy
+            correct[idx] = st.label_logit >= st.max_logit
+        if n_contrib:
+            contrib_stats = stats_parts[0]
+            per_row[index_parts[0]] = row_w * per_token_loss(contrib_stats, cfg.opts)
+        loss = per_row if cfg.reduction == "none" else per_row.sum() / divisor
+
+        ctx.cfg, ctx.n, ctx.grads, ctx.divisor = cfg, n, grads, divisor
+        ctx.contrib_idx, ctx.n_contrib, ctx.eager = contrib_idx, n_contrib, eager_grads
+        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        # Shapes of the inputs, for the all-zero gradients of a batch with no contributing token.
+        ctx.input_meta = [(t.shape, t.dtype, t.device) if t is not None else None for t in (x, weight, bias)]
+        if eager_grads:
+            # Keep dW in the weight's dtype between forward and backward: half the memory.
+            ctx.head_grads = HeadGrads(
+                hidden=head_grads.hidden,
+                weight=None if head_grads.weight is None else head_grads.weight.to(weight.dtype),
+                bias=None if head_grads.bias is None else head_grads.bias.to(bias.dtype))
+        elif grads.any and n_contrib:
+            lse_c = stats_parts[0].lse
+            ctx.save_for_backward(x_c, weight, bias, y_c, lse_c, row_w)
+        ctx.mark_non_differentiable(logprob, entropy, correct, lse)
+        return loss, logprob, entropy, correct, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused_stat_grads):
+        cfg, n, grads = ctx.cfg, ctx.n, ctx.grads
+        if ctx.n_contrib == 0:
+            hg = None
+        elif ctx.eager:
+            hg = ctx.head_grads
+            scale = grad_loss
+            hg = HeadGrads(hidden=None if hg.hidden is None else hg.hidden * scale.to(hg.hidden.dtype),
+                           weight=None if hg.weight is None else hg.weight * scale.to(hg.weight.dtype),
+                           bias=None if hg.bias is None else hg.bias * scale.to(hg.bias.dtype))
+            del ctx.head_grads
+        else:
+            x_c, weight, bias, y_c, lse_c, row_w = ctx.saved_tensors
+            if cfg.reduction == "none":
+                row_scale = _select(grad_loss, ctx.contrib_idx).float() * row_w
+            else:
+                row_scale = grad_loss.float() * row_w / ctx.divisor
+            g = cfg.engine.backward(x_c, weight, bias, y_c, lse_c, row_scale, cfg.opts, grads)
+            hg = HeadGrads(hidden=g.hidden,
+                           weight=None if g.weight is None else g.weight.to(ctx.w_dtype),
+                           bias=None if g.bias is None else g.bias.to(bias.dtype))
+        if hg is None:
+            hg = HeadGrads(*(torch.zeros(shape, dtype=dtype, device=device) if want else None
+                             for want, (shape, dtype, device) in zip((grads.hidden, grads.weight, grads.bias),
+                                                                     ctx.input_meta)))
+        else:
+            hg.hidden = None if hg.hidden is None else _scatter_rows(hg.hidden, ctx.contrib_idx, n)
+        dx = hg.hidden if grads.hidden else None
+        dw = hg.weight if grads.weight else None
+        db = hg.bias if grads.bias else None
+        return dx, dw, db, None, None, None

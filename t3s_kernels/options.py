@@ -1,0 +1,61 @@
+"""The options that shape the per-token head function, shared by every backend.
+
+A backend sees the head as: logits ``z = x @ W.T + b``, transformed logits
+``s = logit_scale * softcap(z)`` (``softcap(z) = c * tanh(z / c)``, identity without a
+cap), and from ``s`` the softmax statistics and the per-token loss
+
+    l = ce_weight * CE_eps(s, y) + z_loss * lse(s) ** 2
+    CE_eps(s, y) = lse - (1 - eps) * s_y - (eps / V) * sum_j s_j
+
+(PyTorch's label-smoothing convention). ``logit_scale`` is ``1 / temperature`` for
+:func:`t3s_kernels.token_stats` and 1 for the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "triton", "torch")
+STRATEGIES = ("auto", "chunked", "tile")
+REDUCTIONS = ("mean", "sum", "none")
+
+# The strategy "auto" picks for training on a GPU. Chosen from the performance model
+# (3 cuBLAS matmuls + bandwidth passes beat 4 tile matmuls with fp32 atomics); the
+# GPU check in benchmarks/ measures both, see benchmarks/RESULTS.md.
+DEFAULT_STRATEGY = "chunked"
+
+# Memory the chunked paths may spend on one token chunk's [rows x vocab] buffers.
+DEFAULT_CHUNK_BUDGET_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """Everything a backend needs to evaluate the head on one row of logits."""
+
+    vocab_size: int
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    ce_weight: float = 1.0
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+
+    @property
+    def has_softcap(self) -> bool:
+        return self.softcap is not None
+
+    @property
+    def has_smoothing(self) -> bool:
+        return self.label_smoothing != 0.0
+
+
+@dataclass(frozen=True)
+class GradRequest:
+    """Which gradients the caller wants; a frozen LM head skips dW and db entirely."""
+
+    hidden: bool = True
+    weight: bool = True
+    bias: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias

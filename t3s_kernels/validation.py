@@ -1,0 +1,109 @@
+"""Input checks: every error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from .options import BACKENDS, REDUCTIONS, STRATEGIES
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False,
+                 allow_none=False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number; got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}; got {value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}; got {value!r}")
+
+
+def _check_float_tensor(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16; got {t.dtype}")
+
+
+def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index: int) -> None:
+    """Shapes, dtypes, devices and label range of the op's tensor arguments."""
+    _check_float_tensor("hidden", hidden)
+    _check_float_tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (V, H); got shape {tuple(weight.shape)}")
+    vocab, h = weight.shape
+    if hidden.dim() < 1 or hidden.shape[-1] != h:
+        raise ValueError(f"hidden must have shape (..., H) with H = weight.shape[1] = {h}; "
+                         f"got shape {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must share a dtype; got hidden {hidden.dtype}, weight {weight.dtype} "
+                        "(cast one, or call inside torch.autocast)")
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 or int32 tensor; got "
+                        f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; "
+                         f"got {tuple(labels.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+    if bias is not None:
+        _check_float_tensor("bias", bias)
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias must have shape (V,) = ({vocab},); got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have the weight's dtype {weight.dtype}; got {bias.dtype}")
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor) or not token_weights.is_floating_point():
+            raise TypeError("token_weights must be a floating-point tensor")
+        if tuple(token_weights.shape) != tuple(labels.shape):
+            raise ValueError(f"token_weights must have the labels' shape {tuple(labels.shape)}; "
+                             f"got {tuple(token_weights.shape)}")
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias), ("token_weights", token_weights)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if labels.numel():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            first = labels[bad][0].item()
+            raise ValueError(f"labels must lie in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"found {first}")
+    if token_weights is not None and token_weights.numel():
+        w = token_weights
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError("token_weights must be finite and >= 0 (0 drops a token from the loss)")
+
+
+def check_options(*, backend: str, strategy: str, softcap, label_smoothing, z_loss, ce_weight,
+                  temperature, reduction: Optional[str] = None, normalizer=None,
+                  chunk_budget_bytes=None) -> None:
+    check_choice("backend", backend, BACKENDS)
+    check_choice("strategy", strategy, STRATEGIES)
+    if reduction is not None:
+        check_choice("reduction", reduction, REDUCTIONS)
+    check_number("softcap", softcap, low=0, low_open=True, allow_none=True)
+    check_number("label_smoothing", label_smoothing, low=0, high=1, high_open=True)
+    check_number("z_loss", z_loss, low=0)
+    check_number("ce_weight", ce_weight, low=0)
+    check_number("temperature", temperature, low=0, low_open=True)
+    if chunk_budget_bytes is not None and (not isinstance(chunk_budget_bytes, int) or chunk_budget_bytes <= 0):
+        raise ValueError(f"chunk_budget_bytes must be a positive int; got {chunk_budget_bytes!r}")
+    if normalizer is not None:
+        if reduction == "none":
+            raise ValueError("normalizer divides a summed loss; it cannot be used with reduction='none'")
+        value = normalizer.item() if isinstance(normalizer, torch.Tensor) and normalizer.numel() == 1 else normalizer
+        if isinstance(normalizer, torch.Tensor) and normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor; got a tensor of shape "
+                             f"{tuple(normalizer.shape)}")
+        check_number("normalizer", value, low=0, low_open=True)
