@@ -1,0 +1,194 @@
+"""Launchers and launch configurations of the Triton kernels, and the two Triton engines.
+
+``KERNEL_CONFIGS`` is the single source of the block sizes the code launches with; the
+ahead-of-time compile test (tests/ops/test_compile.py) builds exactly these for sm_90
+and sm_80 and reports their shared memory, registers and spills.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from ..backends.base import HeadGrads, OnlineState, RowStats
+from ..options import GradRequest, HeadOptions
+from .chunk_epilogue import chunk_epilogue_kernel
+from .tile_backward import tile_backward_kernel
+from .tile_forward import N_STATE, merge_splits_kernel, tile_forward_kernel
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Launch configurations on a GPU, by kernel and by input dtype ("half" = bf16/fp16).
+# fp32 inputs use IEEE-exact dots (no TF32), so they get smaller tiles.
+# Chosen so that every kernel compiles without register spills on sm_90 and sm_80
+# (tests/ops/test_compile.py); throughput tuning waits for GPU measurements.
+KERNEL_CONFIGS = {
+    "tile_forward": {
+        "half": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
+    },
+    "tile_backward": {
+        "half": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1),
+    },
+    "chunk_epilogue": {
+        "half": dict(BLOCK_R=2, BLOCK_V=2048, num_warps=8, num_stages=1),
+        "fp32": dict(BLOCK_R=2, BLOCK_V=2048, num_warps=8, num_stages=1),
+    },
+    "merge_splits": {
+        "half": dict(BLOCK=256, num_warps=4, num_stages=1),
+        "fp32": dict(BLOCK=256, num_warps=4, num_stages=1),
+    },
+}
+
+# Under TRITON_INTERPRET=1 (tests on CPU): small blocks, so odd shapes cross several of them.
+INTERPRETER_CONFIGS = {
+    "tile_forward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16),
+    "tile_backward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16),
+    "chunk_epilogue": dict(BLOCK_R=4, BLOCK_V=64),
+    "merge_splits": dict(BLOCK=16),
+}
+
+
+def kernel_config(kernel: str, dtype: torch.dtype) -> dict:
+    if interpreting():
+        return dict(INTERPRETER_CONFIGS[kernel])
+    return dict(KERNEL_CONFIGS[kernel]["fp32" if dtype == torch.float32 else "half"])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for half inputs
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """See ``head_tile.tile_dot``: only the interpreter needs half operands upcast."""
+    return interpreting() and dtype != torch.float32
+
+
+def _scalar_args(opts: HeadOptions) -> dict:
+    return dict(softcap=float(opts.softcap or 1.0), logit_scale=float(opts.logit_scale))
+
+
+def _grad_args(opts: HeadOptions) -> dict:
+    return dict(ce_weight=opts.ce_weight, smoothing=opts.label_smoothing, inv_vocab=1.0 / opts.vocab_size,
+                z_loss=opts.z_loss)
+
+
+def _split_count(n_row_blocks: int, n_vocab_blocks: int, device: torch.device) -> int:
+    """Vocabulary splits so that the forward grid has a few waves of programs."""
+    if interpreting():
+        return min(2, n_vocab_blocks)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-4 * sms // max(n_row_blocks, 1))
+    return max(1, min(want, n_vocab_blocks, 32))
+
+
+def _check_int32_offsets(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The tile kernels address X, W, dX and dW with int32 offsets (half the registers of 64-bit ones)."""
+    limit = 2**31 - 1
+    if max(x.shape[0] * x.stride(0), weight.shape[0] * weight.stride(0), x.numel(), weight.numel()) > limit:
+        raise ValueError("strategy='tile' addresses hidden and weight with 32-bit offsets and they exceed 2**31 "
+                         "elements; use strategy='chunked'")
+
+
+def tile_forward(x, weight, bias, labels, opts: HeadOptions) -> RowStats:
+    _check_int32_offsets(x, weight)
+    n, h = x.shape
+    vocab = weight.shape[0]
+    cfg = kernel_config("tile_forward", x.dtype)
+    n_row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    n_vocab_blocks = triton.cdiv(vocab, cfg["BLOCK_N"])
+    splits = _split_count(n_row_blocks, n_vocab_blocks, x.device)
+    blocks_per_split = triton.cdiv(n_vocab_blocks, splits)
+    splits = triton.cdiv(n_vocab_blocks, blocks_per_split)
+    part = torch.empty(N_STATE, splits, n, device=x.device, dtype=torch.float32)
+    tile_forward_kernel[(n_row_blocks, splits)](
+        x, weight, bias if bias is not None else x, labels, part, n, vocab, h,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        blocks_per_split=blocks_per_split, HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.has_softcap,
+        HAS_SMOOTHING=opts.has_smoothing, DOT_PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype), **_scalar_args(opts), **cfg)
+    out = torch.empty(N_STATE, n, device=x.device, dtype=torch.float32)
+    mcfg = kernel_config("merge_splits", x.dtype)
+    merge_splits_kernel[(triton.cdiv(n, mcfg["BLOCK"]),)](part, out, n, splits, **mcfg)
+    lse, label_logit, sum_logits, entropy, max_logit = out.unbind(0)
+    return RowStats(lse=lse, label_logit=label_logit, sum_logits=sum_logits, entropy=entropy, max_logit=max_logit)
+
+
+def tile_backward(x, weight, bias, labels, lse, row_scale, opts: HeadOptions, grads: GradRequest) -> HeadGrads:
+    n, h = x.shape
+    vocab = weight.shape[0]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.zeros(n, h, **f32) if grads.hidden else None
+    dw = torch.zeros(vocab, h, **f32) if grads.weight else None
+    db = torch.zeros(vocab, **f32) if grads.bias and bias is not None else None
+    if n:
+        cfg = kernel_config("tile_backward", x.dtype)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(vocab, cfg["BLOCK_N"]),)
+        dummy = lse
+        tile_backward_kernel[grid](
+            x, weight, bias if bias is not None else x, labels, lse, row_scale.float().contiguous(),
+            dx if dx is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
+            n, vocab, h, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.has_softcap, COMPUTE_DX=dx is not None,
+            COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, DOT_PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+            **_scalar_args(opts), **_grad_args(opts), **cfg)
+    return HeadGrads(hidden=None if dx is None else dx.to(x.dtype), weight=dw, bias=db)
+
+
+class TileEngine:
+    """Triton tile strategy: forward tile kernel (1 matmul), backward tile kernel (3 more)."""
+
+    fuses_backward = False
+
+    def forward(self, x, weight, bias, labels, opts: HeadOptions, row_scale=None,
+                grads: GradRequest = GradRequest()):
+        stats = tile_forward(x, weight, bias, labels, opts)
+        head_grads = None
+        if row_scale is not None and grads.any:
+            head_grads = tile_backward(x, weight, bias, labels, stats.lse, row_scale, opts, grads)
+        return stats, head_grads
+
+    def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions, grads: GradRequest):
+        return tile_backward(x, weight, bias, labels, lse, row_scale, opts, grads)
+
+
+class TritonEpilogue:
+    """The chunked strategy's per-chunk epilogue as one Triton kernel (see chunk_epilogue.py)."""
+
+    bytes_per_logit = 6  # the fp32 logits, plus a half-precision gradient buffer for half inputs
+
+    def _launch(self, logits, labels, col0, opts, *, state: Optional[OnlineState] = None, lse=None,
+                row_scale=None, out_dtype=None):
+        rows, width = logits.shape
+        grad = row_scale is not None
+        dz = None
+        if grad:
+            dz = logits if out_dtype == torch.float32 else torch.empty(rows, width, device=logits.device,
+                                                                       dtype=out_dtype)
+        cfg = kernel_config("chunk_epilogue", out_dtype or torch.float32)
+        dummy = logits
+        st = state or OnlineState(0, logits.device)
+        chunk_epilogue_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
+            logits, logits.stride(0), dz if dz is not None else dummy, dz.stride(0) if dz is not None else 0,
+            labels, st.m if state else dummy, st.d if state else dummy, st.u if state else dummy,
+            st.label_logit if state else dummy, st.sum_logits if state else dummy,
+            lse if lse is not None else dummy, row_scale.float().contiguous() if grad else dummy,
+            rows, width, col0, ACCUMULATE=state is not None, GRAD=grad, HAS_SOFTCAP=opts.has_softcap,
+            HAS_SMOOTHING=opts.has_smoothing, **_scalar_args(opts), **_grad_args(opts), **cfg)
+        return dz
+
+    def accumulate(self, logits, labels, col0, state, opts):
+        self._launch(logits, labels, col0, opts, state=state)
+
+    def gradient(self, logits, labels, col0, lse, row_scale, opts, out_dtype):
+        return self._launch(logits, labels, col0, opts, lse=lse.contiguous(), row_scale=row_scale,
+                            out_dtype=out_dtype)
+
+    def accumulate_and_gradient(self, logits, labels, state, row_scale, opts, out_dtype):
+        return self._launch(logits, labels, 0, opts, state=state, row_scale=row_scale, out_dtype=out_dtype)

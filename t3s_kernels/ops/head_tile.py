@@ -1,0 +1,39 @@
+"""One [token block x vocab block] tile of the LM head's logits, shared by the tile kernels."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST is set only under TRITON_INTERPRET=1, whose NumPy dot multiplies
+    bf16 operands as raw 16-bit integers (Triton 3.6 to 3.9); compiled kernels never upcast."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def head_logits_tile(X, W, B, row0, col0, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """z = X[row0:row0+BLOCK_M] @ W[col0:col0+BLOCK_N].T (+ b) as a float32 tile.
+
+    Out-of-range rows and columns are clamped to the last valid one (the matmul tutorial's
+    trick: no row/column masks in the K loop); callers mask them out of every result."""
+    rows = tl.minimum(row0 + tl.arange(0, BLOCK_M), N - 1)
+    cols = tl.minimum(col0 + tl.arange(0, BLOCK_N), V - 1)
+    ks = tl.arange(0, BLOCK_K)
+    # int32 offsets, not 64-bit pointer tensors: half the registers (the launcher checks sizes).
+    x_offs = rows[:, None] * stride_xn + ks[None, :] * stride_xh
+    w_offs = cols[None, :] * stride_wv + ks[:, None] * stride_wh
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k_valid = ks < H - k0
+        x = tl.load(X + k0 * stride_xh + x_offs, mask=k_valid[None, :], other=0.0)
+        w_t = tl.load(W + k0 * stride_wh + w_offs, mask=k_valid[:, None], other=0.0)
+        acc = tile_dot(x, w_t, acc, DOT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(B + cols).to(tl.float32)[None, :]
+    return acc

@@ -1,0 +1,68 @@
+"""The math every Triton kernel shares, once: logit transform, online softmax, loss gradient.
+
+Row state over the vocabulary columns seen so far (a PyTorch twin is backends/base.py):
+    m = max_j s_j,   d = sum_j exp(s_j - m),   u = sum_j exp(s_j - m) (s_j - m)
+    lse = m + log d,   entropy = -sum_j p_j log p_j = log d - u / d
+Two states merge exactly, so vocabulary blocks can be visited in any order and split
+across programs. A second head (a teacher) keeps a second state beside the first.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def transform_logits(z, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
+    """s = logit_scale * softcap * tanh(z / softcap); tanh via sigmoid, which every Triton has."""
+    if HAS_SOFTCAP:
+        z = softcap * (2.0 * tl.sigmoid((2.0 / softcap) * z) - 1.0)
+    return z * logit_scale
+
+
+@triton.jit
+def block_softmax_state(s, col_valid):
+    """(m, d, u) of each row of the tile ``s`` [rows, cols] over its valid columns.
+    ``col_valid`` is [1, cols]: masking through a broadcast -inf row costs no tile registers."""
+    penalty = tl.where(col_valid, 0.0, float("-inf"))
+    m = tl.max(s + penalty, axis=1)
+    shifted = s - m[:, None]
+    e = tl.exp(shifted + penalty)
+    return m, tl.sum(e, axis=1), tl.sum(e * shifted, axis=1)
+
+
+@triton.jit
+def merge_softmax_state(m1, d1, u1, m2, d2, u2):
+    """The state of the union of two disjoint column sets (the online logsumexp merge)."""
+    m = tl.maximum(m1, m2)
+    a1 = tl.exp(m1 - m)
+    a2 = tl.exp(m2 - m)
+    # An empty state (d = 0, m = -inf) adds nothing; guard its (m - m_new) * d = -inf * 0.
+    shift1 = tl.where(d1 > 0, m1 - m, 0.0)
+    shift2 = tl.where(d2 > 0, m2 - m, 0.0)
+    u = a1 * (u1 + shift1 * d1) + a2 * (u2 + shift2 * d2)
+    d = a1 * d1 + a2 * d2
+    return m, d, u
+
+
+@triton.jit
+def finish_softmax_state(m, d, u):
+    """(lse, entropy) from a row's final state."""
+    log_d = tl.log(d)
+    return m + log_d, log_d - u / d
+
+
+@triton.jit
+def loss_grad_wrt_logits(s, col_valid, is_label, lse, row_scale, ce_weight, smoothing, inv_vocab, z_loss,
+                         softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
+    """dL/dz for the raw logits z of a tile, with L = sum_i g_i l_i and
+    l = ce_weight * (lse - (1 - eps) s_y - eps / V sum_j s_j) + z_loss * lse^2:
+        dl/ds_j = ce_weight * (p_j - (1 - eps) [j = y] - eps / V) + 2 z_loss lse p_j
+    then ds/dz = logit_scale * (1 - tanh^2) through the softcap."""
+    p = tl.exp(s - lse[:, None])
+    ds = p * (ce_weight + 2.0 * z_loss * lse)[:, None] - ce_weight * smoothing * inv_vocab
+    ds = tl.where(is_label, ds - ce_weight * (1.0 - smoothing), ds)
+    ds = ds * (row_scale * logit_scale)[:, None]
+    if HAS_SOFTCAP:
+        t = s / (logit_scale * softcap)
+        ds = ds * (1.0 - t * t)
+    return tl.where(col_valid, ds, 0.0)

@@ -1,0 +1,86 @@
+"""Forward tile kernel: logits tile by tile, merged into per-row softmax state, never stored.
+
+Grid: (token blocks, vocabulary splits). Each program walks its split's vocabulary
+blocks, computing a [BLOCK_M x BLOCK_N] logits tile with ``tl.dot`` (fp32 accumulate)
+and folding it into the rows' online state. The splits exist only to fill the GPU when
+there are few token blocks; their partial states (5 floats a row a split, a handful of
+splits) are merged by ``merge_splits_kernel``. Cost: one matmul's FLOPs, O(N) memory.
+"""
+
+import triton
+import triton.language as tl
+
+from .head_tile import head_logits_tile
+from .online_softmax import block_softmax_state, finish_softmax_state, merge_softmax_state, transform_logits
+
+# Order of the quantities in the partial / final state buffers.
+N_STATE = 5  # partial: m, d, u, label_logit, sum_logits; final: lse, label_logit, sum_logits, entropy, max
+
+
+@triton.jit
+def tile_forward_kernel(X, W, B, Y, PART, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                        softcap, logit_scale, blocks_per_split,
+                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < N
+    y = tl.load(Y + rows, mask=row_valid, other=-1)
+
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    d = tl.zeros((BLOCK_M,), tl.float32)
+    u = tl.zeros((BLOCK_M,), tl.float32)
+    label_logit = tl.zeros((BLOCK_M,), tl.float32)
+    sum_logits = tl.zeros((BLOCK_M,), tl.float32)
+
+    first = pid_s * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, tl.cdiv(V, BLOCK_N))
+    for vb in range(first, last):
+        cols = vb * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_valid = cols < V
+        z = head_logits_tile(X, W, B, pid_m * BLOCK_M, vb * BLOCK_N, N, V, H, stride_xn, stride_xh,
+                             stride_wv, stride_wh, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+        s = transform_logits(z, softcap, logit_scale, HAS_SOFTCAP)
+        m_b, d_b, u_b = block_softmax_state(s, col_valid[None, :])
+        m, d, u = merge_softmax_state(m, d, u, m_b, d_b, u_b)
+        label_logit += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+        if HAS_SMOOTHING:
+            sum_logits += tl.sum(tl.where(col_valid[None, :], s, 0.0), axis=1)
+
+    out = PART + pid_s * N + rows
+    plane = n_splits * N
+    tl.store(out, m, mask=row_valid)
+    tl.store(out + plane, d, mask=row_valid)
+    tl.store(out + 2 * plane, u, mask=row_valid)
+    tl.store(out + 3 * plane, label_logit, mask=row_valid)
+    tl.store(out + 4 * plane, sum_logits, mask=row_valid)
+
+
+@triton.jit
+def merge_splits_kernel(PART, OUT, N, n_splits, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    valid = rows < N
+    plane = n_splits * N
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    d = tl.zeros((BLOCK,), tl.float32)
+    u = tl.zeros((BLOCK,), tl.float32)
+    label_logit = tl.zeros((BLOCK,), tl.float32)
+    sum_logits = tl.zeros((BLOCK,), tl.float32)
+    for sp in range(0, n_splits):
+        part = PART + sp * N + rows
+        m_s = tl.load(part, mask=valid, other=0.0)
+        d_s = tl.load(part + plane, mask=valid, other=1.0)
+        u_s = tl.load(part + 2 * plane, mask=valid, other=0.0)
+        m, d, u = merge_softmax_state(m, d, u, m_s, d_s, u_s)
+        label_logit += tl.load(part + 3 * plane, mask=valid, other=0.0)
+        sum_logits += tl.load(part + 4 * plane, mask=valid, other=0.0)
+    lse, entropy = finish_softmax_state(m, d, u)
+    out = OUT + rows
+    tl.store(out, lse, mask=valid)
+    tl.store(out + N, label_logit, mask=valid)
+    tl.store(out + 2 * N, sum_logits, mask=valid)
+    tl.store(out + 3 * N, entropy, mask=valid)
+    tl.store(out + 4 * N, m, mask=valid)
