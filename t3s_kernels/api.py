@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 
 from .backends.chunked import ChunkedEngine, TorchEpilogue
-from .function import FusedLinearT3SFunction, LossConfig
+from .function import FusedLinearT3SFunction, LossConfig, no_autocast
 from .options import DEFAULT_STRATEGY, GradRequest, HeadOptions
 from .validation import check_head_inputs, check_options
 
@@ -158,8 +158,9 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     idx = valid.nonzero().squeeze(1)
     if idx.numel():
         all_valid = idx.numel() == n
-        st, _ = engine.forward(x if all_valid else x[idx], weight, bias, y if all_valid else y[idx], opts,
-                               grads=GradRequest(False, False, False))
+        with no_autocast(device):
+            st, _ = engine.forward(x if all_valid else x[idx], weight, bias, y if all_valid else y[idx], opts,
+                                   grads=GradRequest(False, False, False))
         lse[idx], logprob[idx], entropy[idx] = st.lse, st.label_logit - st.lse, st.entropy
         correct[idx] = st.label_logit >= st.max_logit
     return TokenStats(logprob=logprob.view(lead), entropy=entropy.view(lead), correct=correct.view(lead),

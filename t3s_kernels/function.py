@@ -57,9 +57,24 @@ def _select(t: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
     return t if index is None else t[index]
 
 
+def no_autocast(device: torch.device):
+    """The backends choose their own precisions; an outer autocast must not recast their matmuls."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class FusedLinearT3SFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, labels, token_weights, cfg: LossConfig):
+        with no_autocast(x.device):
+            return FusedLinearT3SFunction._forward(ctx, x, weight, bias, labels, token_weights, cfg)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused_stat_grads):
+        with no_autocast(grad_loss.device):
+            return FusedLinearT3SFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, labels, token_weights, cfg: LossConfig):
         n = x.shape[0]
         grads = GradRequest(hidden=ctx.needs_input_grad[0], weight=ctx.needs_input_grad[1],
                             bias=bias is not None and ctx.needs_input_grad[2])
@@ -124,7 +139,7 @@ class FusedLinearT3SFunction(torch.autograd.Function):
         return loss, logprob, entropy, correct, lse
 
     @staticmethod
-    def backward(ctx, grad_loss, *_unused_stat_grads):
+    def _backward(ctx, grad_loss):
         cfg, n, grads = ctx.cfg, ctx.n, ctx.grads
         if ctx.n_contrib == 0:
             hg = None
@@ -146,9 +161,9 @@ class FusedLinearT3SFunction(torch.autograd.Function):
                            weight=None if g.weight is None else g.weight.to(ctx.w_dtype),
                            bias=None if g.bias is None else g.bias.to(bias.dtype))
         if hg is None:
-            hg = HeadGrads(*(torch.zeros(shape, dtype=dtype, device=device) if want else None
-                             for want, (shape, dtype, device) in zip((grads.hidden, grads.weight, grads.bias),
-                                                                     ctx.input_meta)))
+            wants = (grads.hidden, grads.weight, grads.bias)
+            hg = HeadGrads(*(torch.zeros(meta[0], dtype=meta[1], device=meta[2]) if want else None
+                             for want, meta in zip(wants, ctx.input_meta)))
         else:
             hg.hidden = None if hg.hidden is None else _scatter_rows(hg.hidden, ctx.contrib_idx, n)
         dx = hg.hidden if grads.hidden else None

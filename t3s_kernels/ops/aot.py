@@ -123,6 +123,26 @@ def format_reports(reports: list[CompileReport]) -> str:
     return "\n".join(lines)
 
 
+def main(argv=None) -> None:
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    parser = argparse.ArgumentParser(description="Compile every kernel for GPU targets; report smem/regs/spills.")
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
+    dtypes = [{v: k for k, v in _TRITON_DTYPE.items()}[d] for d in args.dtype]
+    reports = compile_all(args.arch, dtypes)
+    if args.json:
+        print(json.dumps({"triton": triton.__version__, "reports": [asdict(r) for r in reports]}))
+    else:
+        print(f"triton {triton.__version__}")
+        print(format_reports(reports))
+
+
 if __name__ == "__main__":
-    print(f"triton {triton.__version__}")
-    print(format_reports(compile_all()))
+    main()

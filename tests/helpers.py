@@ -1,0 +1,95 @@
+"""Inputs, tolerances and the reference comparison that every test module shares."""
+
+import torch
+
+import t3s_kernels as t3s
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Tolerances, as a fraction of the largest magnitude of the expected tensor.
+# fp32 inputs: the fused op and the fp64 reference differ only by fp32 rounding of sums over
+#   H and V terms (~sqrt(V) * 2^-24 relative): 1e-5 leaves a margin of ~10x.
+# half inputs: the reference sees the same rounded inputs, so loss and statistics (fp32 math)
+#   stay at fp32 accuracy; gradients pass through dL/dz rounded to the inputs' dtype before the
+#   backward matmuls and come back in that dtype (2^-8 = 4e-3 for bf16): 1e-2.
+TOLERANCE = {
+    torch.float32: dict(value=1e-5, grad=1e-5),
+    torch.bfloat16: dict(value=2e-5, grad=1.5e-2),
+    torch.float16: dict(value=2e-5, grad=5e-3),
+}
+
+
+def assert_close(actual, expected, rel, name=""):
+    """max |actual - expected| <= rel * max(|expected|, 1e-3), in float64."""
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-3)
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= rel * scale, f"{name}: max error {err:.3e} > {rel:.1e} x scale {scale:.3e}"
+
+
+def make_inputs(n=37, h=48, v=203, dtype=torch.float32, *, seed=0, bias=False, weights=None, ignored=0,
+                lead=None, device=DEVICE, logit_scale=1.0):
+    """Fresh random inputs with logits of realistic spread (std ~ logit_scale * 2)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g)
+    w = torch.randn(v, h, generator=g) * (2.0 * logit_scale / h**0.5)
+    b = torch.randn(v, generator=g) * 0.5 if bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    if ignored:
+        y[torch.randperm(n, generator=g)[:ignored]] = -100
+    tw = None
+    if weights == "random":
+        tw = torch.rand(n, generator=g) * 2
+    elif weights == "zeros":
+        tw = torch.rand(n, generator=g) * 2
+        tw[torch.randperm(n, generator=g)[: n // 3]] = 0
+    elif weights == "all_zero":
+        tw = torch.zeros(n)
+    if lead is not None:
+        x, y = x.view(*lead, h), y.view(*lead)
+        tw = None if tw is None else tw.view(*lead)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    x, w = x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype)
+    b = None if b is None else b.to(device=device, dtype=dtype)
+    return dict(hidden=x, weight=w, labels=to(y), bias=b, token_weights=to(tw))
+
+
+def run_and_compare(inputs, *, backend="torch", strategy="auto", reduction="mean", grad_scale=1.7,
+                    check_grads=True, chunk_budget_bytes=None, **options):
+    """Run the fused op and the fp64 reference on the same inputs; compare loss, dX, dW, db, statistics."""
+    hidden = inputs["hidden"].detach().clone().requires_grad_(check_grads)
+    weight = inputs["weight"].detach().clone().requires_grad_(check_grads)
+    bias = inputs["bias"]
+    bias = None if bias is None else bias.detach().clone().requires_grad_(check_grads)
+    labels, token_weights = inputs["labels"], inputs["token_weights"]
+    dtype = hidden.dtype
+    tol = TOLERANCE[dtype]
+
+    out = t3s.fused_linear_t3s_loss(hidden, weight, labels, bias=bias, token_weights=token_weights,
+                                    reduction=reduction, return_stats=True, backend=backend,
+                                    strategy=strategy, chunk_budget_bytes=chunk_budget_bytes, **options)
+    ref_inputs = [t.detach().double().requires_grad_(check_grads) if t is not None else None
+                  for t in (hidden, weight, bias)]
+    ref, ref_stats = t3s.reference_t3s_loss(ref_inputs[0], ref_inputs[1], labels, bias=ref_inputs[2],
+                                            token_weights=token_weights, reduction=reduction, **options)
+    assert out.loss.dtype == torch.float32
+    assert_close(out.loss, ref, tol["value"], "loss")
+    for key in ("logprob", "entropy", "lse"):
+        got = getattr(out, key)
+        assert got.dtype == torch.float32 and not got.requires_grad
+        assert_close(got, ref_stats[key], tol["value"], key)
+    assert torch.equal(out.correct.cpu(), ref_stats["correct"].cpu()), "correct"
+
+    if check_grads:
+        g = torch.randn(out.loss.shape, generator=torch.Generator().manual_seed(1)).to(out.loss.device) \
+            if reduction == "none" else torch.tensor(grad_scale, device=out.loss.device)
+        params = [t for t in (hidden, weight, bias) if t is not None]
+        ref_params = [t for t in ref_inputs if t is not None]
+        grads = torch.autograd.grad(out.loss, params, g)
+        ref_grads = torch.autograd.grad(ref, ref_params, g.double())
+        for name, got, want, param in zip(("dX", "dW", "db"), grads, ref_grads, params):
+            assert got.dtype == param.dtype and got.shape == param.shape, name
+            assert_close(got, want, tol["grad"], name)
+    return out

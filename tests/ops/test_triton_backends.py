@@ -1,0 +1,87 @@
+"""The Triton strategies (tile, chunked) and the forward tile kernel against the fp64 reference.
+
+On a CPU-only machine they run under TRITON_INTERPRET=1 (set in conftest.py) at small odd
+shapes (N=37, H=48, V=203: no dimension a multiple of any block size)."""
+
+import pytest
+import torch
+
+import t3s_kernels as t3s
+from cases import CASE_PARAMS
+from helpers import DEVICE, TOLERANCE, assert_close, make_inputs, run_and_compare
+
+STRATEGIES = ["tile", "chunked"]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("input_opts,loss_opts", CASE_PARAMS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_triton_matches_reference(strategy, input_opts, loss_opts, dtype, reduction):
+    run_and_compare(make_inputs(dtype=dtype, **input_opts), backend="triton", strategy=strategy,
+                    reduction=reduction, **loss_opts)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fp16_inputs(strategy):
+    run_and_compare(make_inputs(dtype=torch.float16, bias=True, weights="zeros"), backend="triton",
+                    strategy=strategy, label_smoothing=0.05, softcap=4.0)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_normalizer_and_leading_dims(strategy):
+    inputs = make_inputs(n=36, lead=(3, 12), weights="zeros", ignored=2)
+    run_and_compare(inputs, backend="triton", strategy=strategy, normalizer=7)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_non_contiguous_inputs(strategy):
+    base = make_inputs(n=37, h=96, v=203, bias=True)
+    inputs = dict(base)
+    inputs["hidden"] = base["hidden"][:, ::2]
+    inputs["weight"] = base["weight"].t().contiguous().t()[:, ::2]  # column-major, strided
+    run_and_compare(inputs, backend="triton", strategy=strategy)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 5), (64, 32, 128), (5, 200, 65)], ids=str)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_shapes_at_and_around_block_edges(strategy, shape):
+    n, h, v = shape
+    run_and_compare(make_inputs(n=n, h=h, v=v, weights="zeros"), backend="triton", strategy=strategy,
+                    label_smoothing=0.1)
+
+
+def test_chunked_multiple_token_chunks():
+    run_and_compare(make_inputs(bias=True, weights="zeros"), backend="triton", strategy="chunked",
+                    chunk_budget_bytes=6 * 203 * 8, softcap=3.0, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_token_stats_tile_kernel(dtype, temperature):
+    inputs = make_inputs(dtype=dtype, bias=True, ignored=4)
+    stats = t3s.token_stats(inputs["hidden"], inputs["weight"], inputs["labels"], bias=inputs["bias"],
+                            softcap=6.0, temperature=temperature, backend="triton")
+    _, ref = t3s.reference_t3s_loss(inputs["hidden"].double(), inputs["weight"].double(), inputs["labels"],
+                                    bias=inputs["bias"].double(), softcap=6.0, temperature=temperature)
+    for key in ("logprob", "entropy", "lse"):
+        assert_close(getattr(stats, key), ref[key], TOLERANCE[dtype]["value"], key)
+    assert torch.equal(stats.correct.cpu(), ref["correct"].cpu())
+
+
+def test_backends_agree_with_each_other():
+    """Triton tile, Triton chunked and PyTorch on the same inputs: the same numbers to fp32 rounding."""
+    inputs = make_inputs(bias=True, weights="random", ignored=3)
+    outs = [t3s.fused_linear_t3s_loss(**inputs, backend=b, strategy=s, return_stats=True, label_smoothing=0.1)
+            for b, s in (("torch", "auto"), ("triton", "tile"), ("triton", "chunked"))]
+    for other in outs[1:]:
+        assert_close(other.loss, outs[0].loss, 1e-6, "loss")
+        assert_close(other.logprob, outs[0].logprob, 1e-6, "logprob")
+
+
+def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
+    if DEVICE.type == "cuda":
+        pytest.skip("CPU tensors only")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+        t3s.fused_linear_t3s_loss(**make_inputs(), backend="triton")
