@@ -62,13 +62,13 @@ class ChunkedEngine:
     def __init__(self, epilogue: Epilogue, budget_bytes: Optional[int] = None,
                  chunk_rows: Optional[int] = None, vocab_chunk: Optional[int] = None):
         self.epilogue = epilogue
-        self.budget_bytes = budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES
+        self.budget_bytes = budget_bytes
         self.chunk_rows = chunk_rows
         self.vocab_chunk = vocab_chunk
 
-    def _plan(self, n: int, vocab: int) -> tuple[int, int]:
-        return plan_chunks(n, vocab, self.epilogue.bytes_per_logit, self.budget_bytes,
-                           self.chunk_rows, self.vocab_chunk)
+    def _plan(self, n: int, vocab: int, device: torch.device) -> tuple[int, int]:
+        budget = self.budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
+        return plan_chunks(n, vocab, self.epilogue.bytes_per_logit, budget, self.chunk_rows, self.vocab_chunk)
 
     @staticmethod
     def _logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -115,7 +115,7 @@ class ChunkedEngine:
                 grads: GradRequest = GradRequest()):
         n, vocab = x.shape[0], weight.shape[0]
         want_grad = row_scale is not None and grads.any
-        rows, vocab_chunk = self._plan(n, vocab)
+        rows, vocab_chunk = self._plan(n, vocab, x.device)
         out = self._alloc_grads(x, weight, bias, grads) if want_grad else None
         parts = []
         for r0 in range(0, n, rows):
@@ -143,7 +143,7 @@ class ChunkedEngine:
     def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions,
                  grads: GradRequest) -> HeadGrads:
         n, vocab = x.shape[0], weight.shape[0]
-        rows, vocab_chunk = self._plan(n, vocab)
+        rows, vocab_chunk = self._plan(n, vocab, x.device)
         out = self._alloc_grads(x, weight, bias, grads)
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
