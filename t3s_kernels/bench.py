@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .api import fused_linear_t3s_loss, triton_available
+from .api import fused_linear_t3s_loss, token_stats, triton_available
 from .reference import reference_t3s_loss
 
 IGNORE = -100
@@ -104,6 +104,17 @@ def provider_t3s(backend: str, strategy: str = "auto"):
     return make
 
 
+def provider_token_stats(inputs: Inputs, grad: bool):
+    """Scoring: forward only, per-token statistics (the Triton tile kernel on a GPU)."""
+    if grad:
+        raise NotImplementedError("forward only")
+
+    def run():
+        return token_stats(inputs.hidden, inputs.weight, inputs.labels).lse, None, None
+
+    return run
+
+
 def provider_liger(inputs: Inputs, grad: bool):
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
@@ -129,6 +140,7 @@ PROVIDERS: dict[str, Provider] = {
     "t3s-torch": provider_t3s("torch"),
     "t3s-triton-chunked": provider_t3s("triton", "chunked"),
     "t3s-triton-tile": provider_t3s("triton", "tile"),
+    "t3s-token-stats": provider_token_stats,
 }
 
 
@@ -304,22 +316,30 @@ def run_bench(tokens: int, hidden: int, vocab: int, dtype: str, select: float = 
     for name in names:
         steps.set_postfix_str(name)
         row = Row(name)
-        try:
-            train = PROVIDERS[name](inputs, True)
-            # The first (warm-up) run is the memory measurement and gives the outputs for the error.
-            out, peak = peak_memory_bytes(train, dev)
-            row.peak_mib = peak / 2**20
-            if reference is not None:
-                row.max_rel_err = max_rel_error(out, reference)
-            del out
-            row.fwd_bwd_ms = time_ms(train, dev, repeat)
-            infer = PROVIDERS[name](inputs, False)
-            infer()
-            row.fwd_ms = time_ms(infer, dev, repeat)
-        except ImportError as e:
-            row.note = f"not installed ({e.name})"
-        except Exception as e:  # a peer that cannot run here is reported, not fatal
-            row.note = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        notes = []
+        for grad in (True, False):
+            try:
+                run = PROVIDERS[name](inputs, grad)
+                if grad:
+                    # The warm-up run is the memory measurement and gives the outputs for the error.
+                    out, peak = peak_memory_bytes(run, dev)
+                    row.peak_mib = peak / 2**20
+                    if reference is not None:
+                        row.max_rel_err = max_rel_error(out, reference)
+                    del out
+                    row.fwd_bwd_ms = time_ms(run, dev, repeat)
+                else:
+                    run()
+                    row.fwd_ms = time_ms(run, dev, repeat)
+            except ImportError as e:
+                notes.append(f"not installed ({e.name})")
+                break
+            except NotImplementedError as e:
+                notes.append(str(e))
+            except Exception as e:  # a peer that cannot run here is reported, not fatal
+                notes.append(f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
+                break
+        row.note = "; ".join(notes)
         report.rows.append(row)
         steps.update()
         if dev.type == "cuda":
