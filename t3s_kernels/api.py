@@ -108,7 +108,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index)
     lead = labels.shape
     x = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1).long()
+    y = labels.reshape(-1).long().contiguous()  # kernels index labels densely
     w = None if token_weights is None else token_weights.reshape(-1)
     if isinstance(normalizer, torch.Tensor):
         normalizer = float(normalizer.item())
@@ -143,7 +143,7 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     check_head_inputs(hidden, weight, labels, bias, None, ignore_index)
     lead = labels.shape
     x = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1).long()
+    y = labels.reshape(-1).long().contiguous()  # kernels index labels densely
     device = x.device
     if backend == "triton" or (backend == "auto" and device.type == "cuda" and triton_available(device)):
         engine = make_engine(device, "triton", "tile")  # the forward tile kernel is the 1-matmul path

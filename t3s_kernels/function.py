@@ -149,7 +149,6 @@ class FusedLinearT3SFunction(torch.autograd.Function):
             hg = HeadGrads(hidden=None if hg.hidden is None else hg.hidden * scale.to(hg.hidden.dtype),
                            weight=None if hg.weight is None else hg.weight * scale.to(hg.weight.dtype),
                            bias=None if hg.bias is None else hg.bias * scale.to(hg.bias.dtype))
-            del ctx.head_grads
         else:
             x_c, weight, bias, y_c, lse_c, row_w = ctx.saved_tensors
             if cfg.reduction == "none":

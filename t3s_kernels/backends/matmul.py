@@ -1,48 +1,54 @@
 """Matmuls with float32 results from half-precision operands.
 
 On CUDA, cuBLAS multiplies bf16/fp16 operands into an fp32 output directly
-(``out_dtype``, PyTorch >= 2.8); the logits then never pass through a bf16 rounding and
-the dW accumulator stays fp32 across chunks. Where that overload is missing (the CPU,
-older PyTorch) the operands are upcast instead, which is exact and only slower.
+(``out_dtype``, PyTorch >= 2.8): the logits never pass through a bf16 rounding and the dW
+accumulator stays fp32 across chunks, at tensor-core speed. Each overload is probed once;
+where ``mm`` lacks it on CUDA the product is rounded to the operands' dtype and upcast (the
+precision of the matmul itself), never recomputed in slow fp32. On the CPU the operands
+are upcast, which is exact.
 """
 
 from __future__ import annotations
 
 import torch
 
-_OUT_DTYPE_OK: dict[str, bool] = {}
+_SUPPORT: dict[tuple, bool] = {}
 
 
-def _out_dtype_supported(t: torch.Tensor) -> bool:
-    if t.dtype == torch.float32 or t.device.type != "cuda":
-        return False
-    key = str(t.dtype)
-    if key not in _OUT_DTYPE_OK:
+def _supports(kind: str, t: torch.Tensor) -> bool:
+    key = (kind, t.device.type, t.dtype)
+    if key not in _SUPPORT:
         try:
             a = torch.ones(2, 2, device=t.device, dtype=t.dtype)
-            torch.mm(a, a, out_dtype=torch.float32)
-            acc = torch.zeros(2, 2, device=t.device)
-            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            _OUT_DTYPE_OK[key] = True
-        except (TypeError, RuntimeError):
-            _OUT_DTYPE_OK[key] = False
-    return _OUT_DTYPE_OK[key]
+            if kind == "mm":
+                torch.mm(a, a, out_dtype=torch.float32)
+            else:
+                acc = torch.zeros(2, 2, device=t.device)
+                torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _SUPPORT[key] = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _SUPPORT[key] = False
+    return _SUPPORT[key]
 
 
 def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` as float32, accumulated in float32."""
+    """``a @ b`` as float32."""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    if _out_dtype_supported(a):
+    if a.device.type != "cuda":
+        return torch.mm(a.float(), b.float())
+    if _supports("mm", a):
         return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a.float(), b.float())
+    return torch.mm(a, b).float()
 
 
 def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` in place, with ``acc`` float32 and ``a``, ``b`` of any float dtype."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif _out_dtype_supported(a):
+    elif a.device.type != "cuda":
+        acc.addmm_(a.float(), b.float())
+    elif _supports("addmm", a):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        acc += mm_f32(a, b)
