@@ -30,7 +30,7 @@ def interpreting() -> bool:
 # (tests/ops/test_compile.py); throughput tuning waits for GPU measurements.
 KERNEL_CONFIGS = {
     "tile_forward": {
-        "half": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+        "half": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
         "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2),
     },
     "tile_backward": {

@@ -36,19 +36,22 @@ def tile_forward_kernel(X, W, B, Y, PART, N, V, H, stride_xn, stride_xh, stride_
     label_logit = tl.zeros((BLOCK_M,), tl.float32)
     sum_logits = tl.zeros((BLOCK_M,), tl.float32)
 
-    first = pid_s * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, tl.cdiv(V, BLOCK_N))
-    for vb in range(first, last):
-        cols = vb * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_valid = cols < V
-        z = head_logits_tile(X, W, B, pid_m * BLOCK_M, vb * BLOCK_N, N, V, H, stride_xn, stride_xh,
-                             stride_wv, stride_wh, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-        s = transform_logits(z, softcap, logit_scale, HAS_SOFTCAP)
-        m_b, d_b, u_b = block_softmax_state(s, col_valid[None, :])
-        m, d, u = merge_softmax_state(m, d, u, m_b, d_b, u_b)
-        label_logit += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
-        if HAS_SMOOTHING:
-            sum_logits += tl.sum(tl.where(col_valid[None, :], s, 0.0), axis=1)
+    # The last split may hold fewer blocks; a scalar guard (not a tensor loop bound) keeps
+    # the loop valid in every Triton version's interpreter.
+    n_blocks = tl.cdiv(V, BLOCK_N)
+    for i in range(0, blocks_per_split):
+        vb = pid_s * blocks_per_split + i
+        if vb < n_blocks:
+            cols = vb * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_valid = cols < V
+            z = head_logits_tile(X, W, B, pid_m * BLOCK_M, vb * BLOCK_N, N, V, H, stride_xn, stride_xh,
+                                 stride_wv, stride_wh, HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+            s = transform_logits(z, softcap, logit_scale, HAS_SOFTCAP)
+            m_b, d_b, u_b = block_softmax_state(s, col_valid[None, :])
+            m, d, u = merge_softmax_state(m, d, u, m_b, d_b, u_b)
+            label_logit += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+            if HAS_SMOOTHING:
+                sum_logits += tl.sum(tl.where(col_valid[None, :], s, 0.0), axis=1)
 
     out = PART + pid_s * N + rows
     plane = n_splits * N
