@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
-import sys
 import json
+import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from cases import CASE_PARAMS
+from helpers import DEVICE, assert_close, check_token_stats, make_inputs, run_and_compare
 
 import t3s_kernels as t3s
-from cases import CASE_PARAMS
-from helpers import DEVICE, TOLERANCE, assert_close, make_inputs, run_and_compare
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -95,14 +95,7 @@ def test_multiple_token_chunks_through_the_budget():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
 def test_token_stats_matches_reference(dtype, temperature):
-    inputs = make_inputs(dtype=dtype, bias=True, ignored=4)
-    stats = t3s.token_stats(inputs["hidden"], inputs["weight"], inputs["labels"], bias=inputs["bias"],
-                            softcap=6.0, temperature=temperature, backend="torch")
-    _, ref = t3s.reference_t3s_loss(inputs["hidden"].double(), inputs["weight"].double(), inputs["labels"],
-                                    bias=inputs["bias"].double(), softcap=6.0, temperature=temperature)
-    for key in ("logprob", "entropy", "lse"):
-        assert_close(getattr(stats, key), ref[key], TOLERANCE[dtype]["value"], key)
-    assert torch.equal(stats.correct.cpu(), ref["correct"].cpu())
+    check_token_stats("torch", dtype, temperature)
 
 
 def test_t3s_loss_module():

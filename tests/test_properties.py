@@ -1,14 +1,14 @@
 """Property tests of the PyTorch backend: any shape and option mix equals the fp64 reference."""
 
 import torch
+from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import t3s_kernels as t3s
-from helpers import assert_close
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(n=st.integers(1, 24), h=st.integers(1, 20), v=st.integers(2, 60),
        reduction=st.sampled_from(["mean", "sum", "none"]), smoothing=st.sampled_from([0.0, 0.1, 0.5]),
        z_loss=st.sampled_from([0.0, 1e-2]), softcap=st.sampled_from([None, 2.0, 30.0]),
@@ -36,11 +36,20 @@ def test_torch_backend_any_shape(n, h, v, reduction, smoothing, z_loss, softcap,
     ref_params = [p.detach().double().requires_grad_() for p in params]
     ref, stats = t3s.reference_t3s_loss(ref_params[0], ref_params[1], y, bias=ref_params[2] if use_bias else None,
                                         **opts)
-    assert_close(out.loss, ref, 1e-5, "loss")
-    assert_close(out.logprob, stats["logprob"], 1e-5, "logprob")
-    assert_close(out.entropy, stats["entropy"], 1e-5, "entropy")
+    # fp32 rounding is relative to the terms each result is made of (see assert_close's floor):
+    # logsumexp-sized for loss and statistics; per-token gradient scale g = w / divisor times
+    # the other operand for the gradients.
+    lse_scale = max(stats["lse"].abs().max().item(), 1e-3)
+    w_max = 1.0 if tw is None else max(tw.max().item(), 1e-3)
+    contributing = int(((y != -100) & (tw != 0 if tw is not None else True)).sum())
+    g = w_max / max(contributing, 1) if reduction == "mean" else w_max
+    loss_floor = lse_scale * w_max * (max(contributing, 1) if reduction == "sum" else 1)
+    assert_close(out.loss, ref, 1e-5, "loss", floor=loss_floor)
+    assert_close(out.logprob, stats["logprob"], 1e-5, "logprob", floor=lse_scale)
+    assert_close(out.entropy, stats["entropy"], 1e-5, "entropy", floor=lse_scale)
     assert torch.equal(out.correct, stats["correct"])
     upstream = torch.ones_like(out.loss)
-    for got, want in zip(torch.autograd.grad(out.loss, params, upstream, allow_unused=True),
-                         torch.autograd.grad(ref, ref_params, upstream.double(), allow_unused=True)):
-        assert_close(got, want, 1e-5, "grad")
+    floors = [g * w.abs().max().item(), g * x.abs().max().item(), g]
+    for name, got, want, floor in zip(("dX", "dW", "db"), torch.autograd.grad(out.loss, params, upstream),
+                                      torch.autograd.grad(ref, ref_params, upstream.double()), floors):
+        assert_close(got, want, 1e-5, name, floor=floor)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from helpers import make_inputs
 
 import t3s_kernels as t3s
-from helpers import make_inputs
 
 
 def call(**changes):
@@ -16,7 +16,8 @@ def call(**changes):
 @pytest.mark.parametrize("changes,error,pattern", [
     (dict(hidden=torch.randn(7, 9)), ValueError, r"hidden must have shape \(\.\.\., H\) with H = weight"),
     (dict(weight=torch.randn(11)), ValueError, r"weight must have shape \(V, H\)"),
-    (dict(labels=torch.tensor([0, 1, 2, 3, 4, 5, 11])), ValueError, r"labels must lie in \[0, V\) = \[0, 11\).*found 11"),
+    (dict(labels=torch.tensor([0, 1, 2, 3, 4, 5, 11])), ValueError,
+     r"labels must lie in \[0, V\) = \[0, 11\).*found 11"),
     (dict(labels=torch.tensor([0, 1, 2, 3, 4, 5, -1])), ValueError, r"labels must lie in .*found -1"),
     (dict(labels=torch.zeros(7)), TypeError, r"labels must be an int64 or int32 tensor"),
     (dict(labels=torch.zeros(6, dtype=torch.long)), ValueError, r"labels must have shape hidden.shape\[:-1\]"),

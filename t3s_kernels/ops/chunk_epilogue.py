@@ -13,8 +13,13 @@ the row (one read for the state, one read + one write for the gradient).
 import triton
 import triton.language as tl
 
-from .online_softmax import (block_softmax_state, finish_softmax_state, loss_grad_wrt_logits,
-                             merge_softmax_state, transform_logits)
+from .online_softmax import (
+    block_softmax_state,
+    finish_softmax_state,
+    loss_grad_wrt_logits,
+    merge_softmax_state,
+    transform_logits,
+)
 
 
 @triton.jit

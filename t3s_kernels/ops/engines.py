@@ -112,7 +112,8 @@ def tile_forward(x, weight, bias, labels, opts: HeadOptions) -> RowStats:
         x, weight, bias if bias is not None else x, labels, part, n, vocab, h,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         blocks_per_split=blocks_per_split, HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.has_softcap,
-        HAS_SMOOTHING=opts.has_smoothing, DOT_PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype), **_scalar_args(opts), **cfg)
+        HAS_SMOOTHING=opts.has_smoothing, DOT_PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+        **_scalar_args(opts), **cfg)
     out = torch.empty(N_STATE, n, device=x.device, dtype=torch.float32)
     mcfg = kernel_config("merge_splits", x.dtype)
     merge_splits_kernel[(triton.cdiv(n, mcfg["BLOCK"]),)](part, out, n, splits, **mcfg)
@@ -136,7 +137,8 @@ def tile_backward(x, weight, bias, labels, lse, row_scale, opts: HeadOptions, gr
             dx if dx is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
             n, vocab, h, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=opts.has_softcap, COMPUTE_DX=dx is not None,
-            COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, DOT_PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype),
+            COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, DOT_PRECISION=dot_precision(x.dtype),
+            UPCAST=upcast_dot(x.dtype),
             **_scalar_args(opts), **_grad_args(opts), **cfg)
     return HeadGrads(hidden=None if dx is None else dx.to(x.dtype), weight=dw, bias=db)
 

@@ -22,7 +22,8 @@ def tile_backward_kernel(X, W, B, Y, LSE, G, DX, DW, DB, N, V, H,
                          stride_xn, stride_xh, stride_wv, stride_wh,
                          softcap, logit_scale, ce_weight, smoothing, inv_vocab, z_loss,
                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DX: tl.constexpr,
-                         COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                         COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         UPCAST: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     n_row_blocks = tl.cdiv(N, BLOCK_M)

@@ -3,9 +3,9 @@ epilogues: PyTorch and the Triton kernel."""
 
 import pytest
 import torch
+from helpers import TOLERANCE, assert_close, make_inputs
 
 import t3s_kernels as t3s
-from helpers import TOLERANCE, assert_close, make_inputs
 from t3s_kernels.backends.chunked import ChunkedEngine, TorchEpilogue, plan_chunks
 from t3s_kernels.function import FusedLinearT3SFunction, LossConfig
 from t3s_kernels.options import HeadOptions

@@ -5,10 +5,10 @@ shapes (N=37, H=48, V=203: no dimension a multiple of any block size)."""
 
 import pytest
 import torch
+from cases import CASE_PARAMS
+from helpers import DEVICE, assert_close, check_token_stats, make_inputs, run_and_compare
 
 import t3s_kernels as t3s
-from cases import CASE_PARAMS
-from helpers import DEVICE, TOLERANCE, assert_close, make_inputs, run_and_compare
 
 STRATEGIES = ["tile", "chunked"]
 
@@ -60,14 +60,7 @@ def test_chunked_multiple_token_chunks():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_token_stats_tile_kernel(dtype, temperature):
-    inputs = make_inputs(dtype=dtype, bias=True, ignored=4)
-    stats = t3s.token_stats(inputs["hidden"], inputs["weight"], inputs["labels"], bias=inputs["bias"],
-                            softcap=6.0, temperature=temperature, backend="triton")
-    _, ref = t3s.reference_t3s_loss(inputs["hidden"].double(), inputs["weight"].double(), inputs["labels"],
-                                    bias=inputs["bias"].double(), softcap=6.0, temperature=temperature)
-    for key in ("logprob", "entropy", "lse"):
-        assert_close(getattr(stats, key), ref[key], TOLERANCE[dtype]["value"], key)
-    assert torch.equal(stats.correct.cpu(), ref["correct"].cpu())
+    check_token_stats("triton", dtype, temperature)
 
 
 def test_backends_agree_with_each_other():
