@@ -99,7 +99,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
         strategy: Triton training strategy, "chunked" (token chunks, cuBLAS matmuls, fused
             epilogue; default) or "tile" (recomputing tile kernels, least memory).
-        chunk_budget_bytes: memory one chunk's [rows x vocab] buffers may use (default 1 GiB on GPU, 128 MiB on CPU).
+        chunk_budget_bytes: memory one chunk's [rows x vocab] buffers may use (default 1 GiB on GPU, 256 MiB on CPU).
     """
     check_options(backend=backend, strategy=strategy, softcap=softcap, label_smoothing=label_smoothing,
                   z_loss=z_loss, ce_weight=ce_weight, temperature=1.0, reduction=reduction,

@@ -27,7 +27,7 @@ DEFAULT_STRATEGY = "chunked"
 # Memory the chunked paths may spend on one token chunk's [rows x vocab] buffers. On a GPU
 # 1 GiB keeps the matmuls large (>= 1152 rows at V = 152K); on a CPU a smaller chunk is as
 # fast (the matmuls are compute-bound at any size) and stays in cache longer.
-DEFAULT_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+DEFAULT_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
 
 
 @dataclass(frozen=True)

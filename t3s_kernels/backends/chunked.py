@@ -71,12 +71,21 @@ class ChunkedEngine:
         return plan_chunks(n, vocab, self.epilogue.bytes_per_logit, budget, self.chunk_rows, self.vocab_chunk)
 
     @staticmethod
-    def _logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                v0: int, v1: int) -> torch.Tensor:
-        logits = mm_f32(x, weight[v0:v1].t())
+    def _logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], v0: int, v1: int,
+                buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """float32 logits of rows ``x`` and columns [v0, v1), in ``buffer`` where one is given."""
+        logits = mm_f32(x, weight[v0:v1].t(), out=None if buffer is None else buffer[:x.shape[0], :v1 - v0])
         if bias is not None:
             logits += bias[v0:v1].float()
         return logits
+
+    @staticmethod
+    def _buffer(x: torch.Tensor, rows: int, vocab_chunk: int) -> Optional[torch.Tensor]:
+        """One logits buffer for every chunk, where mm can write into it (fp32 operands): on a CPU
+        a fresh buffer per chunk costs page faults; on a GPU the caching allocator does this."""
+        if x.dtype != torch.float32:
+            return None
+        return torch.empty(rows, vocab_chunk, device=x.device, dtype=torch.float32)
 
     @staticmethod
     def _alloc_grads(x, weight, bias, grads: GradRequest) -> HeadGrads:
@@ -99,14 +108,14 @@ class ChunkedEngine:
             out.bias[v0:v1] += dz.sum(0, dtype=torch.float32)
 
     def _gradient_pass(self, x, weight, bias, labels, lse, row_scale, opts, out: HeadGrads,
-                       r0: int, r1: int, vocab_chunk: int) -> None:
+                       r0: int, r1: int, vocab_chunk: int, buffer: Optional[torch.Tensor]) -> None:
         vocab = weight.shape[0]
         dx_acc = torch.zeros(r1 - r0, x.shape[1], device=x.device, dtype=torch.float32) \
             if out.hidden is not None else None
         for v0 in range(0, vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, vocab)
-            dz = self.epilogue.gradient(self._logits(x[r0:r1], weight, bias, v0, v1), labels[r0:r1], v0,
-                                        lse, row_scale, opts, x.dtype)
+            dz = self.epilogue.gradient(self._logits(x[r0:r1], weight, bias, v0, v1, buffer), labels[r0:r1],
+                                        v0, lse, row_scale, opts, x.dtype)
             self._backprop(dz, x[r0:r1], weight, v0, v1, out, dx_acc)
         if dx_acc is not None:
             out.hidden[r0:r1] = dx_acc
@@ -116,6 +125,7 @@ class ChunkedEngine:
         n, vocab = x.shape[0], weight.shape[0]
         want_grad = row_scale is not None and grads.any
         rows, vocab_chunk = self._plan(n, vocab, x.device)
+        buffer = self._buffer(x, rows, vocab_chunk)
         out = self._alloc_grads(x, weight, bias, grads) if want_grad else None
         parts = []
         for r0 in range(0, n, rows):
@@ -124,7 +134,7 @@ class ChunkedEngine:
             state = OnlineState(r1 - r0, x.device)
             if want_grad and vocab_chunk >= vocab:
                 # Whole rows fit: one matmul for the logits, gradient written over them.
-                logits = self._logits(xc, weight, bias, 0, vocab)
+                logits = self._logits(xc, weight, bias, 0, vocab, buffer)
                 dz = self.epilogue.accumulate_and_gradient(logits, yc, state, row_scale[r0:r1], opts, x.dtype)
                 del logits
                 if out.hidden is not None:
@@ -133,10 +143,10 @@ class ChunkedEngine:
             else:
                 for v0 in range(0, vocab, vocab_chunk):
                     v1 = min(v0 + vocab_chunk, vocab)
-                    self.epilogue.accumulate(self._logits(xc, weight, bias, v0, v1), yc, v0, state, opts)
+                    self.epilogue.accumulate(self._logits(xc, weight, bias, v0, v1, buffer), yc, v0, state, opts)
                 if want_grad:
                     self._gradient_pass(x, weight, bias, labels, state.lse(), row_scale[r0:r1], opts, out,
-                                        r0, r1, vocab_chunk)
+                                        r0, r1, vocab_chunk, buffer)
             parts.append(state.finish())
         return RowStats.cat(parts), out
 
@@ -144,18 +154,24 @@ class ChunkedEngine:
                  grads: GradRequest) -> HeadGrads:
         n, vocab = x.shape[0], weight.shape[0]
         rows, vocab_chunk = self._plan(n, vocab, x.device)
+        buffer = self._buffer(x, rows, vocab_chunk)
         out = self._alloc_grads(x, weight, bias, grads)
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             self._gradient_pass(x, weight, bias, labels, lse[r0:r1], row_scale[r0:r1], opts, out,
-                                r0, r1, vocab_chunk)
+                                r0, r1, vocab_chunk, buffer)
         return out
 
 
 class TorchEpilogue:
-    """The epilogue in plain PyTorch: the CPU path, and the Triton kernels' twin."""
+    """The epilogue in plain PyTorch: the CPU path, and the Triton kernels' twin.
 
-    bytes_per_logit = 12  # the fp32 logits plus up to two fp32 temporaries
+    It works in the logits buffer it is given (the driver's, reused chunk after chunk):
+    the accumulate step leaves it holding ``s - m`` (one exp temporary instead of two), and
+    the gradient step turns it into dL/dz.
+    """
+
+    bytes_per_logit = 10  # the fp32 logits buffer, one fp32 temporary, a half-precision gradient copy
 
     @staticmethod
     def _transform_(logits: torch.Tensor, opts: HeadOptions) -> torch.Tensor:
@@ -170,31 +186,34 @@ class TorchEpilogue:
         in_chunk = (labels >= col0) & (labels < col0 + width)
         return in_chunk, (labels - col0).clamp(0, width - 1)
 
-    def _accumulate_transformed(self, s, labels, col0, state: OnlineState, opts: HeadOptions) -> None:
-        m_b = s.amax(1)
-        shifted = s - m_b[:, None]
-        e = torch.exp(shifted)
-        d_b = e.sum(1)
-        u_b = torch.bmm(e[:, None, :], shifted[:, :, None]).view(-1)  # sum e * (s - m), no temporary
-        del e, shifted
-        state.merge(m_b, d_b, u_b)
+    def _accumulate_shift_(self, s, labels, col0, state: OnlineState, opts: HeadOptions) -> torch.Tensor:
+        """Fold ``s`` into the state; ``s`` is left holding ``s - m`` and ``m`` is returned."""
         in_chunk, idx = self._label_index(labels, col0, s.shape[1])
         state.label_logit += torch.where(in_chunk, s.gather(1, idx[:, None]).view(-1), 0.0)
         if opts.has_smoothing:
             state.sum_logits += s.sum(1)
+        m_b = s.amax(1)
+        shifted = s.sub_(m_b[:, None])
+        e = torch.exp(shifted)
+        d_b = e.sum(1)
+        u_b = torch.bmm(e[:, None, :], shifted[:, :, None]).view(-1)  # sum e * (s - m), no temporary
+        del e
+        state.merge(m_b, d_b, u_b)
+        return m_b
 
-    def _gradient_transformed(self, s, labels, col0, lse, row_scale, opts: HeadOptions, out_dtype):
-        # dl/ds_j = ce_weight * (p_j - (1 - eps) [j = y] - eps / V) + 2 z_loss lse p_j,
-        # then through the temperature scale and the softcap: dt/dz = 1 - tanh^2.
+    def _gradient_(self, shifted, shift, labels, col0, lse, row_scale, opts: HeadOptions, out_dtype):
+        """dL/dz from ``shifted = s - shift``, written over it.
+        dl/ds_j = ce_weight * (p_j - (1 - eps) [j = y] - eps / V) + 2 z_loss lse p_j,
+        then through the temperature scale and the softcap: dt/dz = 1 - tanh^2."""
         cap_slope = None
         if opts.has_softcap:
-            cap_slope = s / (opts.logit_scale * opts.softcap)
+            cap_slope = (shifted + shift[:, None]).div_(opts.logit_scale * opts.softcap)
             cap_slope.square_().neg_().add_(1.0)
-        ds = s.sub_(lse[:, None]).exp_()
+        ds = shifted.sub_((lse - shift)[:, None]).exp_()
         ds.mul_((opts.ce_weight + 2.0 * opts.z_loss * lse)[:, None])
         if opts.has_smoothing:
             ds.sub_(opts.ce_weight * opts.label_smoothing / opts.vocab_size)
-        in_chunk, idx = self._label_index(labels, col0, s.shape[1])
+        in_chunk, idx = self._label_index(labels, col0, ds.shape[1])
         hit = -opts.ce_weight * (1.0 - opts.label_smoothing) * in_chunk.float()
         ds.scatter_add_(1, idx[:, None], hit[:, None])
         ds.mul_((row_scale * opts.logit_scale)[:, None])
@@ -203,13 +222,13 @@ class TorchEpilogue:
         return ds.to(out_dtype)
 
     def accumulate(self, logits, labels, col0, state, opts):
-        self._accumulate_transformed(self._transform_(logits, opts), labels, col0, state, opts)
+        self._accumulate_shift_(self._transform_(logits, opts), labels, col0, state, opts)
 
     def gradient(self, logits, labels, col0, lse, row_scale, opts, out_dtype):
-        return self._gradient_transformed(self._transform_(logits, opts), labels, col0, lse, row_scale, opts,
-                                          out_dtype)
+        s = self._transform_(logits, opts)
+        return self._gradient_(s, torch.zeros_like(lse), labels, col0, lse, row_scale, opts, out_dtype)
 
     def accumulate_and_gradient(self, logits, labels, state, row_scale, opts, out_dtype):
         s = self._transform_(logits, opts)
-        self._accumulate_transformed(s, labels, 0, state, opts)
-        return self._gradient_transformed(s, labels, 0, state.lse(), row_scale, opts, out_dtype)
+        shift = self._accumulate_shift_(s, labels, 0, state, opts)
+        return self._gradient_(s, shift, labels, 0, state.lse(), row_scale, opts, out_dtype)

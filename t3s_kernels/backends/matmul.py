@@ -10,6 +10,8 @@ are upcast, which is exact.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 _SUPPORT: dict[tuple, bool] = {}
@@ -31,10 +33,11 @@ def _supports(kind: str, t: torch.Tensor) -> bool:
     return _SUPPORT[key]
 
 
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` as float32."""
+def mm_f32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ b`` as float32 (into ``out``, float32, for float32 operands)."""
     if a.dtype == torch.float32:
-        return torch.mm(a, b)
+        return torch.mm(a, b, out=out)
+    assert out is None, "out= is only for float32 operands"
     if a.device.type != "cuda":
         return torch.mm(a.float(), b.float())
     if _supports("mm", a):
