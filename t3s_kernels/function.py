@@ -123,7 +123,7 @@ class FusedLinearT3SFunction(torch.autograd.Function):
 
         ctx.cfg, ctx.n, ctx.grads, ctx.divisor = cfg, n, grads, divisor
         ctx.contrib_idx, ctx.n_contrib, ctx.eager = contrib_idx, n_contrib, eager_grads
-        ctx.x_dtype, ctx.w_dtype = x.dtype, weight.dtype
+        ctx.w_dtype = weight.dtype
         # Shapes of the inputs, for the all-zero gradients of a batch with no contributing token.
         ctx.input_meta = [(t.shape, t.dtype, t.device) if t is not None else None for t in (x, weight, bias)]
         if eager_grads:
