@@ -5,7 +5,10 @@
     stats = t3s.token_stats(hidden, lm_head.weight, labels)
 """
 
+from . import adapters
+from .adapters import causal_lm_loss, masked_diffusion_loss
 from .api import T3SLoss, T3SLossOutput, TokenStats, fused_linear_t3s_loss, token_stats
+from .patching import apply_t3s, is_t3s_patched, revert_t3s
 from .reference import reference_t3s_loss
 
 __version__ = "0.1.0"
@@ -17,5 +20,11 @@ __all__ = [
     "T3SLossOutput",
     "TokenStats",
     "reference_t3s_loss",
+    "adapters",
+    "causal_lm_loss",
+    "masked_diffusion_loss",
+    "apply_t3s",
+    "revert_t3s",
+    "is_t3s_patched",
     "__version__",
 ]

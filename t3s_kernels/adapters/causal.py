@@ -1,0 +1,87 @@
+"""Causal-LM adapter: (B, T, H) hidden states + (B, T) labels -> the fused op's rows.
+
+Position t predicts token t+1 (the usual shift), unless the caller passes ``shift_labels``
+already aligned with the hidden states. A per-token selection is aligned with ``labels``
+(the tokens being predicted): True / a positive weight keeps token t in the loss; T3S's
+AR rule drops the imitation anchors by giving them False / 0. Only rows that carry a label
+reach the LM head.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..api import T3SLossOutput, fused_linear_t3s_loss
+
+
+def _as_weights(selection: Optional[torch.Tensor], like: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+    if selection is None:
+        return None
+    if not isinstance(selection, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor (bool mask or float weights); got {type(selection).__name__}")
+    if tuple(selection.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have the labels' shape {tuple(like.shape)}; got {tuple(selection.shape)}")
+    if selection.dtype == torch.bool:
+        return selection.float()
+    if not selection.is_floating_point():
+        raise TypeError(f"{name} must be bool (True keeps a token) or floating point (a weight); got {selection.dtype}")
+    return selection
+
+
+def shift_for_causal_lm(labels: torch.Tensor, selection: Optional[torch.Tensor] = None,
+                        ignore_index: int = -100) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Labels (and selection) shifted so that position t holds the target t+1; the last
+    position gets ``ignore_index`` (HF's convention)."""
+    pad = torch.full_like(labels[..., :1], ignore_index)
+    shifted = torch.cat([labels[..., 1:], pad], dim=-1)
+    if selection is not None:
+        selection = torch.cat([selection[..., 1:], torch.zeros_like(selection[..., :1])], dim=-1)
+    return shifted, selection
+
+
+def causal_lm_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                   selection: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
+                   ignore_index: int = -100):
+    """(hidden rows, label rows, weight rows or None, row index): only rows that carry a label.
+
+    ``selection`` is aligned with ``labels``, or with ``shift_labels`` when those are given."""
+    if (labels is None) == (shift_labels is None):
+        raise ValueError("pass exactly one of labels (to be shifted) or shift_labels (already aligned)")
+    target = shift_labels if shift_labels is not None else labels
+    if hidden.dim() < 2 or tuple(hidden.shape[:-1]) != tuple(target.shape):
+        name = "shift_labels" if shift_labels is not None else "labels"
+        raise ValueError(f"{name} must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; "
+                         f"got {tuple(target.shape)}")
+    weights = _as_weights(selection, target, "selection")
+    if shift_labels is None:
+        target, weights = shift_for_causal_lm(labels, weights, ignore_index)
+    flat_target = target.reshape(-1)
+    keep = flat_target != ignore_index
+    if weights is not None:
+        keep &= weights.reshape(-1) != 0
+    index = keep.nonzero().squeeze(1)
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    w = None if weights is None else weights.reshape(-1).index_select(0, index)
+    return rows, flat_target.index_select(0, index), w, index
+
+
+def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                   selection: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
+                   num_items_in_batch: Union[None, int, float, torch.Tensor] = None, ignore_index: int = -100,
+                   **loss_options) -> T3SLossOutput:
+    """The causal-LM loss of ``hidden`` (B, T, H) through the head ``weight`` (V, H).
+
+    With ``num_items_in_batch`` (HF Trainer's count of label tokens over the whole
+    gradient-accumulation step) the summed loss is divided by it, so accumulated
+    micro-batches give the gradients of one large batch; otherwise the mean over the kept
+    tokens. Weight-0 tokens are dropped before the head, so they get no statistics here;
+    score them with ``token_stats``.
+    """
+    rows, targets, weights, _ = causal_lm_rows(hidden, labels, selection=selection, shift_labels=shift_labels,
+                                               ignore_index=ignore_index)
+    if num_items_in_batch is not None:
+        loss_options["normalizer"] = num_items_in_batch
+    return fused_linear_t3s_loss(rows, weight, targets, token_weights=weights, ignore_index=ignore_index,
+                                 **loss_options)

@@ -1,0 +1,153 @@
+"""Masked-diffusion (LLaDA-style) adapter: the forward (noising) process and the loss.
+
+Noising, per sequence b:
+  * LLaDA: ``t ~ U(0, 1)``, ``p_mask = (1 - eps) t + eps`` (eps = 1e-3);
+  * LLaDA 2.0: a rate drawn from ``U(low, high)`` (its trainer: U(0.3, 0.8)), pass ``rate_range``;
+each answer token is replaced by the mask token with probability ``p_mask``; prompt tokens
+are never masked; ``force_mask`` (T3S's selected yet-to-learn tokens) is unioned in, so
+those positions are always masked and always reconstructed.
+
+Loss: cross-entropy at masked positions only, no shift (``shift="dream"`` predicts token t
+from position t-1, as Dream does), weighted by ``1 / p_mask`` (``weighting="inverse_p"``,
+LLaDA) or not (``"none"``, LLaDA 2.0), normalized by
+  * ``"llada_pretrain"``: batch x length;
+  * ``"llada_sft"``: each token's term divided by its sequence's answer length, then by batch;
+  * ``"masked_tokens"``: the number of masked tokens (LLaDA 2.0's mean).
+The mask token keeps its softmax column (LLaDA's convention); ``exclude_mask_token=True``
+drops it (MDLM's), at the cost of one copy of the head without that row.
+Only masked positions are gathered into the head, so its cost scales with the masked fraction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..api import T3SLossOutput, fused_linear_t3s_loss
+
+LLADA_MASK_ID = 126336
+LLADA2_MASK_ID = 156895
+NORMALIZATIONS = ("llada_pretrain", "llada_sft", "masked_tokens")
+WEIGHTINGS = ("inverse_p", "none")
+
+
+@dataclass
+class NoisedBatch:
+    noisy_ids: torch.Tensor  # (B, T) with mask_token_id at masked positions
+    masked: torch.Tensor  # (B, T) bool
+    p_mask: torch.Tensor  # (B, T) float32, each sequence's masking probability (0 on prompts)
+    answer_mask: torch.Tensor  # (B, T) bool, positions that may be masked (not prompt, not padding)
+
+
+def _answer_mask(input_ids: torch.Tensor, prompt_lengths, attention_mask) -> torch.Tensor:
+    b, t = input_ids.shape
+    answer = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+    if prompt_lengths is not None:
+        prompt_lengths = torch.as_tensor(prompt_lengths, device=input_ids.device)
+        if prompt_lengths.shape != (b,):
+            raise ValueError(f"prompt_lengths must have shape (B,) = ({b},); got {tuple(prompt_lengths.shape)}")
+        if bool(((prompt_lengths < 0) | (prompt_lengths > t)).any()):
+            raise ValueError(f"prompt_lengths must lie in [0, T] = [0, {t}]")
+        answer &= torch.arange(t, device=input_ids.device)[None, :] >= prompt_lengths[:, None]
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (b, t):
+            raise ValueError(f"attention_mask must have input_ids' shape {(b, t)}; got {tuple(attention_mask.shape)}")
+        answer &= attention_mask.bool()
+    return answer
+
+
+def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[int] = None,
+          prompt_lengths=None, attention_mask: Optional[torch.Tensor] = None,
+          force_mask: Optional[torch.Tensor] = None, eps: float = 1e-3,
+          rate_range: Optional[tuple[float, float]] = None,
+          generator: Optional[torch.Generator] = None) -> NoisedBatch:
+    """The forward process: mask answer tokens with a per-sequence probability, force-mask the
+    T3S-selected ones. ``generator`` (on input_ids' device) makes it reproducible."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, T); got {tuple(input_ids.shape)}")
+    if vocab_size is not None and not 0 <= mask_token_id < vocab_size:
+        raise ValueError(f"mask_token_id must lie in [0, vocab_size) = [0, {vocab_size}); got {mask_token_id}")
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must lie in (0, 1); got {eps}")
+    b, t = input_ids.shape
+    device = input_ids.device
+    answer = _answer_mask(input_ids, prompt_lengths, attention_mask)
+    u = torch.rand(b, generator=generator, device=device)
+    if rate_range is None:
+        p = (1.0 - eps) * u + eps
+    else:
+        low, high = rate_range
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"rate_range must satisfy 0 <= low <= high <= 1; got {rate_range}")
+        p = low + (high - low) * u
+    masked = (torch.rand(b, t, generator=generator, device=device) < p[:, None]) & answer
+    if force_mask is not None:
+        if tuple(force_mask.shape) != (b, t) or force_mask.dtype != torch.bool:
+            raise ValueError(f"force_mask must be a bool tensor of shape (B, T) = {(b, t)}; "
+                             f"got {force_mask.dtype} {tuple(force_mask.shape)}")
+        if bool((force_mask & ~answer).any()):
+            raise ValueError("force_mask selects prompt or padding positions, which are never masked")
+        masked |= force_mask
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
+    p_mask = torch.where(answer, p[:, None].expand(b, t), torch.zeros(b, t, device=device))
+    return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=p_mask.float(), answer_mask=answer)
+
+
+def loss_rows(hidden: torch.Tensor, input_ids: torch.Tensor, batch: NoisedBatch, *,
+              weighting: str = "inverse_p", normalization: str = "llada_sft", shift: Optional[str] = None):
+    """(hidden rows, targets, weights, normalizer, row index): only masked positions."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
+    if shift not in (None, "dream"):
+        raise ValueError(f"shift must be None or 'dream'; got {shift!r}")
+    b, t = input_ids.shape
+    if tuple(hidden.shape[:2]) != (b, t):
+        raise ValueError(f"hidden must have shape (B, T, H) with (B, T) = {(b, t)}; got {tuple(hidden.shape)}")
+    if shift == "dream":  # Dream: the logits at t-1 predict token t (position 0 predicts itself)
+        hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+    index = batch.masked.reshape(-1).nonzero().squeeze(1)
+    rows = hidden.reshape(b * t, -1).index_select(0, index)
+    targets = input_ids.reshape(-1).index_select(0, index)
+    w = torch.ones(b, t, device=input_ids.device)
+    if weighting == "inverse_p":
+        w = torch.where(batch.masked, 1.0 / batch.p_mask.clamp(min=1e-12), w)
+    if normalization == "llada_sft":
+        answer_len = batch.answer_mask.sum(1, keepdim=True).clamp(min=1).float()
+        w = w / answer_len
+        normalizer = float(b)
+    elif normalization == "llada_pretrain":
+        normalizer = float(b * t)
+    else:
+        normalizer = float(max(int(batch.masked.sum()), 1))
+    return rows, targets, w.reshape(-1).index_select(0, index), normalizer, index
+
+
+def _without_row(weight: torch.Tensor, bias: Optional[torch.Tensor], row: int):
+    keep = torch.cat([weight[:row], weight[row + 1:]])
+    return keep, None if bias is None else torch.cat([bias[:row], bias[row + 1:]])
+
+
+def masked_diffusion_loss(hidden: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor,
+                          batch: NoisedBatch, *, mask_token_id: int, weighting: str = "inverse_p",
+                          normalization: str = "llada_sft", shift: Optional[str] = None,
+                          exclude_mask_token: bool = False, bias: Optional[torch.Tensor] = None,
+                          **loss_options) -> T3SLossOutput:
+    """The masked-diffusion loss of the student's hidden states on the noisy input.
+
+    ``input_ids`` are the clean tokens (the targets); ``batch`` comes from :func:`noise`."""
+    vocab = weight.shape[0]
+    if not 0 <= mask_token_id < vocab:
+        raise ValueError(f"mask_token_id must lie in [0, V) = [0, {vocab}); got {mask_token_id}")
+    rows, targets, w, normalizer, _ = loss_rows(hidden, input_ids, batch, weighting=weighting,
+                                                normalization=normalization, shift=shift)
+    if exclude_mask_token:
+        if bool((targets == mask_token_id).any()):
+            raise ValueError("exclude_mask_token=True but a target token is the mask token")
+        weight, bias = _without_row(weight, bias, mask_token_id)
+        targets = targets - (targets > mask_token_id).long()
+    return fused_linear_t3s_loss(rows, weight, targets, bias=bias, token_weights=w, reduction="sum",
+                                 normalizer=normalizer, **loss_options)
