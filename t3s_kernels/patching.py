@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .adapters.causal import causal_lm_loss
+from .adapters.masked_diffusion import dream_shift
 from .api import T3SLoss
 
 MODES = ("causal", "masked_diffusion")
@@ -92,7 +93,7 @@ def _make_forward(original_of, mode: str, shift: Optional[str], loss: T3SLoss):
             # labels are already aligned with the positions (no shift), -100 where not masked.
             targets = labels if shift_labels is None else shift_labels
             if shift == "dream":
-                hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+                hidden = dream_shift(hidden)
             out = causal_lm_loss(hidden, head.weight, shift_labels=targets, selection=t3s_weights,
                                  num_items_in_batch=num_items_in_batch, bias=head.bias, **options)
         else:

@@ -95,35 +95,44 @@ def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[i
     return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=p_mask.float(), answer_mask=answer)
 
 
-def loss_rows(hidden: torch.Tensor, input_ids: torch.Tensor, batch: NoisedBatch, *,
-              weighting: str = "inverse_p", normalization: str = "llada_sft", shift: Optional[str] = None):
-    """(hidden rows, targets, weights, normalizer, row index): only masked positions."""
+def loss_weights(batch: NoisedBatch, *, weighting: str = "inverse_p",
+                 normalization: str = "llada_sft") -> tuple[torch.Tensor, float]:
+    """Per-token weights (B, T) and the divisor of their weighted sum, for each convention."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
+    b, t = batch.masked.shape
+    w = torch.ones(b, t, device=batch.masked.device)
+    if weighting == "inverse_p":
+        w = torch.where(batch.masked, 1.0 / batch.p_mask.clamp(min=1e-12), w)
+    if normalization == "llada_sft":
+        return w / batch.answer_mask.sum(1, keepdim=True).clamp(min=1).float(), float(b)
+    if normalization == "llada_pretrain":
+        return w, float(b * t)
+    return w, float(max(int(batch.masked.sum()), 1))
+
+
+def loss_rows(hidden: torch.Tensor, input_ids: torch.Tensor, batch: NoisedBatch, *,
+              weighting: str = "inverse_p", normalization: str = "llada_sft", shift: Optional[str] = None):
+    """(hidden rows, targets, weights, normalizer, row index): only masked positions."""
+    weights, normalizer = loss_weights(batch, weighting=weighting, normalization=normalization)
     if shift not in (None, "dream"):
         raise ValueError(f"shift must be None or 'dream'; got {shift!r}")
     b, t = input_ids.shape
     if tuple(hidden.shape[:2]) != (b, t):
         raise ValueError(f"hidden must have shape (B, T, H) with (B, T) = {(b, t)}; got {tuple(hidden.shape)}")
     if shift == "dream":  # Dream: the logits at t-1 predict token t (position 0 predicts itself)
-        hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+        hidden = dream_shift(hidden)
     index = batch.masked.reshape(-1).nonzero().squeeze(1)
     rows = hidden.reshape(b * t, -1).index_select(0, index)
     targets = input_ids.reshape(-1).index_select(0, index)
-    w = torch.ones(b, t, device=input_ids.device)
-    if weighting == "inverse_p":
-        w = torch.where(batch.masked, 1.0 / batch.p_mask.clamp(min=1e-12), w)
-    if normalization == "llada_sft":
-        answer_len = batch.answer_mask.sum(1, keepdim=True).clamp(min=1).float()
-        w = w / answer_len
-        normalizer = float(b)
-    elif normalization == "llada_pretrain":
-        normalizer = float(b * t)
-    else:
-        normalizer = float(max(int(batch.masked.sum()), 1))
-    return rows, targets, w.reshape(-1).index_select(0, index), normalizer, index
+    return rows, targets, weights.reshape(-1).index_select(0, index), normalizer, index
+
+
+def dream_shift(hidden: torch.Tensor) -> torch.Tensor:
+    """Dream's convention: the hidden state at t-1 predicts token t (position 0 predicts itself)."""
+    return torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
 
 
 def _without_row(weight: torch.Tensor, bias: Optional[torch.Tensor], row: int):

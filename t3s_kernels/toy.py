@@ -1,0 +1,61 @@
+"""Tiny models, a tiny tokenizer and synthetic traces, built locally (no downloads), for the
+recipes in integrations/, the tests and the demo."""
+
+from __future__ import annotations
+
+import torch
+
+TINY_CONFIG = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+PAD_ID, EOS_ID, MASK_ID = 0, 1, 2  # ids the tiny tokenizer reserves
+
+
+def tiny_causal_lm(family: str = "qwen3", seed: int = 0, **overrides):
+    """A randomly initialised *ForCausalLM of the given family (qwen3, qwen2, llama, mistral)."""
+    import transformers as tf
+
+    classes = {"qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+               "llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}
+    if family not in classes:
+        raise ValueError(f"family must be one of {sorted(classes)}; got {family!r}")
+    config_cls, model_cls = classes[family]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY_CONFIG, "pad_token_id": PAD_ID, "eos_token_id": EOS_ID, **overrides})
+    return model_cls(config)
+
+
+def tiny_tokenizer(vocab_size: int = TINY_CONFIG["vocab_size"]):
+    """A word-level tokenizer over tokens "<pad>", "<eos>", "<mask>", "t3" ... (space-separated)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD_ID, "<eos>": EOS_ID, "<mask>": MASK_ID}
+    vocab.update({f"t{i}": i for i in range(3, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   mask_token="<mask>")
+
+
+def synthetic_traces(n: int, *, vocab_size: int = TINY_CONFIG["vocab_size"], prompt_len: int = 6,
+                     min_len: int = 20, max_len: int = 40, select_fraction: float = 0.7, seed: int = 0):
+    """Pre-tokenized examples {input_ids, labels, t3s_weights, prompt_length}: a prompt, then an
+    answer that follows a learnable rule (each token is the previous plus a per-example step,
+    modulo the vocabulary), ending in <eos>. ``t3s_weights`` keeps a random ``select_fraction``
+    of the answer tokens (what ``t3s select`` would give); prompt tokens are never labels."""
+    g = torch.Generator().manual_seed(seed)
+    low = MASK_ID + 1
+    span = vocab_size - low
+    examples = []
+    for i in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        prompt = torch.randint(low, vocab_size, (prompt_len,), generator=g)
+        step = int(prompt[0]) % 7 + 1
+        answer = [(int(prompt[-1]) - low + step * (k + 1)) % span + low for k in range(length - prompt_len - 1)]
+        ids = prompt.tolist() + answer + [EOS_ID]
+        labels = [-100] * prompt_len + ids[prompt_len:]
+        keep = (torch.rand(len(ids), generator=g) < select_fraction).tolist()
+        weights = [bool(k) and pos >= prompt_len for pos, k in enumerate(keep)]
+        examples.append(dict(id=f"ex{i}", input_ids=ids, labels=labels, t3s_weights=weights,
+                             prompt_length=prompt_len))
+    return examples

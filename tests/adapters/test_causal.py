@@ -1,0 +1,60 @@
+"""The causal-LM adapter: shift, selection, rows reaching the head."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t3s_kernels.adapters.causal as causal
+from helpers import assert_close
+
+
+def data(seed=0, b=3, t=10, h=12, v=41):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.5
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[:, :2] = -100
+    sel = torch.rand(b, t, generator=g) > 0.5
+    return hidden, weight, labels, sel
+
+
+def test_shift_and_selection_match_eager():
+    hidden, weight, labels, sel = data()
+    x = hidden.clone().requires_grad_()
+    out = causal.causal_lm_loss(x, weight, labels, selection=sel, backend="torch")
+    logits = (x.double() @ weight.double().t())[:, :-1].reshape(-1, weight.shape[0])
+    target, keep = labels[:, 1:].reshape(-1), (sel[:, 1:].reshape(-1) & (labels[:, 1:].reshape(-1) != -100))
+    ref = F.cross_entropy(logits[keep], target[keep])
+    assert_close(out.loss, ref, 1e-5, "loss")
+
+
+def test_shift_labels_are_used_as_given():
+    hidden, weight, labels, _ = data()
+    a = causal.causal_lm_loss(hidden, weight, labels, backend="torch").loss
+    shifted, _ = causal.shift_for_causal_lm(labels)
+    b = causal.causal_lm_loss(hidden, weight, shift_labels=shifted, backend="torch").loss
+    assert torch.equal(a, b)
+
+
+def test_only_labelled_selected_rows_reach_the_head(monkeypatch):
+    hidden, weight, labels, sel = data()
+    seen = []
+    real = causal.fused_linear_t3s_loss
+    monkeypatch.setattr(causal, "fused_linear_t3s_loss", lambda rows, *a, **k: seen.append(rows.shape[0]) or real(rows, *a, **k))
+    causal.causal_lm_loss(hidden, weight, labels, selection=sel, backend="torch")
+    expected = int((sel[:, 1:] & (labels[:, 1:] != -100)).sum())
+    assert seen == [expected]
+
+
+def test_float_weights_and_bad_selection():
+    hidden, weight, labels, sel = data()
+    w = sel.float() * 2.0
+    a = causal.causal_lm_loss(hidden, weight, labels, selection=w, reduction="sum", backend="torch").loss
+    b = causal.causal_lm_loss(hidden, weight, labels, selection=sel, reduction="sum", backend="torch").loss
+    assert_close(a, 2 * b, 1e-6, "weighted sum")
+    with pytest.raises(ValueError, match="selection must have the labels' shape"):
+        causal.causal_lm_loss(hidden, weight, labels, selection=sel[:, 1:])
+    with pytest.raises(TypeError, match="selection must be bool"):
+        causal.causal_lm_loss(hidden, weight, labels, selection=sel.long())
+    with pytest.raises(ValueError, match="exactly one of labels"):
+        causal.causal_lm_loss(hidden, weight)

@@ -1,0 +1,129 @@
+"""apply_t3s on tiny HF models: same loss and gradients as unpatched, no logits in training,
+unchanged in eval, masked loss = eager masked loss, gradient accumulation = one large batch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t3s_kernels as t3s
+from helpers import assert_close
+from models import FAMILIES, batch, tiny_model
+
+pytest.importorskip("transformers")
+
+
+def grads_of(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def train_step(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    return out, grads_of(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_equals_unpatched(family):
+    model = tiny_model(family).train()
+    ids, labels, _ = batch()
+    ref, ref_grads = train_step(model, input_ids=ids, labels=labels)
+    t3s.apply_t3s(model, backend="torch")
+    out, got_grads = train_step(model, input_ids=ids, labels=labels)
+    assert out.logits is None
+    assert_close(out.loss, ref.loss, 1e-5, "loss")
+    assert got_grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert_close(got_grads[name], ref_grads[name], 1e-4, name)
+    model.eval()
+    with torch.no_grad():
+        ev = model(input_ids=ids, labels=labels)
+        t3s.revert_t3s(model)
+        ev_ref = model(input_ids=ids, labels=labels)
+    assert torch.equal(ev.logits, ev_ref.logits) and torch.equal(ev.loss, ev_ref.loss)
+
+
+def test_eval_keeps_logits_to_keep():
+    model = tiny_model("qwen3")
+    ids, _, _ = batch()
+    t3s.apply_t3s(model)
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, logits_to_keep=1)
+    assert out.logits.shape == (3, 1, 257)
+
+
+def test_t3s_weights_equal_eager_masked_loss():
+    model = tiny_model("llama").train()
+    ids, labels, mask = batch()
+    t3s.apply_t3s(model, backend="torch")
+    out, grads = train_step(model, input_ids=ids, labels=labels, t3s_weights=mask)
+    t3s.revert_t3s(model)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits.float()
+    shift_logits, shift_labels = logits[:, :-1].reshape(-1, 257), labels[:, 1:].reshape(-1)
+    keep = mask[:, 1:].reshape(-1) & (shift_labels != -100)
+    ref = F.cross_entropy(shift_logits[keep], shift_labels[keep])
+    ref.backward()
+    assert_close(out.loss, ref, 1e-5, "loss")
+    for name, g in grads_of(model).items():
+        assert_close(grads[name], g, 1e-4, name)
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    """Two micro-batches, each normalized by the step's label count (HF's num_items_in_batch),
+    accumulate to the gradient of the two as one batch."""
+    model = tiny_model("qwen3").train()
+    ids, labels, _ = batch(b=4)
+    t3s.apply_t3s(model, backend="torch")
+    _, full = train_step(model, input_ids=ids, labels=labels)
+    n_items = int((labels[:, 1:] != -100).sum())
+    model.zero_grad(set_to_none=True)
+    for part in (slice(0, 1), slice(1, 4)):
+        model(input_ids=ids[part], labels=labels[part], num_items_in_batch=n_items).loss.backward()
+    for name, g in grads_of(model).items():
+        assert_close(g, full[name], 1e-5, name)
+
+
+def test_class_patch_and_revert():
+    a, b = tiny_model("mistral"), tiny_model("mistral", seed=1)
+    t3s.apply_t3s(a, patch_class=True, backend="torch")
+    try:
+        assert t3s.is_t3s_patched(b)
+        ids, labels, _ = batch()
+        assert b.train()(input_ids=ids, labels=labels).logits is None
+    finally:
+        t3s.revert_t3s(a)
+    assert not t3s.is_t3s_patched(b)
+    assert b(input_ids=ids, labels=labels).logits is not None
+
+
+def test_options_pass_through_and_gemma_softcap():
+    model = tiny_model("gemma2").train()
+    ids, labels, _ = batch()
+    t3s.apply_t3s(model, backend="torch", label_smoothing=0.1)
+    out = model(input_ids=ids, labels=labels)
+    t3s.revert_t3s(model)
+    logits = model(input_ids=ids).logits.float()  # gemma2 applies its softcap to these
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 257), labels[:, 1:].reshape(-1), label_smoothing=0.1)
+    assert_close(out.loss, ref, 1e-5, "loss")
+
+
+def test_bad_inputs():
+    model = tiny_model("qwen3").train()
+    ids, labels, mask = batch()
+    t3s.apply_t3s(model)
+    with pytest.raises(ValueError, match=r"selection must have the labels' shape"):
+        model(input_ids=ids, labels=labels, t3s_weights=mask[:, :-1])
+    with pytest.raises(ValueError, match=r"t3s_weights were given without labels"):
+        model(input_ids=ids, t3s_weights=mask)
+    with pytest.raises(ValueError, match=r"already patched"):
+        t3s.apply_t3s(model)
+    with pytest.raises(TypeError, match=r"unknown option"):
+        t3s.apply_t3s(tiny_model("llama"), smoothing=0.1)
+    with pytest.raises(TypeError, match=r"cannot patch Linear"):
+        t3s.apply_t3s(torch.nn.Linear(3, 4))
+    with pytest.raises(ValueError, match=r"not patched"):
+        t3s.revert_t3s(tiny_model("llama"))
+    with pytest.raises(ValueError, match=r"mode must be one of"):
+        t3s.apply_t3s(tiny_model("llama"), mode="diffusion")
