@@ -15,7 +15,7 @@ from transformers import Trainer, TrainingArguments
 
 import t3s_kernels as t3s
 from t3s_kernels.toy import PAD_ID, synthetic_traces, tiny_causal_lm
-from t3s_kernels.trainer_utils import T3SDataCollator
+from t3s_kernels.trainer_utils import T3SDataCollator, train_and_report
 
 
 def main(argv=None):
@@ -30,16 +30,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             model=model,
-            args=TrainingArguments(output_dir=args.output_dir or tmp, max_steps=args.steps, per_device_train_batch_size=8,
-                                   gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=max(1, args.steps // 4),
-                                   report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True),
+            args=TrainingArguments(output_dir=args.output_dir or tmp, max_steps=args.steps,
+                                   per_device_train_batch_size=8,
+                                   gradient_accumulation_steps=2, learning_rate=3e-3,
+                                   logging_steps=max(1, args.steps // 4), report_to=[], save_strategy="no",
+                                   use_cpu=True, disable_tqdm=True),
             train_dataset=data.remove_columns(["id", "prompt_length"]),
             data_collator=T3SDataCollator(pad_token_id=PAD_ID, model=model),
         )
-        result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(f"trained {result.global_step} steps; logged losses: {', '.join(f'{x:.3f}' for x in losses)}")
-    return losses
+        return train_and_report(trainer)
 
 
 if __name__ == "__main__":

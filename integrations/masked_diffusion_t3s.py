@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 import t3s_kernels as t3s
 from t3s_kernels.toy import MASK_ID, PAD_ID, synthetic_traces, tiny_causal_lm
-from t3s_kernels.trainer_utils import T3SDataCollator, masked_diffusion_compute_loss
+from t3s_kernels.trainer_utils import T3SDataCollator, masked_diffusion_compute_loss, train_and_report
 
 
 class MaskedDiffusionTrainer(Trainer):
@@ -49,14 +49,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         trainer = MaskedDiffusionTrainer(
             model=model, mask_token_id=MASK_ID,
-            args=TrainingArguments(output_dir=args.output_dir or tmp, max_steps=args.steps, per_device_train_batch_size=8,
-                                   learning_rate=3e-3, logging_steps=max(1, args.steps // 4), report_to=[], save_strategy="no", use_cpu=True,
-                                   disable_tqdm=True, remove_unused_columns=False),
+            args=TrainingArguments(output_dir=args.output_dir or tmp, max_steps=args.steps,
+                                   per_device_train_batch_size=8,
+                                   learning_rate=3e-3, logging_steps=max(1, args.steps // 4), report_to=[],
+                                   save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                   remove_unused_columns=False),
             train_dataset=data, data_collator=T3SDataCollator(pad_token_id=PAD_ID, model=model))
-        result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(f"trained {result.global_step} steps; logged losses: {', '.join(f'{x:.3f}' for x in losses)}")
-    return losses
+        return train_and_report(trainer)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from trl import SFTConfig, SFTTrainer
 
 import t3s_kernels as t3s
 from t3s_kernels.toy import synthetic_traces, tiny_causal_lm, tiny_tokenizer
-from t3s_kernels.trainer_utils import T3SDataCollator
+from t3s_kernels.trainer_utils import T3SDataCollator, train_and_report
 
 
 class T3SSFTTrainer(SFTTrainer):
@@ -39,15 +39,13 @@ def main(argv=None):
     data = Dataset.from_list(synthetic_traces(64)).remove_columns(["id", "prompt_length"])
     with tempfile.TemporaryDirectory() as tmp:
         config = SFTConfig(output_dir=args.output_dir or tmp, max_steps=args.steps, per_device_train_batch_size=8,
-                           learning_rate=3e-3, logging_steps=max(1, args.steps // 4), report_to=[], save_strategy="no", use_cpu=True,
+                           learning_rate=3e-3, logging_steps=max(1, args.steps // 4), report_to=[],
+                           save_strategy="no", use_cpu=True,
                            disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True},
                            remove_unused_columns=False)
         trainer = T3SSFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                                 data_collator=T3SDataCollator(pad_token_id=tokenizer.pad_token_id, model=model))
-        result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(f"trained {result.global_step} steps; logged losses: {', '.join(f'{x:.3f}' for x in losses)}")
-    return losses
+        return train_and_report(trainer)
 
 
 if __name__ == "__main__":

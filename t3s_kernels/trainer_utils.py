@@ -13,6 +13,14 @@ from .patching import is_t3s_patched
 MASK_COLUMN = "t3s_weights"
 
 
+def train_and_report(trainer) -> list[float]:
+    """Run ``trainer.train()``, print the logged training losses, return them (the recipes' ending)."""
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    print(f"trained {result.global_step} steps; logged losses: {', '.join(f'{x:.3f}' for x in losses)}")
+    return losses
+
+
 class T3SDataCollator:
     """Pads ``input_ids`` (with ``pad_token_id``), ``labels`` (with -100), ``attention_mask``
     and the T3S mask column ``t3s_weights`` (bool or float per token, padded with 0/False),

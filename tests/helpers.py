@@ -108,3 +108,16 @@ def check_token_stats(backend, dtype, temperature, softcap=6.0):
     for key in ("logprob", "entropy", "lse"):
         assert_close(getattr(stats, key), ref[key], TOLERANCE[dtype]["value"], key)
     assert torch.equal(stats.correct.cpu(), ref["correct"].cpu())
+
+
+def count_head_rows(monkeypatch, module):
+    """Record how many rows each call of ``module.fused_linear_t3s_loss`` gets (rows that reach the head)."""
+    seen = []
+    real = module.fused_linear_t3s_loss
+
+    def counting(rows, *args, **kwargs):
+        seen.append(rows.shape[0])
+        return real(rows, *args, **kwargs)
+
+    monkeypatch.setattr(module, "fused_linear_t3s_loss", counting)
+    return seen

@@ -4,10 +4,10 @@ unchanged in eval, masked loss = eager masked loss, gradient accumulation = one 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import t3s_kernels as t3s
 from helpers import assert_close
 from models import FAMILIES, batch, tiny_model
+
+import t3s_kernels as t3s
 
 pytest.importorskip("transformers")
 

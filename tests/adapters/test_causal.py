@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, count_head_rows
 
 import t3s_kernels.adapters.causal as causal
-from helpers import assert_close
 
 
 def data(seed=0, b=3, t=10, h=12, v=41):
@@ -38,9 +38,7 @@ def test_shift_labels_are_used_as_given():
 
 def test_only_labelled_selected_rows_reach_the_head(monkeypatch):
     hidden, weight, labels, sel = data()
-    seen = []
-    real = causal.fused_linear_t3s_loss
-    monkeypatch.setattr(causal, "fused_linear_t3s_loss", lambda rows, *a, **k: seen.append(rows.shape[0]) or real(rows, *a, **k))
+    seen = count_head_rows(monkeypatch, causal)
     causal.causal_lm_loss(hidden, weight, labels, selection=sel, backend="torch")
     expected = int((sel[:, 1:] & (labels[:, 1:] != -100)).sum())
     assert seen == [expected]

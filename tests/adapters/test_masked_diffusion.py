@@ -3,9 +3,9 @@
 
 import pytest
 import torch
+from helpers import assert_close, count_head_rows
 
 import t3s_kernels.adapters.masked_diffusion as md
-from helpers import assert_close
 
 B, T, H, V, MASK = 4, 13, 16, 97, 96
 
@@ -104,14 +104,7 @@ def test_loss_conventions_match_reference(weighting, normalization, shift, exclu
 def test_head_sees_only_masked_rows(monkeypatch):
     ids, hidden, weight, prompt = inputs()
     nb = md.noise(ids, mask_token_id=MASK, prompt_lengths=prompt, generator=torch.Generator().manual_seed(2))
-    seen = []
-    real = md.fused_linear_t3s_loss
-
-    def counting(rows, *args, **kwargs):
-        seen.append(rows.shape[0])
-        return real(rows, *args, **kwargs)
-
-    monkeypatch.setattr(md, "fused_linear_t3s_loss", counting)
+    seen = count_head_rows(monkeypatch, md)
     md.masked_diffusion_loss(hidden, weight, ids, nb, mask_token_id=MASK, backend="torch")
     assert seen == [int(nb.masked.sum())] and seen[0] < B * T
 

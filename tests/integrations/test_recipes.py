@@ -6,6 +6,7 @@ import math
 import pathlib
 
 import pytest
+from helpers import count_head_rows
 
 import t3s_kernels.adapters.causal as causal
 from t3s_kernels.toy import synthetic_traces
@@ -23,15 +24,7 @@ def load(name):
 
 @pytest.fixture
 def rows_seen(monkeypatch):
-    seen = []
-    real = causal.fused_linear_t3s_loss
-
-    def counting(rows, *args, **kwargs):
-        seen.append(rows.shape[0])
-        return real(rows, *args, **kwargs)
-
-    monkeypatch.setattr(causal, "fused_linear_t3s_loss", counting)
-    return seen
+    return count_head_rows(monkeypatch, causal)
 
 
 @pytest.mark.parametrize("name", ["hf_trainer_t3s", "trl_sft_t3s"])
