@@ -5,9 +5,9 @@
 Each step noises the answer tokens (per-sequence ``p_mask = (1 - eps) t + eps``; prompts never
 masked), force-masks the T3S-selected yet-to-learn tokens (the ``t3s_weights`` column, from
 ``t3s select --rule dllm``), and the patched model scores the masked positions only, with
-LLaDA's 1/p_mask weights and SFT normalization. The student here is a tiny Llama standing in
-for LLaDA 2.0's backbone/head split (remote code cannot be fetched here): the patch and the
-loss are the same for a bidirectional model.
+LLaDA's 1/p_mask weights and SFT normalization. The student here is a tiny bidirectional
+Llama (causal mask off) standing in for LLaDA 2.0's ``LLaDA2MoeModelLM``, which has the same
+backbone / LM-head split (its remote code cannot be fetched here).
 """
 
 import argparse
@@ -18,7 +18,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 import t3s_kernels as t3s
-from t3s_kernels.toy import MASK_ID, PAD_ID, synthetic_traces, tiny_causal_lm
+from t3s_kernels.toy import MASK_ID, PAD_ID, synthetic_traces, tiny_bidirectional_lm
 from t3s_kernels.trainer_utils import T3SDataCollator, masked_diffusion_compute_loss, train_and_report
 
 
@@ -43,7 +43,7 @@ def main(argv=None):
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args(argv)
 
-    model = tiny_causal_lm("llama")
+    model = tiny_bidirectional_lm("llama")
     t3s.apply_t3s(model, mode="masked_diffusion")
     data = Dataset.from_list(synthetic_traces(64, select_fraction=0.05)).remove_columns(["id", "labels"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,6 +24,17 @@ def tiny_causal_lm(family: str = "qwen3", seed: int = 0, **overrides):
     return model_cls(config)
 
 
+def tiny_bidirectional_lm(family: str = "llama", seed: int = 0, **overrides):
+    """A masked-diffusion student stand-in: a tiny *ForCausalLM with the causal mask off
+    (``config.is_causal = False``, honoured by transformers' mask builder and the attention
+    modules), so every position sees the whole sequence, as in LLaDA."""
+    model = tiny_causal_lm(family, seed=seed, is_causal=False, **overrides)
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+    return model
+
+
 def tiny_tokenizer(vocab_size: int = TINY_CONFIG["vocab_size"]):
     """A word-level tokenizer over tokens "<pad>", "<eos>", "<mask>", "t3" ... (space-separated)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -127,3 +127,26 @@ def test_bad_inputs():
         t3s.revert_t3s(tiny_model("llama"))
     with pytest.raises(ValueError, match=r"mode must be one of"):
         t3s.apply_t3s(tiny_model("llama"), mode="diffusion")
+
+
+def test_masked_diffusion_mode_equals_the_adapter_on_a_bidirectional_student():
+    """A bidirectional stand-in (causal mask off), patched in masked-diffusion mode: the loss of
+    the patched forward equals the adapter's loss on the same hidden states, and only masked
+    positions reach the head."""
+    import t3s_kernels.adapters.masked_diffusion as md
+    from t3s_kernels.toy import MASK_ID, tiny_bidirectional_lm
+    from t3s_kernels.trainer_utils import masked_diffusion_compute_loss
+
+    model = tiny_bidirectional_lm("llama").train()
+    ids = torch.randint(3, 512, (3, 14), generator=torch.Generator().manual_seed(0))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), prompt_length=torch.tensor([2, 4, 3]))
+    t3s.apply_t3s(model, mode="masked_diffusion", backend="torch")
+    loss = masked_diffusion_compute_loss(model, inputs, mask_token_id=MASK_ID,
+                                         generator=torch.Generator().manual_seed(5))
+    nb = md.noise(ids, mask_token_id=MASK_ID, prompt_lengths=inputs["prompt_length"],
+                  attention_mask=inputs["attention_mask"], generator=torch.Generator().manual_seed(5))
+    hidden = model.model(input_ids=nb.noisy_ids, attention_mask=inputs["attention_mask"]).last_hidden_state
+    ref = md.masked_diffusion_loss(hidden, model.lm_head.weight, ids, nb, mask_token_id=MASK_ID, backend="torch")
+    assert_close(loss, ref.loss, 1e-6, "loss")
+    with pytest.raises(ValueError, match="needs a model patched"):
+        masked_diffusion_compute_loss(tiny_model("llama"), inputs, mask_token_id=MASK_ID)
