@@ -42,6 +42,59 @@ def _compile_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from .pipeline.data import load_examples
+    from .pipeline.scoring import load_local_model, score_dataset
+    from .pipeline.store import ScoreStore
+
+    examples = load_examples(args.data, args.tokenizer)
+    model = load_local_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+    n = score_dataset(model, examples, ScoreStore(args.store), args.name, protocol=args.protocol,
+                      max_tokens=args.max_tokens, max_batch=args.max_batch, mask_token_id=args.mask_token_id,
+                      rounds=args.rounds, seed=args.seed, pad_id=pad_id, progress=not args.quiet)
+    print(f"scored {n} examples into '{args.name}' of {args.store}")
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    import json
+
+    from .pipeline.selection import plot_selection, save_selection, select
+    from .pipeline.store import ScoreStore
+
+    store = ScoreStore(args.store)
+    base = store.load(args.base)
+    bottleneck = store.load(args.bottleneck) if args.bottleneck else None
+    sel = select(args.rule, base, bottleneck, tau=args.tau, budget=args.budget, seed=args.seed)
+    summary = save_selection(sel, args.out, base.values["scored"])
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_example"}, indent=2))
+    if args.plot and bottleneck is not None:
+        names = args.checkpoints or store.names()
+        anchors = base.values["scored"] & (bottleneck.values["logprob"] > base.values["logprob"])
+        for path in plot_selection(base, bottleneck, [store.load(n) for n in names], anchors, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def _bottleneck(args: argparse.Namespace) -> int:
+    from .pipeline.bottleneck import find_bottleneck, plot_accuracy, read_accuracy_table
+
+    table = read_accuracy_table(args.table)
+    name, acc = find_bottleneck(table)
+    print(f"bottleneck: {name} (training accuracy {acc:.4f})")
+    if args.plot:
+        print(f"wrote {plot_accuracy(table, args.plot, name)}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t3s", description="t3s-kernels: fused LM head + loss for T3S.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +118,49 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_bench)
 
+    score = sub.add_parser("score", help="store every token's confidence under a checkpoint (forward only)")
+    score.add_argument("--model", required=True, help="local model folder (never downloaded)")
+    score.add_argument("--data", required=True, help="JSONL or datasets folder of traces with ids")
+    score.add_argument("--store", required=True, help="the dataset's score store folder")
+    score.add_argument("--name", required=True, help="score set name, e.g. base or step-50")
+    score.add_argument("--tokenizer", help="local tokenizer folder, for text examples")
+    score.add_argument("--protocol", choices=["causal", "masked_diffusion"], default="causal")
+    score.add_argument("--mask-token-id", type=int, help="for --protocol masked_diffusion")
+    score.add_argument("--rounds", type=int, default=2, help="masking rounds of the masked-diffusion protocol")
+    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    score.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    score.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per batch")
+    score.add_argument("--max-batch", type=int, default=64)
+    score.add_argument("--trust-remote-code", action="store_true")
+    score.add_argument("--quiet", action="store_true")
+    score.set_defaults(func=_score)
+
+    sel = sub.add_parser("select", help="token masks from score sets: T3S rules and baselines")
+    sel.add_argument("--store", required=True)
+    sel.add_argument("--rule", required=True,
+                     choices=["ar", "dllm", "inverse", "confidence_high", "confidence_low", "entropy", "random"])
+    sel.add_argument("--base", default="base", help="score set of the starting student")
+    sel.add_argument("--bottleneck", help="score set of the bottleneck checkpoint (ar, dllm, inverse)")
+    sel.add_argument("--tau", type=float, default=0.2, help="dllm threshold: select dc < -tau")
+    sel.add_argument("--budget", type=float, help="fraction of tokens, for the budget rules")
+    sel.add_argument("--seed", type=int, default=0)
+    sel.add_argument("--out", required=True, help="folder for mask.safetensors, summary.json, plots")
+    sel.add_argument("--plot", action="store_true", help="dc histogram and the bifurcation picture")
+    sel.add_argument("--checkpoints", nargs="+", help="score sets, in training order, for the bifurcation plot")
+    sel.set_defaults(func=_select)
+
+    bott = sub.add_parser("bottleneck", help="the checkpoint of lowest training accuracy, from a table")
+    bott.add_argument("table", help="CSV 'checkpoint,accuracy' or JSON {checkpoint: accuracy}")
+    bott.add_argument("--plot", help="write the accuracy curve to this PNG")
+    bott.set_defaults(func=_bottleneck)
+
+    demo = sub.add_parser("demo", help="the whole T3S pipeline on a tiny model and a synthetic task, on CPU")
+    demo.add_argument("--out", default="t3s-demo", help="folder for the report and plots")
+    demo.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, about a minute)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+
     report = sub.add_parser("compile-report", help="compile every kernel for sm_90/sm_80; smem, registers, spills")
     report.add_argument("--arch", type=int, nargs="+", default=[90, 80])
     report.add_argument("--json", action="store_true")
@@ -72,9 +168,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad input the library named: one line, not a traceback
+        print(f"t3s {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -68,8 +68,19 @@ def _output(model, outputs, loss):
     return CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in fields.items() if k in allowed})
 
 
-def _make_forward(original_of, mode: str, shift: Optional[str], loss: T3SLoss):
-    """The patched forward; ``original_of(self)`` gives the unpatched forward bound to ``self``."""
+def _original_forward(model):
+    """The unpatched forward bound to ``model``. Looked up through the model itself (not a closure),
+    so a deep copy of a patched model calls its own original forward, not the source's."""
+    if _STATE in vars(model):
+        return vars(model)[_STATE]["original"]
+    for cls in type(model).__mro__:
+        if _STATE in vars(cls):
+            return types.MethodType(vars(cls)[_STATE]["original"], model)
+    raise ValueError(f"{type(model).__name__} is not patched by apply_t3s")
+
+
+def _make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
+    """The patched forward."""
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, t3s_weights=None, shift_labels=None,
                 num_items_in_batch=None, logits_to_keep=0, **kwargs):
@@ -82,7 +93,7 @@ def _make_forward(original_of, mode: str, shift: Optional[str], loss: T3SLoss):
                 call["logits_to_keep"] = logits_to_keep
             if num_items_in_batch is not None:
                 call["num_items_in_batch"] = num_items_in_batch
-            return original_of(self)(**call)
+            return _original_forward(self)(**call)
         backbone, head = _split(self)
         kwargs.pop("return_dict", None)
         outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
@@ -125,13 +136,11 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
     loss = T3SLoss(**loss_options)  # validates the option names and values now, not at the first step
     if patch_class:
         cls = type(model)
-        original = cls.forward
-        cls.forward = _make_forward(lambda self: types.MethodType(original, self), mode, shift, loss)
-        setattr(cls, _STATE, dict(original=original, mode=mode))
+        setattr(cls, _STATE, dict(original=cls.forward, mode=mode))
+        cls.forward = _make_forward(mode, shift, loss)
     else:
-        original = model.forward  # bound
-        model.forward = types.MethodType(_make_forward(lambda self: original, mode, shift, loss), model)
-        setattr(model, _STATE, dict(original=original, mode=mode))
+        setattr(model, _STATE, dict(original=model.forward, mode=mode))  # bound to model; deepcopy rebinds it
+        model.forward = types.MethodType(_make_forward(mode, shift, loss), model)
     return model
 
 

@@ -150,3 +150,20 @@ def test_masked_diffusion_mode_equals_the_adapter_on_a_bidirectional_student():
     assert_close(loss, ref.loss, 1e-6, "loss")
     with pytest.raises(ValueError, match="needs a model patched"):
         masked_diffusion_compute_loss(tiny_model("llama"), inputs, mask_token_id=MASK_ID)
+
+
+def test_deep_copy_of_a_patched_model_is_independent():
+    import copy
+
+    model = tiny_model("qwen3")
+    t3s.apply_t3s(model, backend="torch")
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(0.1)
+    ids, labels, _ = batch()
+    model.eval(), clone.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, clone(input_ids=ids).logits)
+    clone.train()
+    assert clone(input_ids=ids, labels=labels).logits is None

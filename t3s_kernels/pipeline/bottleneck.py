@@ -1,0 +1,152 @@
+"""Finding the imitation bottleneck: the checkpoint of lowest training accuracy.
+
+Offline: ``find_bottleneck`` takes (checkpoint, accuracy) pairs and returns the argmin (the
+earliest, on ties). Online: ``BottleneckCallback`` evaluates training accuracy every ``k``
+steps through a function you supply, has the trainer save a checkpoint at each evaluation,
+and confirms the trough under this rule:
+
+    the minimum so far is confirmed once ``patience`` later evaluations have all been at
+    least ``min_rise`` above it.
+
+What the rule assumes (the paper gives none): the accuracy curve dips once and recovers
+(the imitation shock); evaluation noise is smaller than ``min_rise`` (set it from the
+spread of repeated evaluations); evaluations are frequent enough that the trough is
+sampled. A noisy plateau can confirm too early; a curve that never recovers is never
+confirmed (``bottleneck`` then stays None and ``candidate`` holds the current minimum).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .store import atomic_write_bytes
+
+
+def find_bottleneck(table: Sequence[tuple[str, float]]) -> tuple[str, float]:
+    if not table:
+        raise ValueError("the accuracy table is empty")
+    for name, acc in table:
+        if not isinstance(acc, (int, float)) or math.isnan(acc):
+            raise ValueError(f"checkpoint {name!r} has no valid accuracy ({acc!r})")
+    best = min(range(len(table)), key=lambda i: (table[i][1], i))
+    return table[best][0], float(table[best][1])
+
+
+def read_accuracy_table(path: str) -> list[tuple[str, float]]:
+    """A CSV/TSV of ``checkpoint,accuracy`` lines (a header line is skipped) or a JSON object."""
+    text = open(path).read()
+    if path.endswith(".json"):
+        data = json.loads(text)
+        return [(str(k), float(v)) for k, v in data.items()]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.replace("\t", ",").split(",")]
+        try:
+            rows.append((parts[0], float(parts[1])))
+        except (IndexError, ValueError):
+            if n == 1:
+                continue  # header
+            raise ValueError(f"{path}:{n}: expected 'checkpoint,accuracy'; got {line!r}")
+    return rows
+
+
+def plot_accuracy(table: Sequence[tuple[str, float]], path: str, bottleneck: Optional[str] = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, accs = [t[0] for t in table], [t[1] for t in table]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(names, accs, "o-")
+    if bottleneck is not None:
+        i = names.index(bottleneck)
+        ax.plot([names[i]], [accs[i]], "r*", ms=14, label=f"bottleneck: {bottleneck}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("checkpoint")
+    ax.set_ylabel("training accuracy")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class TroughDetector:
+    """The confirmation rule, separate from any trainer (unit-testable on a scripted curve)."""
+
+    patience: int = 2
+    min_rise: float = 0.0
+    history: list = field(default_factory=list)  # (step, accuracy)
+    bottleneck: Optional[tuple[int, float]] = None
+
+    @property
+    def candidate(self) -> Optional[tuple[int, float]]:
+        if not self.history:
+            return None
+        return min(self.history, key=lambda h: (h[1], h[0]))
+
+    def update(self, step: int, accuracy: float) -> bool:
+        """Add an evaluation; True when this one confirms the trough."""
+        self.history.append((step, float(accuracy)))
+        if self.bottleneck is not None:
+            return False
+        low_step, low = self.candidate
+        after = [a for s, a in self.history if s > low_step]
+        if len(after) >= self.patience and all(a >= low + self.min_rise for a in after[-self.patience:]):
+            self.bottleneck = (low_step, low)
+            return True
+        return False
+
+
+def _callback_base():
+    try:
+        from transformers import TrainerCallback
+
+        return TrainerCallback
+    except ImportError:  # pragma: no cover
+        return object
+
+
+class BottleneckCallback(_callback_base()):
+    """Evaluate ``eval_fn(model, step) -> accuracy`` every ``every_steps``; save a checkpoint each
+    time; confirm the trough under ``TroughDetector``'s rule; optionally stop training then."""
+
+    def __init__(self, eval_fn: Callable, every_steps: int, *, patience: int = 2, min_rise: float = 0.0,
+                 stop_on_trough: bool = False, history_path: Optional[str] = None):
+        if every_steps < 1:
+            raise ValueError(f"every_steps must be >= 1; got {every_steps}")
+        self.eval_fn = eval_fn
+        self.every_steps = every_steps
+        self.detector = TroughDetector(patience=patience, min_rise=min_rise)
+        self.stop_on_trough = stop_on_trough
+        self.history_path = history_path
+
+    @property
+    def bottleneck(self):
+        return self.detector.bottleneck
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every_steps:
+            return control
+        was_training = model.training
+        acc = float(self.eval_fn(model, state.global_step))
+        model.train(was_training)
+        control.should_save = True  # keep the checkpoint this accuracy belongs to
+        confirmed = self.detector.update(state.global_step, acc)
+        if self.history_path:
+            atomic_write_bytes(Path(self.history_path), json.dumps(
+                {"history": self.detector.history, "bottleneck": self.detector.bottleneck}).encode())
+        if confirmed:
+            print(f"[t3s] imitation bottleneck confirmed at step {self.bottleneck[0]} "
+                  f"(training accuracy {self.bottleneck[1]:.3f})")
+            if self.stop_on_trough:
+                control.should_training_stop = True
+        return control

@@ -1,0 +1,146 @@
+"""Scoring: each token's confidence (log-probability of the label), entropy and argmax-correct
+under one checkpoint, written to the store. The logits are never materialized: the backbone
+gives hidden states and ``token_stats`` (the fused forward) gives the statistics.
+
+Causal students are teacher-forced: position t stores the statistics of token t predicted
+from positions < t. For masked-diffusion students the paper scores with a causal model of the
+same tokenizer family (the default: point scoring at that model). Self-scoring by the
+masked-diffusion model (``protocol="masked_diffusion"``) follows this seeded protocol: the
+answer positions of an example are split at random (seed + example index) into ``rounds``
+disjoint groups; for each group, that group is replaced by the mask token and its positions
+are scored, no shift, with the rest visible. Every answer token is scored exactly once,
+with about 1/rounds of the answer masked alongside it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ..api import token_stats
+from ..patching import _final_softcap, _split
+from .data import IGNORE, Example
+from .store import ScoreStore, iter_batches
+
+PROTOCOLS = ("causal", "masked_diffusion")
+
+
+def _pad(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    longest = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
+    attn = torch.zeros((len(examples), longest), dtype=torch.long)
+    for r, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[r, :n] = torch.tensor(e.input_ids)
+        labels[r, :n] = torch.tensor(e.labels)
+        attn[r, :n] = 1
+    return ids.to(device), labels.to(device), attn.to(device)
+
+
+def _stats_dict(n: int, device) -> dict[str, torch.Tensor]:
+    return {"logprob": torch.zeros(n, device=device), "entropy": torch.zeros(n, device=device),
+            "correct": torch.zeros(n, dtype=torch.bool, device=device),
+            "scored": torch.zeros(n, dtype=torch.bool, device=device)}
+
+
+@torch.no_grad()
+def score_batch_causal(model, examples: list[Example], pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
+    backbone, head = _split(model)
+    device = head.weight.device
+    ids, labels, attn = _pad(examples, pad_id, device)
+    hidden = backbone(input_ids=ids, attention_mask=attn).last_hidden_state
+    targets = labels[:, 1:]  # position t-1 predicts token t
+    st = token_stats(hidden[:, :-1], head.weight, targets, bias=head.bias, softcap=_final_softcap(model.config))
+    out = []
+    for r, e in enumerate(examples):
+        n = len(e.input_ids)
+        d = _stats_dict(n, device)
+        d["logprob"][1:] = st.logprob[r, :n - 1]
+        d["entropy"][1:] = st.entropy[r, :n - 1]
+        d["correct"][1:] = st.correct[r, :n - 1]
+        d["scored"][1:] = targets[r, :n - 1] != IGNORE
+        out.append(d)
+    return out
+
+
+@torch.no_grad()
+def score_batch_masked_diffusion(model, examples: list[Example], indices: list[int], *, mask_token_id: int,
+                                 rounds: int = 2, seed: int = 0, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
+    backbone, head = _split(model)
+    device = head.weight.device
+    ids, labels, attn = _pad(examples, pad_id, device)
+    groups = torch.full(ids.shape, -1, dtype=torch.long)
+    for r, (e, idx) in enumerate(zip(examples, indices)):
+        answer = (torch.tensor(e.labels) != IGNORE).nonzero().squeeze(1)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + idx)
+        groups[r, answer] = torch.randperm(answer.numel(), generator=g) % rounds
+    groups = groups.to(device)
+    out = [_stats_dict(len(e.input_ids), device) for e in examples]
+    for k in range(rounds):
+        masked = groups == k
+        noisy = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
+        hidden = backbone(input_ids=noisy, attention_mask=attn).last_hidden_state
+        st = token_stats(hidden, head.weight, torch.where(masked, ids, torch.full_like(ids, IGNORE)), bias=head.bias,
+                         softcap=_final_softcap(model.config))
+        for r, e in enumerate(examples):
+            n = len(e.input_ids)
+            m = masked[r, :n]
+            out[r]["logprob"][m] = st.logprob[r, :n][m]
+            out[r]["entropy"][m] = st.entropy[r, :n][m]
+            out[r]["correct"][m] = st.correct[r, :n][m]
+            out[r]["scored"][m] = True
+    return out
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of a torchrun launch, (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, *, protocol: str = "causal",
+                  max_tokens: int = 16384, max_batch: int = 64, mask_token_id: Optional[int] = None,
+                  rounds: int = 2, seed: int = 0, pad_id: int = 0, rank: Optional[int] = None,
+                  world_size: Optional[int] = None, progress: bool = True) -> int:
+    """Score every example not yet in score set ``name`` (this process's share under torchrun);
+    returns the number scored now. Batches by length; one shard per batch."""
+    from tqdm.auto import tqdm
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}; got {protocol!r}")
+    if protocol == "masked_diffusion" and mask_token_id is None:
+        raise ValueError("protocol='masked_diffusion' needs mask_token_id")
+    if rank is None or world_size is None:
+        rank, world_size = dist_rank_world()
+    store.bind([e.id for e in examples], [len(e.input_ids) for e in examples])
+    done = store.done(name)
+    todo = [i for i in range(len(examples)) if i % world_size == rank and i not in done]
+    todo.sort(key=lambda i: len(examples[i].input_ids))
+    lengths = [len(e.input_ids) for e in examples]
+    model.eval()
+    bar = tqdm(total=len(todo), desc=f"scoring '{name}'", unit="ex", disable=not progress)
+    for batch in iter_batches(todo, lengths, max_tokens, max_batch):
+        chunk = [examples[i] for i in batch]
+        if protocol == "causal":
+            stats = score_batch_causal(model, chunk, pad_id=pad_id)
+        else:
+            stats = score_batch_masked_diffusion(model, chunk, batch, mask_token_id=mask_token_id, rounds=rounds,
+                                                 seed=seed, pad_id=pad_id)
+        store.write_shard(name, rank, batch, stats)
+        bar.update(len(batch))
+    bar.close()
+    return len(todo)
+
+
+def load_local_model(path: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
+    """A model from a local folder only (never a hub download)."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise ValueError(f"model must be a local folder; {path!r} is not one")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code)
+    return model.to(device).eval()

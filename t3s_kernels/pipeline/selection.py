@@ -1,0 +1,194 @@
+"""Token selection from confidence trajectories (shared/T3S_METHOD.md), and the baselines.
+
+``dc_t = c_t(bottleneck) - c_t(base)`` over the scored (labelled) tokens. A mask marks the
+*selected* tokens; how a trainer uses it depends on the student:
+  * ``ar``: selected = not an imitation anchor (``dc <= 0``): the tokens kept in the loss
+    (anchors ``dc > 0`` are dropped; they stay in the input as context).
+  * ``dllm``: selected = yet-to-learn (``dc < -tau``, default tau 0.2): forced into the
+    masked-diffusion corruption mask.
+  * ``inverse``: the anchors only (the paper's collapsing control).
+  * ``confidence_high`` / ``confidence_low``: the ``budget`` fraction of tokens with the
+    highest / lowest base confidence; ``entropy``: the highest base entropy;
+    ``random``: a seeded random ``budget`` fraction.
+Budgets are fractions of all scored tokens of the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .store import ScoreSet, StoreError, atomic_write_bytes
+
+RULES = ("ar", "dllm", "inverse", "confidence_high", "confidence_low", "entropy", "random")
+TRAJECTORY_RULES = ("ar", "dllm", "inverse")
+
+
+@dataclass
+class Selection:
+    rule: str
+    mask: torch.Tensor  # flat bool, aligned with the score sets' offsets
+    offsets: torch.Tensor
+    ids: list[str]
+    params: dict
+
+    def example(self, i: int) -> torch.Tensor:
+        return self.mask[self.offsets[i]:self.offsets[i + 1]]
+
+    def summary(self, scored: torch.Tensor) -> dict:
+        per_example = []
+        for i, ex_id in enumerate(self.ids):
+            s = scored[self.offsets[i]:self.offsets[i + 1]]
+            m = self.example(i)
+            per_example.append({"id": ex_id, "scored": int(s.sum()), "selected": int(m.sum()),
+                                "fraction": float(m.sum()) / max(int(s.sum()), 1)})
+        total_scored = int(scored.sum())
+        return {"rule": self.rule, **self.params, "scored_tokens": total_scored, "selected_tokens": int(self.mask.sum()),
+                "fraction_selected": float(self.mask.sum()) / max(total_scored, 1), "per_example": per_example}
+
+
+def check_aligned(a: ScoreSet, b: ScoreSet) -> None:
+    if a.ids != b.ids or not torch.equal(a.offsets, b.offsets):
+        raise StoreError(f"score sets '{a.name}' and '{b.name}' are not of the same dataset "
+                         "(their ids or token counts differ)")
+
+
+def _top_fraction(values: torch.Tensor, scored: torch.Tensor, budget: float, largest: bool) -> torch.Tensor:
+    idx = scored.nonzero().squeeze(1)
+    k = int(round(budget * idx.numel()))
+    mask = torch.zeros_like(scored)
+    if k:
+        chosen = torch.topk(values[idx], k, largest=largest).indices
+        mask[idx[chosen]] = True
+    return mask
+
+
+def select(rule: str, base: ScoreSet, bottleneck: Optional[ScoreSet] = None, *, tau: float = 0.2,
+           budget: Optional[float] = None, seed: int = 0) -> Selection:
+    """The mask of rule ``rule``. Trajectory rules need the bottleneck score set; budget rules a budget."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    scored = base.values["scored"]
+    params: dict = {}
+    if rule in TRAJECTORY_RULES:
+        if bottleneck is None:
+            raise ValueError(f"rule '{rule}' needs the bottleneck checkpoint's score set")
+        check_aligned(base, bottleneck)
+        if not torch.equal(scored, bottleneck.values["scored"]):
+            raise StoreError(f"score sets '{base.name}' and '{bottleneck.name}' scored different tokens")
+        dc = bottleneck.values["logprob"] - base.values["logprob"]
+        if rule == "ar":
+            mask = scored & (dc <= 0)
+        elif rule == "inverse":
+            mask = scored & (dc > 0)
+        else:
+            if not tau >= 0:
+                raise ValueError(f"tau must be >= 0; got {tau}")
+            mask = scored & (dc < -tau)
+            params["tau"] = tau
+        params.update(base=base.name, bottleneck=bottleneck.name)
+    else:
+        if budget is None or not 0.0 < budget <= 1.0:
+            raise ValueError(f"rule '{rule}' needs budget in (0, 1]; got {budget}")
+        params.update(budget=budget, base=base.name)
+        if rule == "random":
+            g = torch.Generator().manual_seed(seed)
+            mask = _top_fraction(torch.rand(scored.shape, generator=g), scored, budget, largest=True)
+            params["seed"] = seed
+        elif rule == "entropy":
+            mask = _top_fraction(base.values["entropy"], scored, budget, largest=True)
+        else:
+            mask = _top_fraction(base.values["logprob"], scored, budget, largest=rule == "confidence_high")
+    return Selection(rule=rule, mask=mask, offsets=base.offsets, ids=base.ids, params=params)
+
+
+def trajectory(sets: Sequence[ScoreSet], anchors: torch.Tensor) -> dict:
+    """Mean confidence of the anchors and of the other scored tokens under each checkpoint."""
+    out = {"checkpoints": [], "anchors": [], "others": []}
+    for s in sets:
+        check_aligned(sets[0], s)
+        scored = s.values["scored"]
+        lp = s.values["logprob"]
+        out["checkpoints"].append(s.name)
+        out["anchors"].append(float(lp[anchors & scored].mean()) if bool((anchors & scored).any()) else float("nan"))
+        out["others"].append(float(lp[~anchors & scored].mean()) if bool((~anchors & scored).any()) else float("nan"))
+    return out
+
+
+def save_selection(sel: Selection, out_dir: str, scored: torch.Tensor) -> dict:
+    """``mask.safetensors`` (flat mask + offsets, ids in the metadata) and ``summary.json``, atomically."""
+    from safetensors.torch import save
+
+    out = Path(out_dir)
+    meta = {"rule": sel.rule, "params": json.dumps(sel.params), "ids": json.dumps(sel.ids)}
+    atomic_write_bytes(out / "mask.safetensors", save({"mask": sel.mask, "offsets": sel.offsets}, metadata=meta))
+    summary = sel.summary(scored)
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def load_selection(path: str) -> Selection:
+    from safetensors import safe_open
+
+    file = Path(path) / "mask.safetensors" if Path(path).is_dir() else Path(path)
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata()
+        mask, offsets = f.get_tensor("mask"), f.get_tensor("offsets")
+    return Selection(rule=meta["rule"], mask=mask, offsets=offsets, ids=json.loads(meta["ids"]),
+                     params=json.loads(meta["params"]))
+
+
+def attach_mask(examples: list[dict], selection: Selection, column: str = "t3s_weights") -> list[dict]:
+    """Examples (dicts with ``id`` and ``input_ids``) with the selection as a per-token column, matched
+    by id; refuses examples the selection does not know or whose length differs."""
+    index = {ex_id: i for i, ex_id in enumerate(selection.ids)}
+    out = []
+    for ex in examples:
+        if str(ex["id"]) not in index:
+            raise StoreError(f"example '{ex['id']}' is not in the selection (made for another dataset?)")
+        m = selection.example(index[str(ex["id"])])
+        if m.numel() != len(ex["input_ids"]):
+            raise StoreError(f"example '{ex['id']}' has {len(ex['input_ids'])} tokens but its mask {m.numel()}")
+        out.append({**ex, column: m.tolist()})
+    return out
+
+
+def plot_selection(base: ScoreSet, bottleneck: ScoreSet, sets: Sequence[ScoreSet], anchors: torch.Tensor,
+                   out_dir: str) -> list[str]:
+    """dc histogram and the bifurcation picture (anchors vs others per checkpoint); needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scored = base.values["scored"]
+    dc = (bottleneck.values["logprob"] - base.values["logprob"])[scored]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(dc.numpy(), bins=60, color="tab:blue")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel(f"Δc = c({bottleneck.name}) − c({base.name})")
+    ax.set_ylabel("tokens")
+    ax.set_title(f"anchors (Δc > 0): {float((dc > 0).float().mean()):.1%} of tokens")
+    fig.tight_layout()
+    paths = [str(out / "dc_hist.png")]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    traj = trajectory(sets, anchors)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(traj["checkpoints"], traj["anchors"], "o-", label="imitation anchors (Δc > 0)")
+    ax.plot(traj["checkpoints"], traj["others"], "s-", label="yet-to-learn (Δc ≤ 0)")
+    ax.set_ylabel("mean log-prob of the label")
+    ax.set_xlabel("checkpoint")
+    ax.legend(fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    paths.append(str(out / "bifurcation.png"))
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    return paths
