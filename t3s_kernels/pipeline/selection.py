@@ -47,8 +47,9 @@ class Selection:
             per_example.append({"id": ex_id, "scored": int(s.sum()), "selected": int(m.sum()),
                                 "fraction": float(m.sum()) / max(int(s.sum()), 1)})
         total_scored = int(scored.sum())
-        return {"rule": self.rule, **self.params, "scored_tokens": total_scored, "selected_tokens": int(self.mask.sum()),
-                "fraction_selected": float(self.mask.sum()) / max(total_scored, 1), "per_example": per_example}
+        selected = int(self.mask.sum())
+        return {"rule": self.rule, **self.params, "scored_tokens": total_scored, "selected_tokens": selected,
+                "fraction_selected": selected / max(total_scored, 1), "per_example": per_example}
 
 
 def check_aligned(a: ScoreSet, b: ScoreSet) -> None:

@@ -43,3 +43,11 @@ def test_masked_diffusion_recipe_runs(rows_seen):
     losses = load("masked_diffusion_t3s").main(["--steps", "4"])
     assert losses and all(math.isfinite(x) for x in losses)
     assert rows_seen and all(r > 0 for r in rows_seen)
+
+
+def test_end_to_end_recipe(tmp_path):
+    result = load("t3s_end_to_end").main(["--out", str(tmp_path), "--pilot-steps", "10", "--retrain-steps", "4",
+                                          "--every", "5"])
+    assert result["bottleneck"] in ("step-5", "step-10")
+    assert (tmp_path / "pilot_accuracy.json").exists() and (tmp_path / "store" / "manifest.json").exists()
+    assert all(math.isfinite(x) for x in result["losses"])

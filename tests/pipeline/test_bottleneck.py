@@ -1,0 +1,50 @@
+"""Bottleneck: offline argmin; the online rule on scripted accuracy curves; the callback."""
+
+import types
+
+import pytest
+
+from t3s_kernels.pipeline.bottleneck import BottleneckCallback, TroughDetector, find_bottleneck, read_accuracy_table
+
+
+def test_offline_argmin(tmp_path):
+    table = [("base", 0.7), ("step-10", 0.4), ("step-20", 0.3), ("step-30", 0.3), ("step-40", 0.5)]
+    assert find_bottleneck(table) == ("step-20", 0.3)
+    path = tmp_path / "acc.csv"
+    path.write_text("checkpoint,accuracy\n" + "\n".join(f"{n},{a}" for n, a in table))
+    assert read_accuracy_table(str(path)) == table
+    with pytest.raises(ValueError, match="empty"):
+        find_bottleneck([])
+    with pytest.raises(ValueError, match="no valid accuracy"):
+        find_bottleneck([("a", float("nan"))])
+
+
+def test_detector_confirms_after_patience_rises():
+    d = TroughDetector(patience=2, min_rise=0.05)
+    curve = [(0, 0.8), (10, 0.5), (20, 0.3), (30, 0.33), (40, 0.36), (50, 0.4)]
+    confirmed_at = [s for s, a in curve if d.update(s, a)]
+    # 30 is only 0.03 above the trough, 40 and 50 are >= 0.35: confirmed at 50
+    assert confirmed_at == [50] and d.bottleneck == (20, 0.3)
+
+
+def test_detector_never_confirms_a_falling_curve():
+    d = TroughDetector(patience=2)
+    for s, a in enumerate([0.9, 0.8, 0.7, 0.6, 0.5]):
+        assert not d.update(s, a)
+    assert d.bottleneck is None and d.candidate == (4, 0.5)
+
+
+def test_callback_on_a_scripted_run(tmp_path):
+    accs = {5: 0.6, 10: 0.2, 15: 0.25, 20: 0.4, 25: 0.5}
+    cb = BottleneckCallback(lambda model, step: accs[step], every_steps=5, patience=2, min_rise=0.1,
+                            stop_on_trough=True, history_path=str(tmp_path / "h.json"))
+    model = types.SimpleNamespace(training=True, train=lambda flag=True: None)
+    control = types.SimpleNamespace(should_save=False, should_training_stop=False)
+    for step in range(1, 26):
+        cb.on_step_end(None, types.SimpleNamespace(global_step=step), control, model=model)
+        if control.should_training_stop:
+            break
+    assert cb.bottleneck == (10, 0.2) and step == 25 and control.should_save
+    assert (tmp_path / "h.json").exists()
+    with pytest.raises(ValueError, match="every_steps"):
+        BottleneckCallback(lambda m, s: 0, every_steps=0)

@@ -1,0 +1,59 @@
+"""The pipeline's commands: t3s select / bottleneck / demo (score is in test_scoring.py)."""
+
+import json
+
+import torch
+
+from t3s_kernels.cli import main
+from t3s_kernels.pipeline.store import ScoreStore
+
+
+def fake_store(root):
+    store = ScoreStore(root)
+    store.bind(["a", "b"], [4, 3])
+    for name, shift in (("base", 0.0), ("step-10", 0.3)):
+        stats = []
+        for n, seed in ((4, 0), (3, 1)):
+            g = torch.Generator().manual_seed(seed)
+            lp = -torch.rand(n, generator=g) * 2
+            lp = lp + shift * torch.tensor([1.0, -1.0, 1.0, -1.0][:n])
+            stats.append({"logprob": lp, "entropy": torch.rand(n, generator=g), "correct": lp > -0.5,
+                          "scored": torch.tensor([False] + [True] * (n - 1))})
+        store.write_shard(name, 0, [0, 1], stats)
+    return store
+
+
+def test_select_command_writes_mask_summary_and_plots(tmp_path, capsys):
+    fake_store(tmp_path / "store")
+    out = tmp_path / "sel"
+    assert main(["select", "--store", str(tmp_path / "store"), "--rule", "dllm", "--bottleneck", "step-10",
+                 "--tau", "0.1", "--out", str(out), "--plot"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rule"] == "dllm" and summary["tau"] == 0.1 and summary["scored_tokens"] == 5
+    assert (out / "mask.safetensors").exists() and (out / "dc_hist.png").exists() and (out / "bifurcation.png").exists()
+
+
+def test_commands_report_bad_input_in_one_line(tmp_path, capsys):
+    fake_store(tmp_path / "store")
+    code = main(["select", "--store", str(tmp_path / "store"), "--rule", "dllm", "--bottleneck", "step-10",
+                 "--tau", "-1", "--out", str(tmp_path / "x")])
+    assert code == 2 and "t3s select: error: tau must be >= 0" in capsys.readouterr().err
+    code = main(["select", "--store", str(tmp_path / "store"), "--rule", "ar", "--bottleneck", "step-99",
+                 "--out", str(tmp_path / "x")])
+    assert code == 2 and "score set 'step-99' is incomplete" in capsys.readouterr().err
+
+
+def test_bottleneck_command(tmp_path, capsys):
+    table = tmp_path / "acc.csv"
+    table.write_text("checkpoint,accuracy\nbase,0.8\nstep-10,0.35\nstep-20,0.5\n")
+    assert main(["bottleneck", str(table), "--plot", str(tmp_path / "acc.png")]) == 0
+    assert "bottleneck: step-10" in capsys.readouterr().out and (tmp_path / "acc.png").exists()
+
+
+def test_demo_quick_writes_report_and_plots(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["heldout_accuracy"]) == {"base", "plain_sft", "t3s"}
+    assert report["verdict"] and (tmp_path / "report.md").exists()
+    for plot in ("dc_hist.png", "bifurcation.png", "training_accuracy.png"):
+        assert (tmp_path / plot).exists()

@@ -1,0 +1,128 @@
+"""Scoring: stored log-probabilities equal log_softmax(model(...).logits) at the labels; the
+masked-diffusion protocol scores each answer token once; a killed run resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import assert_close
+
+from t3s_kernels.pipeline.data import Example, load_examples
+from t3s_kernels.pipeline.scoring import score_dataset
+from t3s_kernels.pipeline.store import ScoreStore
+from t3s_kernels.toy import MASK_ID, synthetic_traces, tiny_bidirectional_lm, tiny_causal_lm
+
+pytest.importorskip("transformers")
+
+
+def examples(n=12, **kw):
+    return [Example(e["id"], e["input_ids"], e["labels"]) for e in synthetic_traces(n, **kw)]
+
+
+def test_causal_scores_equal_eager_log_softmax(tmp_path):
+    model = tiny_causal_lm("qwen3").eval()
+    exs = examples()
+    store = ScoreStore(tmp_path)
+    assert score_dataset(model, exs, store, "base", max_tokens=100, progress=False) == len(exs)
+    scores = store.load("base")
+    for i, ex in enumerate(exs):
+        ids = torch.tensor([ex.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        want = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+        scored = scores.example(i, "scored")
+        labelled = torch.tensor(ex.labels) != -100
+        assert torch.equal(scored[1:], labelled[1:]) and not scored[0]
+        assert_close(scores.example(i)[1:][scored[1:]], want[scored[1:]], 1e-5, "logprob")
+        assert (scores.example(i)[~scored] == 0).all()
+    assert score_dataset(model, exs, store, "base", progress=False) == 0  # complete: nothing to redo
+
+
+def test_masked_diffusion_protocol_scores_each_answer_token_once(tmp_path):
+    model = tiny_bidirectional_lm("llama").eval()
+    exs = examples(6)
+    store = ScoreStore(tmp_path)
+    score_dataset(model, exs, store, "self", protocol="masked_diffusion", mask_token_id=MASK_ID, rounds=3,
+                  progress=False)
+    scores = store.load("self")
+    ex = exs[2]
+    answer = torch.tensor(ex.labels) != -100
+    assert torch.equal(scores.example(2, "scored"), answer)
+    # the documented protocol, by hand, for one group of one example
+    g = torch.Generator().manual_seed(0 * 1_000_003 + 2)
+    groups = torch.full((len(ex.input_ids),), -1)
+    groups[answer.nonzero().squeeze(1)] = torch.randperm(int(answer.sum()), generator=g) % 3
+    ids = torch.tensor(ex.input_ids)
+    masked = groups == 1
+    with torch.no_grad():
+        logits = model(input_ids=torch.where(masked, MASK_ID, ids)[None]).logits[0].float()
+    want = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)[masked]
+    assert_close(scores.example(2)[masked], want, 1e-5, "logprob")
+    with pytest.raises(ValueError, match="needs mask_token_id"):
+        score_dataset(model, exs, store, "x", protocol="masked_diffusion")
+
+
+def test_data_loading_refusals(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    for lines, pattern in [
+        ([{"input_ids": [1, 2], "prompt_length": 1}], "needs an 'id'"),
+        ([{"id": "a", "input_ids": [1, 2], "labels": [1]}], "labels has 1 entries but input_ids has 2"),
+        ([{"id": "a", "input_ids": [1, 2]}], "needs 'prompt_length' or 'labels'"),
+        ([{"id": "a", "input_ids": [1], "prompt_length": 0}, {"id": "a", "input_ids": [2], "prompt_length": 0}],
+         "appears more than once"),
+        ([{"id": "a", "prompt": "t5", "response": "t6"}], "need a tokenizer folder"),
+    ]:
+        bad.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        with pytest.raises(ValueError, match=pattern):
+            load_examples(str(bad))
+    bad.write_text('{"id": "a", "input_ids": [1, 2], "prompt_length": 1}\n{not json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        load_examples(str(bad))
+
+
+def test_text_examples_with_a_local_tokenizer(tmp_path):
+    from t3s_kernels.toy import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "q1", "prompt": "t5 t6", "response": "t7 t8"}) + "\n")
+    (ex,) = load_examples(str(data), str(tmp_path / "tok"))
+    assert ex.input_ids == [5, 6, 7, 8, 1] and ex.labels == [-100, -100, 7, 8, 1]
+
+
+def test_killed_scoring_run_resumes_with_every_example_exactly_once(tmp_path):
+    """200 traces of 512 tokens, scored by the CLI in a subprocess, SIGKILLed halfway, restarted."""
+    model_dir, data, store_dir = tmp_path / "model", tmp_path / "traces.jsonl", tmp_path / "store"
+    tiny_causal_lm("qwen3", max_position_embeddings=512).save_pretrained(model_dir)
+    traces = synthetic_traces(200, min_len=512, max_len=512)
+    data.write_text("".join(json.dumps({"id": t["id"], "input_ids": t["input_ids"], "prompt_length": 6}) + "\n"
+                            for t in traces))
+    cmd = [sys.executable, "-m", "t3s_kernels.cli", "score", "--model", str(model_dir), "--data", str(data),
+           "--store", str(store_dir), "--name", "base", "--max-batch", "2", "--device", "cpu"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    shard_dir = store_dir / "scores" / "base"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if shard_dir.exists() and len(list(shard_dir.glob("*.safetensors"))) >= 10:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    store = ScoreStore(store_dir)
+    partial = store.done("base")
+    assert 0 < len(partial) < 200
+    with pytest.raises(ValueError, match="incomplete"):
+        store.load("base")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"scored {200 - len(partial)} examples" in done.stdout
+    assert "scoring 'base'" in done.stderr  # the progress bar
+    scores = store.load("base")  # complete, each example once (load refuses duplicates)
+    assert scores.ids == [t["id"] for t in traces] and int(scores.offsets[-1]) == 200 * 512
