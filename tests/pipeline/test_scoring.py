@@ -126,3 +126,16 @@ def test_killed_scoring_run_resumes_with_every_example_exactly_once(tmp_path):
     assert "scoring 'base'" in done.stderr  # the progress bar
     scores = store.load("base")  # complete, each example once (load refuses duplicates)
     assert scores.ids == [t["id"] for t in traces] and int(scores.offsets[-1]) == 200 * 512
+
+
+def test_torchrun_ranks_write_their_own_shards_and_reads_merge(tmp_path):
+    model = tiny_causal_lm("qwen3").eval()
+    exs = examples(9)
+    store = ScoreStore(tmp_path)
+    for rank in (1, 0):  # as two processes of a torchrun launch
+        score_dataset(model, exs, store, "base", rank=rank, world_size=2, progress=False)
+    names = sorted(p.name.split("-")[1] for p in store.shards("base"))
+    assert set(names) == {"r0", "r1"}
+    single = ScoreStore(tmp_path / "single")
+    score_dataset(model, exs, single, "base", progress=False)
+    assert torch.allclose(store.load("base").values["logprob"], single.load("base").values["logprob"], atol=1e-6)
