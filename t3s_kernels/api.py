@@ -12,7 +12,8 @@ import torch
 from .backends.chunked import ChunkedEngine, TorchEpilogue
 from .function import FusedLinearT3SFunction, LossConfig, no_autocast
 from .options import DEFAULT_STRATEGY, GradRequest, HeadOptions
-from .validation import check_head_inputs, check_options
+from .backends.distill import TeacherRows
+from .validation import check_head_inputs, check_options, check_teacher
 
 
 @dataclass
@@ -25,6 +26,7 @@ class T3SLossOutput:
     entropy: Optional[torch.Tensor] = None
     correct: Optional[torch.Tensor] = None
     lse: Optional[torch.Tensor] = None
+    kd: Optional[torch.Tensor] = None  # per-token divergence from the teacher, when one is given
 
 
 @dataclass
@@ -79,7 +81,14 @@ def _autocast(hidden, weight, bias):
 
 def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                           bias: Optional[torch.Tensor] = None, token_weights: Optional[torch.Tensor] = None,
-                          ce_weight: float = 1.0, ignore_index: int = -100, label_smoothing: float = 0.0,
+                          teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+                          teacher_bias: Optional[torch.Tensor] = None,
+                          teacher_topk_ids: Optional[torch.Tensor] = None,
+                          teacher_topk_logprobs: Optional[torch.Tensor] = None,
+                          ce_weight: float = 1.0, kd_weight: float = 0.0, kd_loss: str = "forward_kl",
+                          jsd_beta: float = 0.5, temperature: float = 1.0, kd_t2_scaling: bool = False,
+                          sparse_tail: str = "renormalize",
+                          ignore_index: int = -100, label_smoothing: float = 0.0,
                           z_loss: float = 0.0, softcap: Optional[float] = None, reduction: str = "mean",
                           normalizer: Union[None, float, int, torch.Tensor] = None, return_stats: bool = False,
                           backend: str = "auto", strategy: str = "auto",
@@ -100,31 +109,56 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         strategy: Triton training strategy, "chunked" (token chunks, cuBLAS matmuls, fused
             epilogue; default) or "tile" (recomputing tile kernels, least memory).
         chunk_budget_bytes: memory one chunk's [rows x vocab] buffers may use (default 1 GiB on GPU, 256 MiB on CPU).
+
+    Distillation (``kd_weight * KD`` added per token; the teacher gets no gradient): a dense teacher
+    head (``teacher_hidden`` (..., Ht), ``teacher_weight`` (V, Ht), ``teacher_bias``) or a sparse
+    top-k cache (``teacher_topk_ids``, ``teacher_topk_logprobs`` (..., K), with ``sparse_tail``
+    "renormalize" or "bucket"); ``kd_loss`` "forward_kl" (KL(teacher || student)), "reverse_kl" or
+    "jsd" (mixture weight ``jsd_beta``; 0 and 1 give the two KLs); ``temperature`` divides both
+    heads' logits in the KD term, ``kd_t2_scaling`` multiplies it by temperature^2. See
+    backends/distill.py. It runs on the PyTorch backend (on GPU too); ``out.kd`` is the per-token KD.
     """
     check_options(backend=backend, strategy=strategy, softcap=softcap, label_smoothing=label_smoothing,
                   z_loss=z_loss, ce_weight=ce_weight, temperature=1.0, reduction=reduction,
                   normalizer=normalizer, chunk_budget_bytes=chunk_budget_bytes)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index)
+    has_teacher = check_teacher(hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                                teacher_bias=teacher_bias, teacher_topk_ids=teacher_topk_ids,
+                                teacher_topk_logprobs=teacher_topk_logprobs, kd_weight=kd_weight, kd_loss=kd_loss,
+                                jsd_beta=jsd_beta, temperature=temperature, sparse_tail=sparse_tail)
     lead = labels.shape
     x = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long().contiguous()  # kernels index labels densely
     w = None if token_weights is None else token_weights.reshape(-1)
     if isinstance(normalizer, torch.Tensor):
         normalizer = float(normalizer.item())
+    teacher = None
+    if has_teacher:
+        if backend == "triton" or strategy == "tile":
+            raise ValueError("distillation (a teacher) runs on backend='torch' so far; the Triton kernels for it "
+                             "are not written yet (backend='auto' picks torch)")
+        backend = "torch"
+        flat = (lambda t: None if t is None else t.reshape(-1, t.shape[-1]).detach())  # noqa: E731
+        teacher = TeacherRows(hidden=flat(teacher_hidden), weight=None if teacher_weight is None else
+                              teacher_weight.detach(), bias=None if teacher_bias is None else teacher_bias.detach(),
+                              topk_ids=None if teacher_topk_ids is None else flat(teacher_topk_ids).long(),
+                              topk_logprobs=flat(teacher_topk_logprobs))
     cfg = LossConfig(
         engine=make_engine(x.device, backend, strategy, chunk_budget_bytes),
         opts=HeadOptions(vocab_size=weight.shape[0], softcap=softcap, ce_weight=float(ce_weight),
-                         label_smoothing=float(label_smoothing), z_loss=float(z_loss)),
+                         label_smoothing=float(label_smoothing), z_loss=float(z_loss), kd_weight=float(kd_weight),
+                         kd_loss=kd_loss, jsd_beta=float(jsd_beta), kd_temperature=float(temperature),
+                         kd_t2_scaling=bool(kd_t2_scaling), sparse_tail=sparse_tail),
         ignore_index=ignore_index, reduction=reduction,
         normalizer=None if normalizer is None else float(normalizer))
-    loss, logprob, entropy, correct, lse = FusedLinearT3SFunction.apply(x, weight, bias, y, w, cfg)
+    loss, logprob, entropy, correct, lse, kd = FusedLinearT3SFunction.apply(x, weight, bias, y, w, cfg, teacher)
     if reduction == "none":
         loss = loss.view(lead)
     if not return_stats:
         return T3SLossOutput(loss=loss)
     return T3SLossOutput(loss=loss, logprob=logprob.view(lead), entropy=entropy.view(lead),
-                         correct=correct.view(lead), lse=lse.view(lead))
+                         correct=correct.view(lead), lse=lse.view(lead), kd=kd.view(lead) if has_teacher else None)
 
 
 @torch.no_grad()

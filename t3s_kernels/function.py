@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .backends.base import Engine, HeadGrads, RowStats
+from .backends.base import Engine, HeadGrads, RowStats, per_token_loss
 from .options import GradRequest, HeadOptions
 
 
@@ -30,18 +30,6 @@ class LossConfig:
     ignore_index: int
     reduction: str
     normalizer: Optional[float]
-
-
-def per_token_loss(stats: RowStats, opts: HeadOptions) -> torch.Tensor:
-    """l_i = ce_weight * CE_eps + z_loss * lse^2 from a row's statistics."""
-    eps = opts.label_smoothing
-    ce = stats.lse - (1.0 - eps) * stats.label_logit
-    if opts.has_smoothing:
-        ce = ce - (eps / opts.vocab_size) * stats.sum_logits
-    loss = opts.ce_weight * ce
-    if opts.z_loss:
-        loss = loss + opts.z_loss * stats.lse.square()
-    return loss
 
 
 def _scatter_rows(values: torch.Tensor, index: Optional[torch.Tensor], n: int) -> torch.Tensor:
@@ -64,9 +52,9 @@ def no_autocast(device: torch.device):
 
 class FusedLinearT3SFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, token_weights, cfg: LossConfig):
+    def forward(ctx, x, weight, bias, labels, token_weights, cfg: LossConfig, teacher=None):
         with no_autocast(x.device):
-            return FusedLinearT3SFunction._forward(ctx, x, weight, bias, labels, token_weights, cfg)
+            return FusedLinearT3SFunction._forward(ctx, x, weight, bias, labels, token_weights, cfg, teacher)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused_stat_grads):
@@ -74,8 +62,10 @@ class FusedLinearT3SFunction(torch.autograd.Function):
             return FusedLinearT3SFunction._backward(ctx, grad_loss)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, labels, token_weights, cfg: LossConfig):
+    def _forward(ctx, x, weight, bias, labels, token_weights, cfg: LossConfig, teacher):
         n = x.shape[0]
+        # The teacher's rows follow the student's through every compaction; it gets no gradient.
+        teacher_kw = (lambda index: {} if teacher is None else {"teacher": teacher.rows(index)})  # noqa: E731
         grads = GradRequest(hidden=ctx.needs_input_grad[0], weight=ctx.needs_input_grad[1],
                             bias=bias is not None and ctx.needs_input_grad[2])
         valid = labels != cfg.ignore_index
@@ -100,22 +90,26 @@ class FusedLinearT3SFunction(torch.autograd.Function):
         head_grads: Optional[HeadGrads] = None
         if n_contrib:
             st, head_grads = cfg.engine.forward(x_c, weight, bias, y_c, cfg.opts,
-                                                row_scale=row_w / divisor if eager_grads else None, grads=grads)
+                                                row_scale=row_w / divisor if eager_grads else None, grads=grads,
+                                                **teacher_kw(contrib_idx))
             stats_parts.append(st)
             index_parts.append(contributing.nonzero().squeeze(1) if contrib_idx is None else contrib_idx)
         if n_valid > n_contrib:
             scored_idx = (valid & ~contributing).nonzero().squeeze(1)
-            st, _ = cfg.engine.forward(x[scored_idx], weight, bias, labels[scored_idx], cfg.opts)
+            st, _ = cfg.engine.forward(x[scored_idx], weight, bias, labels[scored_idx], cfg.opts,
+                                       **teacher_kw(scored_idx))
             stats_parts.append(st)
             index_parts.append(scored_idx)
 
         f32 = dict(device=x.device, dtype=torch.float32)
-        lse, logprob, entropy = (torch.zeros(n, **f32) for _ in range(3))
+        lse, logprob, entropy, kd = (torch.zeros(n, **f32) for _ in range(4))
         correct = torch.zeros(n, device=x.device, dtype=torch.bool)
         per_row = torch.zeros(n, **f32)
         for st, idx in zip(stats_parts, index_parts):
             lse[idx], logprob[idx], entropy[idx] = st.lse, st.label_logit - st.lse, st.entropy
             correct[idx] = st.label_logit >= st.max_logit
+            if st.kd is not None:
+                kd[idx] = st.kd
         if n_contrib:
             contrib_stats = stats_parts[0]
             per_row[index_parts[0]] = row_w * per_token_loss(contrib_stats, cfg.opts)
@@ -135,8 +129,9 @@ class FusedLinearT3SFunction(torch.autograd.Function):
         elif grads.any and n_contrib:
             lse_c = stats_parts[0].lse
             ctx.save_for_backward(x_c, weight, bias, y_c, lse_c, row_w)
-        ctx.mark_non_differentiable(logprob, entropy, correct, lse)
-        return loss, logprob, entropy, correct, lse
+            ctx.teacher_kw = teacher_kw(contrib_idx)
+        ctx.mark_non_differentiable(logprob, entropy, correct, lse, kd)
+        return loss, logprob, entropy, correct, lse, kd
 
     @staticmethod
     def _backward(ctx, grad_loss):
@@ -155,7 +150,7 @@ class FusedLinearT3SFunction(torch.autograd.Function):
                 row_scale = _select(grad_loss, ctx.contrib_idx).float() * row_w
             else:
                 row_scale = grad_loss.float() * row_w / ctx.divisor
-            g = cfg.engine.backward(x_c, weight, bias, y_c, lse_c, row_scale, cfg.opts, grads)
+            g = cfg.engine.backward(x_c, weight, bias, y_c, lse_c, row_scale, cfg.opts, grads, **ctx.teacher_kw)
             hg = HeadGrads(hidden=g.hidden,
                            weight=None if g.weight is None else g.weight.to(ctx.w_dtype),
                            bias=None if g.bias is None else g.bias.to(bias.dtype))
@@ -168,4 +163,4 @@ class FusedLinearT3SFunction(torch.autograd.Function):
         dx = hg.hidden if grads.hidden else None
         dw = hg.weight if grads.weight else None
         db = hg.bias if grads.bias else None
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None

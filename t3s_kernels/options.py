@@ -18,6 +18,8 @@ from dataclasses import dataclass
 BACKENDS = ("auto", "triton", "torch")
 STRATEGIES = ("auto", "chunked", "tile")
 REDUCTIONS = ("mean", "sum", "none")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+SPARSE_TAILS = ("renormalize", "bucket")
 
 # The strategy "auto" picks for training on a GPU. Chosen from the performance model
 # (3 cuBLAS matmuls + bandwidth passes beat 4 tile matmuls with fp32 atomics); the
@@ -40,6 +42,14 @@ class HeadOptions:
     ce_weight: float = 1.0
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    # Distillation (a teacher head, dense or as a sparse top-k cache): kd_weight * KD per token,
+    # on both heads' logits divided by kd_temperature; times kd_temperature^2 with kd_t2_scaling.
+    kd_weight: float = 0.0
+    kd_loss: str = "forward_kl"
+    jsd_beta: float = 0.5
+    kd_temperature: float = 1.0
+    kd_t2_scaling: bool = False
+    sparse_tail: str = "renormalize"
 
     @property
     def has_softcap(self) -> bool:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .options import BACKENDS, REDUCTIONS, STRATEGIES
+from .options import BACKENDS, KD_LOSSES, REDUCTIONS, SPARSE_TAILS, STRATEGIES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -107,3 +107,66 @@ def check_options(*, backend: str, strategy: str, softcap, label_smoothing, z_lo
             raise ValueError(f"normalizer must be a number or a 0-d tensor; got a tensor of shape "
                              f"{tuple(normalizer.shape)}")
         check_number("normalizer", value, low=0, low_open=True)
+
+
+def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
+                  teacher_topk_ids=None, teacher_topk_logprobs=None, kd_weight=0.0, kd_loss="forward_kl",
+                  jsd_beta=0.5, temperature=1.0, sparse_tail="renormalize") -> bool:
+    """The teacher's inputs and the distillation options; True when a teacher is given."""
+    check_choice("kd_loss", kd_loss, KD_LOSSES)
+    check_choice("sparse_tail", sparse_tail, SPARSE_TAILS)
+    check_number("kd_weight", kd_weight, low=0)
+    check_number("jsd_beta", jsd_beta, low=0, high=1)
+    check_number("temperature", temperature, low=0, low_open=True)
+    dense = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_bias))
+    sparse = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+    if dense and sparse:
+        raise ValueError("give a dense teacher (teacher_hidden, teacher_weight) or a sparse one "
+                         "(teacher_topk_ids, teacher_topk_logprobs), not both")
+    if not dense and not sparse:
+        if kd_weight:
+            raise ValueError("kd_weight > 0 needs a teacher: teacher_hidden and teacher_weight, or "
+                             "teacher_topk_ids and teacher_topk_logprobs")
+        return False
+    lead, vocab = tuple(hidden.shape[:-1]), weight.shape[0]
+    if dense:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("a dense teacher needs both teacher_hidden and teacher_weight")
+        _check_float_tensor("teacher_hidden", teacher_hidden)
+        _check_float_tensor("teacher_weight", teacher_weight)
+        if teacher_weight.dim() != 2 or teacher_weight.shape[0] != vocab:
+            raise ValueError(f"teacher_weight must have shape (V, Ht) with the student's V = {vocab}; "
+                             f"got {tuple(teacher_weight.shape)}")
+        if tuple(teacher_hidden.shape) != lead + (teacher_weight.shape[1],):
+            raise ValueError(f"teacher_hidden must have shape hidden.shape[:-1] + (Ht,) = "
+                             f"{lead + (teacher_weight.shape[1],)}; got {tuple(teacher_hidden.shape)}")
+        if teacher_hidden.dtype != teacher_weight.dtype:
+            raise TypeError(f"teacher_hidden and teacher_weight must share a dtype; got {teacher_hidden.dtype} "
+                            f"and {teacher_weight.dtype}")
+        if teacher_bias is not None and tuple(teacher_bias.shape) != (vocab,):
+            raise ValueError(f"teacher_bias must have shape (V,) = ({vocab},); got {tuple(teacher_bias.shape)}")
+        tensors = (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                   ("teacher_bias", teacher_bias))
+    else:
+        if teacher_topk_ids is None or teacher_topk_logprobs is None:
+            raise ValueError("a sparse teacher needs both teacher_topk_ids and teacher_topk_logprobs")
+        if teacher_topk_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"teacher_topk_ids must be int64 or int32; got {teacher_topk_ids.dtype}")
+        if teacher_topk_ids.dim() != len(lead) + 1 or tuple(teacher_topk_ids.shape[:-1]) != lead:
+            raise ValueError(f"teacher_topk_ids must have shape hidden.shape[:-1] + (K,) = {lead} + (K,); "
+                             f"got {tuple(teacher_topk_ids.shape)}")
+        if tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
+            raise ValueError(f"teacher_topk_logprobs must have teacher_topk_ids' shape {tuple(teacher_topk_ids.shape)}; "
+                             f"got {tuple(teacher_topk_logprobs.shape)}")
+        if not teacher_topk_logprobs.is_floating_point():
+            raise TypeError("teacher_topk_logprobs must be floating point")
+        if teacher_topk_ids.numel() and bool(((teacher_topk_ids < 0) | (teacher_topk_ids >= vocab)).any()):
+            raise ValueError(f"teacher_topk_ids must lie in [0, V) = [0, {vocab})")
+        lp = teacher_topk_logprobs
+        if lp.numel() and (not bool(torch.isfinite(lp).all()) or bool((lp > 1e-6).any())):
+            raise ValueError("teacher_topk_logprobs must be finite log-probabilities (<= 0)")
+        tensors = (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs))
+    for name, t in tensors:
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    return True

@@ -27,10 +27,31 @@ class RowStats:
     sum_logits: torch.Tensor  # only meaningful with label smoothing, zeros otherwise
     entropy: torch.Tensor
     max_logit: torch.Tensor
+    kd: Optional[torch.Tensor] = None  # the per-row distillation divergence, when a teacher is given
 
     @staticmethod
     def cat(parts: "list[RowStats]") -> "RowStats":
-        return RowStats(*(torch.cat([getattr(p, f) for p in parts]) for f in RowStats.__dataclass_fields__))
+        def join(name):
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return RowStats(*(join(f) for f in RowStats.__dataclass_fields__))
+
+
+def per_token_loss(stats: RowStats, opts: HeadOptions) -> torch.Tensor:
+    """l_i = ce_weight * CE_eps + z_loss * lse^2 (+ kd_weight * KD) from a row's statistics: the loss
+    formula, once (differentiable when the statistics are)."""
+    eps = opts.label_smoothing
+    ce = stats.lse - (1.0 - eps) * stats.label_logit
+    if opts.has_smoothing:
+        ce = ce - (eps / opts.vocab_size) * stats.sum_logits
+    loss = opts.ce_weight * ce
+    if opts.z_loss:
+        loss = loss + opts.z_loss * stats.lse.square()
+    if stats.kd is not None and opts.kd_weight:
+        scale = opts.kd_temperature ** 2 if opts.kd_t2_scaling else 1.0
+        loss = loss + (opts.kd_weight * scale) * stats.kd
+    return loss
 
 
 @dataclass

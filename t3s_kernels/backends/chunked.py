@@ -120,10 +120,42 @@ class ChunkedEngine:
         if dx_acc is not None:
             out.hidden[r0:r1] = dx_acc
 
+    # Bytes per logit of a distillation chunk: both heads' fp32 rows and autograd's temporaries.
+    DISTILL_BYTES_PER_LOGIT = 48
+
+    def _distill_pass(self, x, weight, bias, labels, teacher, row_scale, opts: HeadOptions,
+                      out: Optional[HeadGrads]) -> RowStats:
+        """Whole vocabulary rows of both heads per token chunk (backends/distill.py)."""
+        from .distill import distill_chunk
+
+        n, vocab = x.shape[0], weight.shape[0]
+        budget = self.budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES.get(x.device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
+        rows = self.chunk_rows or max(1, budget // (self.DISTILL_BYTES_PER_LOGIT * vocab))
+        parts = []
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            xc = x[r0:r1]
+            t_rows = teacher.rows(slice(r0, r1))
+            t_logits = None
+            if t_rows.dense:
+                t_logits = self._logits(t_rows.hidden, teacher.weight, teacher.bias, 0, vocab)
+            st, dz = distill_chunk(self._logits(xc, weight, bias, 0, vocab), labels[r0:r1], t_logits, t_rows,
+                                   None if row_scale is None else row_scale[r0:r1], opts, x.dtype)
+            parts.append(st)
+            if dz is not None:
+                if out.hidden is not None:
+                    torch.mm(dz, weight, out=out.hidden[r0:r1])
+                self._backprop(dz, xc, weight, 0, vocab, out, None)
+        return RowStats.cat(parts)
+
     def forward(self, x, weight, bias, labels, opts: HeadOptions, row_scale=None,
-                grads: GradRequest = GradRequest()):
+                grads: GradRequest = GradRequest(), teacher=None):
         n, vocab = x.shape[0], weight.shape[0]
         want_grad = row_scale is not None and grads.any
+        if teacher is not None:
+            out = self._alloc_grads(x, weight, bias, grads) if want_grad else None
+            return self._distill_pass(x, weight, bias, labels, teacher, row_scale if want_grad else None, opts,
+                                      out), out
         rows, vocab_chunk = self._plan(n, vocab, x.device)
         buffer = self._buffer(x, rows, vocab_chunk)
         out = self._alloc_grads(x, weight, bias, grads) if want_grad else None
@@ -151,8 +183,12 @@ class ChunkedEngine:
         return RowStats.cat(parts), out
 
     def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions,
-                 grads: GradRequest) -> HeadGrads:
+                 grads: GradRequest, teacher=None) -> HeadGrads:
         n, vocab = x.shape[0], weight.shape[0]
+        if teacher is not None:
+            out = self._alloc_grads(x, weight, bias, grads)
+            self._distill_pass(x, weight, bias, labels, teacher, row_scale, opts, out)
+            return out
         rows, vocab_chunk = self._plan(n, vocab, x.device)
         buffer = self._buffer(x, rows, vocab_chunk)
         out = self._alloc_grads(x, weight, bias, grads)

@@ -1,0 +1,126 @@
+"""Distillation in the same pass: the student's loss plus a divergence from a teacher, per token.
+
+With ``T = kd_temperature``, student ``p = softmax(s / T)`` and teacher ``q = softmax(t / T)``
+(both heads' logits after the softcap), per token:
+  * ``forward_kl``: KL(q || p) = sum_j q_j (log q_j - log p_j)
+  * ``reverse_kl``: KL(p || q)
+  * ``jsd``: generalized JSD with mixture ``m = (1 - beta) p + beta q``:
+    ``beta * KL(q || m) + (1 - beta) * KL(p || m)``; beta = 0 is the forward KL and beta = 1 the
+    reverse KL (TRL's convention).
+A sparse teacher (an offline top-k cache: ``teacher_topk_ids``, ``teacher_topk_logprobs`` at
+temperature 1) gives the divergence over its support S, with the rest of the mass either
+renormalized away (``sparse_tail="renormalize"``: both distributions restricted to S,
+teacher ``q_S ~ q^(1/T)``) or kept as one tail bucket (``"bucket"``: the student's full
+softmax folded into S plus one "rest" entry; the teacher's tail is ``1 - sum_S q``, both
+tempered as ``q^(1/T)`` and renormalized over the K + 1 entries).
+
+This module is the PyTorch backend of it: each token chunk holds whole vocabulary rows of
+both heads (within the chunk budget) and the gradient of the chunk's loss comes from autograd
+on that chunk alone, so nothing outside a chunk is ever held. The teacher gets no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+
+from ..options import HeadOptions
+from .base import RowStats, per_token_loss
+
+
+@dataclass
+class TeacherRows:
+    """The teacher's side of a batch of rows: a dense head, or a sparse top-k cache."""
+
+    hidden: Optional[torch.Tensor] = None  # (n, Ht)
+    weight: Optional[torch.Tensor] = None  # (V, Ht)
+    bias: Optional[torch.Tensor] = None  # (V,)
+    topk_ids: Optional[torch.Tensor] = None  # (n, K) int64
+    topk_logprobs: Optional[torch.Tensor] = None  # (n, K) float, <= 0
+
+    @property
+    def dense(self) -> bool:
+        return self.hidden is not None
+
+    def rows(self, index) -> "TeacherRows":
+        """The rows ``index`` (a slice, an index tensor, or None for all)."""
+        if index is None:
+            return self
+        pick = (lambda t: None if t is None else t[index])  # noqa: E731
+        return replace(self, hidden=pick(self.hidden), topk_ids=pick(self.topk_ids),
+                       topk_logprobs=pick(self.topk_logprobs))
+
+
+def _xlogy_diff(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """sum_j a_j (log a_j - log b_j), 0 where a_j = 0."""
+    term = a * (log_a - log_b)
+    return torch.where(a > 0, term, torch.zeros_like(term)).sum(-1)
+
+
+def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kd_loss: str, beta: float) -> torch.Tensor:
+    """Per-row divergence between student log-probs ``log_p`` and teacher log-probs ``log_q``."""
+    p, q = log_p.exp(), log_q.exp()
+    if kd_loss == "forward_kl" or (kd_loss == "jsd" and beta == 0.0):
+        return _xlogy_diff(q, log_q, log_p)
+    if kd_loss == "reverse_kl" or (kd_loss == "jsd" and beta == 1.0):
+        return _xlogy_diff(p, log_p, log_q)
+    log_m = torch.logaddexp(log_p + math.log(1.0 - beta), log_q + math.log(beta))
+    return beta * _xlogy_diff(q, log_q, log_m) + (1.0 - beta) * _xlogy_diff(p, log_p, log_m)
+
+
+def _softcap(z: torch.Tensor, opts: HeadOptions) -> torch.Tensor:
+    return opts.softcap * torch.tanh(z / opts.softcap) if opts.has_softcap else z
+
+
+def sparse_log_probs(s: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                     opts: HeadOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) log-probabilities over the teacher's support (+ a tail bucket)."""
+    inv_t = 1.0 / opts.kd_temperature
+    s_support = s.gather(1, ids) * inv_t
+    if opts.sparse_tail == "renormalize":
+        return torch.log_softmax(s_support, -1), torch.log_softmax(teacher_logprobs * inv_t, -1)
+    lse = torch.logsumexp(s * inv_t, -1, keepdim=True)
+    log_p_support = s_support - lse
+    p_tail = (1.0 - log_p_support.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
+    log_p = torch.cat([log_p_support, p_tail.log()], -1)
+    q_tail = (1.0 - teacher_logprobs.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
+    log_q = torch.log_softmax(torch.cat([teacher_logprobs, q_tail.log()], -1) * inv_t, -1)
+    return log_p, log_q
+
+
+def distill_chunk(z: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor],
+                  teacher: TeacherRows, row_scale: Optional[torch.Tensor], opts: HeadOptions,
+                  out_dtype: torch.dtype) -> tuple[RowStats, Optional[torch.Tensor]]:
+    """Statistics (with the per-row KD) of whole vocabulary rows ``z`` (float32 logits), and
+    dL/dz for ``L = sum_i row_scale_i * l_i`` when ``row_scale`` is given."""
+    want_grad = row_scale is not None
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(want_grad)
+        s = _softcap(z, opts) * opts.logit_scale
+        lse = torch.logsumexp(s, -1)
+        label_logit = s.gather(1, labels[:, None]).squeeze(1)
+        sum_logits = s.sum(-1) if opts.has_smoothing else torch.zeros_like(lse)
+        inv_t = 1.0 / opts.kd_temperature
+        if teacher.dense:
+            log_p = torch.log_softmax(s * inv_t, -1)
+            log_q = torch.log_softmax(_softcap(teacher_logits, opts) * inv_t, -1)
+        else:
+            log_p, log_q = sparse_log_probs(s, teacher.topk_ids, teacher.topk_logprobs.float(), opts)
+        kd = divergence(log_p, log_q.detach(), opts.kd_loss, opts.jsd_beta)
+        with torch.no_grad():
+            sd = s.detach()
+            shifted = sd - lse.detach()[:, None]
+            entropy = -(shifted.exp() * shifted).sum(-1)
+            max_logit = sd.max(-1).values
+        stats = RowStats(lse=lse, label_logit=label_logit, sum_logits=sum_logits, entropy=entropy,
+                         max_logit=max_logit, kd=kd)
+        dz = None
+        if want_grad:
+            (dz,) = torch.autograd.grad((per_token_loss(stats, opts) * row_scale).sum(), z)
+            dz = dz.to(out_dtype)
+    detached = RowStats(*(None if v is None else v.detach() for v in
+                          (stats.lse, stats.label_logit, stats.sum_logits, stats.entropy, stats.max_logit, stats.kd)))
+    return detached, dz
