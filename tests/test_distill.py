@@ -1,0 +1,173 @@
+"""Distillation against an fp64 eager transcription: every kd_loss, beta, temperature, with CE,
+weights, ignored labels; the sparse teacher on its support; refusals; the memory bound."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t3s_kernels as t3s
+from helpers import TOLERANCE, assert_close, make_inputs
+
+HT = 40
+
+
+def teacher(n=37, v=203, seed=7, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, HT, generator=g).to(dtype), (torch.randn(v, HT, generator=g) * 0.3).to(dtype)
+
+
+def eager_kd(lp, lq, kd_loss, beta):
+    p, q = lp.exp(), lq.exp()
+    if kd_loss == "forward_kl" or (kd_loss == "jsd" and beta == 0):
+        return (q * (lq - lp)).sum(-1)
+    if kd_loss == "reverse_kl" or (kd_loss == "jsd" and beta == 1):
+        return (p * (lp - lq)).sum(-1)
+    m = (1 - beta) * p + beta * q
+    return beta * (q * (lq - m.log())).sum(-1) + (1 - beta) * (p * (lp - m.log())).sum(-1)
+
+
+def eager_loss(x, w, y, tw, t_logits, *, kd_loss, beta, temperature, kd_weight, ce_weight, reduction, t2=False):
+    s = x.double() @ w.double().t()
+    valid = y != -100
+    contrib = valid & (tw != 0) if tw is not None else valid
+    ce = F.cross_entropy(s, y, ignore_index=-100, reduction="none")
+    lp, lq = torch.log_softmax(s / temperature, -1), torch.log_softmax(t_logits.double() / temperature, -1)
+    kd = eager_kd(lp, lq, kd_loss, beta)
+    per = ce_weight * ce + kd_weight * (temperature**2 if t2 else 1) * kd
+    per = torch.where(contrib, per * (tw.double() if tw is not None else 1), torch.zeros_like(per))
+    loss = per if reduction == "none" else (per.sum() / contrib.sum() if reduction == "mean" else per.sum())
+    return loss, torch.where(valid, kd, torch.zeros_like(kd))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("kd_loss,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3),
+                                          ("jsd", 1.0)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_dense_teacher_matches_reference(kd_loss, beta, temperature, dtype, reduction):
+    inputs = make_inputs(dtype=dtype, weights="zeros", ignored=4)
+    th, tw_ = teacher(dtype=dtype)
+    x = inputs["hidden"].clone().requires_grad_()
+    w = inputs["weight"].clone().requires_grad_()
+    out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], token_weights=inputs["token_weights"], teacher_hidden=th,
+                                    teacher_weight=tw_, kd_weight=0.6, ce_weight=0.8, kd_loss=kd_loss, jsd_beta=beta,
+                                    temperature=temperature, reduction=reduction, return_stats=True)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref, kd = eager_loss(xd, wd, inputs["labels"], inputs["token_weights"], th.double() @ tw_.double().t(),
+                         kd_loss=kd_loss, beta=beta, temperature=temperature, kd_weight=0.6, ce_weight=0.8,
+                         reduction=reduction)
+    tol = TOLERANCE[dtype]
+    assert_close(out.loss, ref, tol["value"], "loss")
+    assert_close(out.kd, kd, tol["value"], "kd", floor=1e-2)
+    g = torch.linspace(0.5, 1.5, out.loss.numel()).view(out.loss.shape)
+    for name, got, want in zip(("dX", "dW"), torch.autograd.grad(out.loss, (x, w), g),
+                               torch.autograd.grad(ref, (xd, wd), g.double())):
+        assert_close(got, want, tol["grad"], name)
+
+
+def test_t2_scaling_and_no_teacher_grad():
+    inputs = make_inputs()
+    th, tw_ = teacher()
+    th.requires_grad_()
+    kw = dict(teacher_hidden=th, teacher_weight=tw_, kd_weight=1.0, temperature=3.0, ce_weight=0.0)
+    plain = t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], inputs["labels"], **kw).loss
+    scaled = t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], inputs["labels"], kd_t2_scaling=True,
+                                       **kw).loss
+    assert_close(scaled, 9 * plain, 1e-6, "T^2")
+    assert not scaled.requires_grad or torch.autograd.grad(scaled, th, allow_unused=True)[0] is None
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("kd_loss,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_teacher_matches_eager_formula_on_its_support(tail, kd_loss, beta, temperature):
+    inputs = make_inputs(weights="zeros", ignored=3)
+    th, tw_ = teacher()
+    k = 8
+    t_logp = torch.log_softmax(th.double() @ tw_.double().t(), -1)
+    top = t_logp.topk(k, -1)
+    ids, lps = top.indices, top.values.float()
+    x = inputs["hidden"].clone().requires_grad_()
+    out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], token_weights=inputs["token_weights"],
+                                    teacher_topk_ids=ids, teacher_topk_logprobs=lps, kd_weight=1.0, kd_loss=kd_loss,
+                                    jsd_beta=beta, temperature=temperature, sparse_tail=tail, return_stats=True)
+    xd = x.detach().double().requires_grad_()
+    s = (xd @ inputs["weight"].double().t()) / temperature
+    if tail == "renormalize":
+        lp = torch.log_softmax(s.gather(1, ids), -1)
+        lq = torch.log_softmax(lps.double() / temperature, -1)
+    else:
+        p_support = torch.softmax(s, -1).gather(1, ids)
+        lp = torch.cat([p_support, 1 - p_support.sum(-1, keepdim=True)], -1).log()
+        q = torch.cat([lps.double().exp(), 1 - lps.double().exp().sum(-1, keepdim=True)], -1)
+        lq = torch.log_softmax(q.log() / temperature, -1)
+    kd = eager_kd(lp, lq, kd_loss, beta)
+    y, tw = inputs["labels"], inputs["token_weights"]
+    ce = F.cross_entropy(xd @ inputs["weight"].double().t(), y, ignore_index=-100, reduction="none")
+    contrib = (y != -100) & (tw != 0)
+    ref = torch.where(contrib, tw.double() * (ce + kd), torch.zeros_like(ce)).sum() / contrib.sum()
+    assert_close(out.loss, ref, 1e-5, "loss")
+    assert_close(torch.autograd.grad(out.loss, x)[0], torch.autograd.grad(ref, xd)[0], 1e-5, "dX")
+
+
+def test_chunked_distillation_stays_within_its_budget():
+    """N x V fp32 would be 64 MiB here; the chunks are held to a 4 MiB budget."""
+    from t3s_kernels.bench import peak_memory_bytes
+
+    n, h, v = 2048, 32, 8192
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, h, generator=g).requires_grad_()
+    w = (torch.randn(v, h, generator=g) * 0.2).requires_grad_()
+    th, tw_ = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.2
+    y = torch.randint(0, v, (n,), generator=g)
+    budget = 4 << 20
+
+    def step():
+        loss = t3s.fused_linear_t3s_loss(x, w, y, teacher_hidden=th, teacher_weight=tw_, kd_weight=1.0,
+                                         kd_loss="jsd", chunk_budget_bytes=budget, backend="torch").loss
+        loss.backward()
+
+    _, peak = peak_memory_bytes(step, torch.device("cpu"))
+    outputs = (n * h + 2 * v * h) * 4  # dX, and dW with its fp32 accumulator
+    assert peak <= budget + outputs + (2 << 20), f"peak {peak / 2**20:.1f} MiB"
+    assert n * v * 4 > 4 * (budget + outputs)  # a full N x V buffer would have shown
+
+
+@pytest.mark.parametrize("changes,error,pattern", [
+    (dict(teacher_weight=torch.randn(202, HT)), ValueError, r"teacher_weight must have shape \(V, Ht\) with the student's V = 203"),
+    (dict(teacher_hidden=torch.randn(36, HT)), ValueError, r"teacher_hidden must have shape hidden.shape\[:-1\] \+ \(Ht,\)"),
+    (dict(kd_loss="kl"), ValueError, r"kd_loss must be one of"),
+    (dict(jsd_beta=1.5), ValueError, r"jsd_beta must be <= 1"),
+    (dict(temperature=0.0), ValueError, r"temperature must be > 0"),
+    (dict(sparse_tail="drop"), ValueError, r"sparse_tail must be one of"),
+    (dict(backend="triton"), ValueError, r"distillation .* runs on backend='torch'"),
+    (dict(teacher_topk_ids=torch.zeros(37, 4, dtype=torch.long), teacher_topk_logprobs=torch.zeros(37, 4)),
+     ValueError, "not both"),
+])
+def test_dense_teacher_refusals(changes, error, pattern):
+    inputs = make_inputs()
+    th, tw_ = teacher()
+    kw = {"teacher_hidden": th, "teacher_weight": tw_, "kd_weight": 1.0, **changes}
+    with pytest.raises(error, match=pattern):
+        t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], inputs["labels"], **kw)
+
+
+@pytest.mark.parametrize("ids,lps,pattern", [
+    (torch.full((37, 4), 203), torch.zeros(37, 4) - 1, r"teacher_topk_ids must lie in \[0, V\) = \[0, 203\)"),
+    (torch.zeros(37, 4, dtype=torch.long), torch.full((37, 4), 0.5), r"must be finite log-probabilities \(<= 0\)"),
+    (torch.zeros(36, 4, dtype=torch.long), torch.zeros(36, 4), r"teacher_topk_ids must have shape"),
+])
+def test_sparse_teacher_refusals(ids, lps, pattern):
+    inputs = make_inputs()
+    with pytest.raises(ValueError, match=pattern):
+        t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], inputs["labels"], teacher_topk_ids=ids,
+                                  teacher_topk_logprobs=lps, kd_weight=1.0)
+
+
+def test_kd_weight_needs_a_teacher():
+    inputs = make_inputs()
+    with pytest.raises(ValueError, match="kd_weight > 0 needs a teacher"):
+        t3s.fused_linear_t3s_loss(**inputs, kd_weight=0.5)
+    assert math.isfinite(t3s.fused_linear_t3s_loss(**inputs).loss.item())
