@@ -10,9 +10,9 @@ from typing import Optional, Union
 import torch
 
 from .backends.chunked import ChunkedEngine, TorchEpilogue
+from .backends.distill import TeacherRows
 from .function import FusedLinearT3SFunction, LossConfig, no_autocast
 from .options import DEFAULT_STRATEGY, GradRequest, HeadOptions
-from .backends.distill import TeacherRows
 from .validation import check_head_inputs, check_options, check_teacher
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .backends.base import Engine, HeadGrads, RowStats, per_token_loss
+from .backends.base import Engine, HeadGrads, per_token_loss
 from .options import GradRequest, HeadOptions
 
 

@@ -83,8 +83,13 @@ def _make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
     """The patched forward."""
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, t3s_weights=None, shift_labels=None,
-                num_items_in_batch=None, logits_to_keep=0, **kwargs):
+                num_items_in_batch=None, logits_to_keep=0, teacher_hidden=None, teacher_topk_ids=None,
+                teacher_topk_logprobs=None, **kwargs):
         want_fused = self.training and (labels is not None or shift_labels is not None)
+        teacher = dict(teacher_hidden=teacher_hidden, teacher_topk_ids=teacher_topk_ids,
+                       teacher_topk_logprobs=teacher_topk_logprobs)
+        if not want_fused and any(v is not None for v in teacher.values()):
+            raise ValueError("teacher inputs are for the training loss; pass labels too (and train mode)")
         if not want_fused:
             if t3s_weights is not None and self.training:
                 raise ValueError("t3s_weights were given without labels; pass labels (or shift_labels) too")
@@ -100,6 +105,7 @@ def _make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
         hidden = outputs.last_hidden_state
         options = dict(loss.options)
         options.setdefault("softcap", _final_softcap(self.config))
+        options.update({k: v for k, v in teacher.items() if v is not None})
         if mode == "masked_diffusion":
             # labels are already aligned with the positions (no shift), -100 where not masked.
             targets = labels if shift_labels is None else shift_labels
@@ -120,16 +126,21 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
               **loss_options):
     """Patch ``model`` (an instance; with ``patch_class=True`` its class, for every instance) so that
     training forwards with labels use the fused loss. ``loss_options`` are ``fused_linear_t3s_loss``'s
-    (``label_smoothing``, ``z_loss``, ``backend``, ``strategy``, ...). Returns the model."""
+    (``label_smoothing``, ``z_loss``, ``backend``, ``strategy``, ...; for distillation
+    ``teacher_weight=teacher.lm_head.weight``, ``kd_weight``, ``kd_loss``, ``temperature``, and then
+    ``teacher_hidden=`` or ``teacher_topk_ids=``/``teacher_topk_logprobs=`` in each forward call).
+    Returns the model."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     if shift not in (None, "dream"):
         raise ValueError(f"shift must be None or 'dream'; got {shift!r}")
     if shift is not None and mode != "masked_diffusion":
         raise ValueError("shift='dream' is a masked-diffusion convention; use mode='masked_diffusion'")
-    for reserved in ("bias", "token_weights", "normalizer"):
+    for reserved in ("bias", "token_weights", "normalizer", "teacher_hidden", "teacher_topk_ids",
+                     "teacher_topk_logprobs"):
         if reserved in loss_options:
-            raise ValueError(f"{reserved} is set by the patch from the model and the batch; do not pass it")
+            raise ValueError(f"{reserved} is set by the patch from the model and the batch; do not pass it "
+                             "(teacher inputs go to each forward call)")
     _split(model)
     if is_t3s_patched(model):
         raise ValueError(f"{type(model).__name__} is already patched; call revert_t3s first")

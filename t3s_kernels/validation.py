@@ -156,8 +156,8 @@ def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, t
             raise ValueError(f"teacher_topk_ids must have shape hidden.shape[:-1] + (K,) = {lead} + (K,); "
                              f"got {tuple(teacher_topk_ids.shape)}")
         if tuple(teacher_topk_logprobs.shape) != tuple(teacher_topk_ids.shape):
-            raise ValueError(f"teacher_topk_logprobs must have teacher_topk_ids' shape {tuple(teacher_topk_ids.shape)}; "
-                             f"got {tuple(teacher_topk_logprobs.shape)}")
+            raise ValueError(f"teacher_topk_logprobs must have teacher_topk_ids' shape "
+                             f"{tuple(teacher_topk_ids.shape)}; got {tuple(teacher_topk_logprobs.shape)}")
         if not teacher_topk_logprobs.is_floating_point():
             raise TypeError("teacher_topk_logprobs must be floating point")
         if teacher_topk_ids.numel() and bool(((teacher_topk_ids < 0) | (teacher_topk_ids >= vocab)).any()):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TOLERANCE, assert_close, make_inputs
 
 import t3s_kernels as t3s
-from helpers import TOLERANCE, assert_close, make_inputs
 
 HT = 40
 
@@ -136,8 +136,10 @@ def test_chunked_distillation_stays_within_its_budget():
 
 
 @pytest.mark.parametrize("changes,error,pattern", [
-    (dict(teacher_weight=torch.randn(202, HT)), ValueError, r"teacher_weight must have shape \(V, Ht\) with the student's V = 203"),
-    (dict(teacher_hidden=torch.randn(36, HT)), ValueError, r"teacher_hidden must have shape hidden.shape\[:-1\] \+ \(Ht,\)"),
+    (dict(teacher_weight=torch.randn(202, HT)), ValueError,
+     r"teacher_weight must have shape \(V, Ht\) with the student's V = 203"),
+    (dict(teacher_hidden=torch.randn(36, HT)), ValueError,
+     r"teacher_hidden must have shape hidden.shape\[:-1\] \+ \(Ht,\)"),
     (dict(kd_loss="kl"), ValueError, r"kd_loss must be one of"),
     (dict(jsd_beta=1.5), ValueError, r"jsd_beta must be <= 1"),
     (dict(temperature=0.0), ValueError, r"temperature must be > 0"),

@@ -167,3 +167,26 @@ def test_deep_copy_of_a_patched_model_is_independent():
         assert not torch.allclose(model(input_ids=ids).logits, clone(input_ids=ids).logits)
     clone.train()
     assert clone(input_ids=ids, labels=labels).logits is None
+
+
+def test_patched_student_distills_from_teacher_hidden_states():
+    """The patched student with a teacher head: equals the eager CE + forward KL on shifted rows."""
+    student, teacher = tiny_model("qwen3", seed=0).train(), tiny_model("llama", seed=3, hidden_size=48, head_dim=12)
+    ids, labels, mask = batch()
+    t3s.apply_t3s(student, backend="torch", teacher_weight=teacher.lm_head.weight, kd_weight=0.5, temperature=2.0)
+    with torch.no_grad():
+        t_hidden = teacher.model(input_ids=ids).last_hidden_state
+    out = student(input_ids=ids, labels=labels, t3s_weights=mask, teacher_hidden=t_hidden)
+    student.eval()
+    with torch.no_grad():
+        s_logits = student(input_ids=ids).logits.double()[:, :-1].reshape(-1, 257)
+        t_logits = (t_hidden.double() @ teacher.lm_head.weight.double().t())[:, :-1].reshape(-1, 257)
+    target, keep = labels[:, 1:].reshape(-1), (mask[:, 1:].reshape(-1) & (labels[:, 1:].reshape(-1) != -100))
+    lp, lq = torch.log_softmax(s_logits / 2, -1), torch.log_softmax(t_logits / 2, -1)
+    kd = (lq.exp() * (lq - lp)).sum(-1)
+    ref = (F.cross_entropy(s_logits, target, ignore_index=-100, reduction="none") + 0.5 * kd)[keep].mean()
+    assert_close(out.loss, ref, 1e-5, "loss")
+    with pytest.raises(ValueError, match="teacher inputs are for the training loss"):
+        student(input_ids=ids, teacher_hidden=t_hidden)
+    with pytest.raises(ValueError, match="teacher_hidden is set by the patch"):
+        t3s.apply_t3s(tiny_model("qwen3"), teacher_hidden=t_hidden)

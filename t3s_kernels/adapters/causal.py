@@ -67,6 +67,9 @@ def causal_lm_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, 
     return rows, flat_target.index_select(0, index), w, index
 
 
+TEACHER_ROW_INPUTS = ("teacher_hidden", "teacher_topk_ids", "teacher_topk_logprobs")
+
+
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
                    selection: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
                    num_items_in_batch: Union[None, int, float, torch.Tensor] = None, ignore_index: int = -100,
@@ -78,9 +81,20 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[
     micro-batches give the gradients of one large batch; otherwise the mean over the kept
     tokens. Weight-0 tokens are dropped before the head, so they get no statistics here;
     score them with ``token_stats``.
+
+    Per-position teacher inputs (``teacher_hidden`` (B, T, Ht), ``teacher_topk_ids`` /
+    ``teacher_topk_logprobs`` (B, T, K)), aligned with ``hidden`` (position t predicts t+1 for
+    both models), follow the same rows; ``teacher_weight`` and the KD options pass through.
     """
-    rows, targets, weights, _ = causal_lm_rows(hidden, labels, selection=selection, shift_labels=shift_labels,
-                                               ignore_index=ignore_index)
+    rows, targets, weights, index = causal_lm_rows(hidden, labels, selection=selection, shift_labels=shift_labels,
+                                                   ignore_index=ignore_index)
+    for name in TEACHER_ROW_INPUTS:
+        t = loss_options.get(name)
+        if t is not None:
+            if tuple(t.shape[:hidden.dim() - 1]) != tuple(hidden.shape[:-1]):
+                raise ValueError(f"{name} must be aligned with hidden: shape {tuple(hidden.shape[:-1])} + (...,); "
+                                 f"got {tuple(t.shape)}")
+            loss_options[name] = t.reshape(-1, t.shape[-1]).index_select(0, index)
     if num_items_in_batch is not None:
         loss_options["normalizer"] = num_items_in_batch
     return fused_linear_t3s_loss(rows, weight, targets, token_weights=weights, ignore_index=ignore_index,

@@ -51,3 +51,9 @@ def test_end_to_end_recipe(tmp_path):
     assert result["bottleneck"] in ("step-5", "step-10")
     assert (tmp_path / "pilot_accuracy.json").exists() and (tmp_path / "store" / "manifest.json").exists()
     assert all(math.isfinite(x) for x in result["losses"])
+
+
+@pytest.mark.parametrize("kd_loss", ["forward_kl", "jsd"])
+def test_distillation_recipe(kd_loss, rows_seen):
+    losses = load("distill_t3s").main(["--steps", "4", "--kd-loss", kd_loss])
+    assert losses and all(math.isfinite(x) for x in losses) and rows_seen

@@ -1,0 +1,87 @@
+"""Distillation, fwd+bwd: eager (both heads' full logits, log_softmax, KL + CE) against the fused
+loss with a teacher head of the same shape; Liger's fused linear JSD where installed (GPU).
+
+    python benchmarks/bench_distill.py [--tokens 4096 --hidden 256 --vocab 65536] [--kd-loss forward_kl]
+"""
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+import t3s_kernels as t3s
+from t3s_kernels.bench import DTYPES, device_name, peak_memory_bytes, time_ms
+
+
+def eager(x, w, y, th, tw, kd_loss, temperature=1.0):
+    s = (x @ w.t()).float()
+    with torch.no_grad():
+        t = (th @ tw.t()).float()
+    ce = F.cross_entropy(s, y)
+    lp, lq = torch.log_softmax(s / temperature, -1), torch.log_softmax(t / temperature, -1)
+    if kd_loss == "forward_kl":
+        kd = F.kl_div(lp, lq, log_target=True, reduction="batchmean")
+    elif kd_loss == "reverse_kl":
+        kd = F.kl_div(lq, lp, log_target=True, reduction="batchmean")
+    else:
+        lm = torch.logaddexp(lp + torch.log(torch.tensor(0.5)), lq + torch.log(torch.tensor(0.5)))
+        kd = 0.5 * F.kl_div(lm, lq, log_target=True, reduction="batchmean") + \
+            0.5 * F.kl_div(lm, lp, log_target=True, reduction="batchmean")
+    return ce + kd
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=65536)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--kd-loss", choices=["forward_kl", "reverse_kl", "jsd"], default="forward_kl")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(0)
+    n, h, v, dt = args.tokens, args.hidden, args.vocab, DTYPES[args.dtype]
+    mk = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dev, dt)  # noqa: E731
+    x, w, th, tw = mk(n, h), mk(v, h, scale=h ** -0.5), mk(n, h), mk(v, h, scale=h ** -0.5)
+    y = torch.randint(0, v, (n,), generator=g).to(dev)
+    beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}[args.kd_loss]
+
+    def runner(fn):
+        xl, wl = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+        def run():
+            xl.grad = wl.grad = None
+            fn(xl, wl).backward()
+        return run
+
+    providers = {
+        "eager": lambda xl, wl: eager(xl, wl, y, th, tw, args.kd_loss),
+        "t3s-torch": lambda xl, wl: t3s.fused_linear_t3s_loss(
+            xl, wl, y, teacher_hidden=th, teacher_weight=tw, kd_weight=1.0, kd_loss="jsd", jsd_beta=beta).loss,
+    }
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_jsd  # noqa: F401
+        if dev.type == "cuda":
+            providers["liger-jsd"] = lambda xl, wl: liger_fused_linear_jsd(xl, wl, th, tw, y, 1 - beta, -100, 1.0)
+    except ImportError:
+        pass
+    rows = []
+    for name, fn in providers.items():
+        run = runner(fn)
+        _, peak = peak_memory_bytes(run, dev)
+        rows.append(dict(provider=name, fwd_bwd_ms=time_ms(run, dev, args.repeat), peak_mib=peak / 2**20))
+    print(f"{device_name(dev)} | distillation fwd+bwd, N={n} H={h} V={v} {args.dtype}, teacher of the same shape, "
+          f"{args.kd_loss} + CE")
+    for r in rows:
+        print(f"{r['provider']:<12}{r['fwd_bwd_ms']:10.0f} ms{r['peak_mib']:10.0f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
