@@ -22,7 +22,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
   2>&1 | tee "$out/machine.txt"
 
 # 1. Correctness on the GPU: compiled kernels, not the interpreter (about 1 minute).
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_backends.py \
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/ops/test_triton_backends.py tests/test_distill.py \
   tests/backends/test_chunked_engine.py tests/test_fused_loss.py 2>&1 | tee "$out/tests.log"
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$out/tests.log"
 
@@ -32,3 +32,9 @@ for sel in 1.0 0.5; do
   timeout 150 python3 -m t3s_kernels.cli bench --select "$sel" --repeat 5 --quiet \
     --json "$out/bench-select-$sel.json" 2>&1 | tee "$out/bench-select-$sel.txt"
 done
+
+# 3. Distillation (issue 5): a teacher head of the same shape, generalized JSD + CE, against eager and
+#    Liger's fused linear JSD (when its wheel is in .whl/). N=8192 keeps eager's two fp32 logit
+#    tensors inside an H100's memory.
+timeout 150 python3 benchmarks/bench_distill.py --tokens 8192 --hidden 4096 --vocab 151936 --dtype bf16 \
+  --kd-loss jsd --repeat 3 --json "$out/distill.json" 2>&1 | tee "$out/distill.txt"

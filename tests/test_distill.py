@@ -46,14 +46,15 @@ def eager_loss(x, w, y, tw, t_logits, *, kd_loss, beta, temperature, kd_weight, 
 @pytest.mark.parametrize("kd_loss,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3),
                                           ("jsd", 1.0)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_dense_teacher_matches_reference(kd_loss, beta, temperature, dtype, reduction):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dense_teacher_matches_reference(backend, kd_loss, beta, temperature, dtype, reduction):
     inputs = make_inputs(dtype=dtype, weights="zeros", ignored=4)
     th, tw_ = teacher(dtype=dtype)
     x = inputs["hidden"].clone().requires_grad_()
     w = inputs["weight"].clone().requires_grad_()
     out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], token_weights=inputs["token_weights"], teacher_hidden=th,
                                     teacher_weight=tw_, kd_weight=0.6, ce_weight=0.8, kd_loss=kd_loss, jsd_beta=beta,
-                                    temperature=temperature, reduction=reduction, return_stats=True)
+                                    temperature=temperature, reduction=reduction, return_stats=True, backend=backend)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref, kd = eager_loss(xd, wd, inputs["labels"], inputs["token_weights"], th.double() @ tw_.double().t(),
                          kd_loss=kd_loss, beta=beta, temperature=temperature, kd_weight=0.6, ce_weight=0.8,
@@ -65,6 +66,25 @@ def test_dense_teacher_matches_reference(kd_loss, beta, temperature, dtype, redu
     for name, got, want in zip(("dX", "dW"), torch.autograd.grad(out.loss, (x, w), g),
                                torch.autograd.grad(ref, (xd, wd), g.double())):
         assert_close(got, want, tol["grad"], name)
+
+
+def test_triton_distillation_with_softcap_smoothing_and_several_chunks():
+    inputs = make_inputs(bias=True, weights="zeros", ignored=3, logit_scale=2.0)
+    th, tw_ = teacher()
+    kw = dict(teacher_hidden=th, teacher_weight=tw_, kd_weight=0.7, kd_loss="jsd", jsd_beta=0.3, temperature=1.5,
+              softcap=4.0, label_smoothing=0.1, z_loss=1e-3, return_stats=True)
+    outs, grads = [], []
+    for backend, budget in (("torch", None), ("triton", 10 * 203 * 8)):
+        x = inputs["hidden"].clone().requires_grad_()
+        out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], bias=inputs["bias"],
+                                        token_weights=inputs["token_weights"], backend=backend,
+                                        chunk_budget_bytes=budget, **kw)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.loss, x)[0])
+    assert_close(outs[1].loss, outs[0].loss, 1e-6, "loss")
+    assert_close(outs[1].kd, outs[0].kd, 1e-5, "kd", floor=1e-2)
+    assert_close(outs[1].entropy, outs[0].entropy, 1e-6, "entropy")
+    assert_close(grads[1], grads[0], 1e-5, "dX")
 
 
 def test_t2_scaling_and_no_teacher_grad():
@@ -82,7 +102,8 @@ def test_t2_scaling_and_no_teacher_grad():
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 @pytest.mark.parametrize("kd_loss,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_sparse_teacher_matches_eager_formula_on_its_support(tail, kd_loss, beta, temperature):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sparse_teacher_matches_eager_formula_on_its_support(backend, tail, kd_loss, beta, temperature):
     inputs = make_inputs(weights="zeros", ignored=3)
     th, tw_ = teacher()
     k = 8
@@ -92,7 +113,8 @@ def test_sparse_teacher_matches_eager_formula_on_its_support(tail, kd_loss, beta
     x = inputs["hidden"].clone().requires_grad_()
     out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], token_weights=inputs["token_weights"],
                                     teacher_topk_ids=ids, teacher_topk_logprobs=lps, kd_weight=1.0, kd_loss=kd_loss,
-                                    jsd_beta=beta, temperature=temperature, sparse_tail=tail, return_stats=True)
+                                    jsd_beta=beta, temperature=temperature, sparse_tail=tail, return_stats=True,
+                                    backend=backend)
     xd = x.detach().double().requires_grad_()
     s = (xd @ inputs["weight"].double().t()) / temperature
     if tail == "renormalize":
@@ -144,7 +166,7 @@ def test_chunked_distillation_stays_within_its_budget():
     (dict(jsd_beta=1.5), ValueError, r"jsd_beta must be <= 1"),
     (dict(temperature=0.0), ValueError, r"temperature must be > 0"),
     (dict(sparse_tail="drop"), ValueError, r"sparse_tail must be one of"),
-    (dict(backend="triton"), ValueError, r"distillation .* runs on backend='torch'"),
+    (dict(backend="triton", strategy="tile"), ValueError, r"strategy='tile' has no teacher kernels yet"),
     (dict(teacher_topk_ids=torch.zeros(37, 4, dtype=torch.long), teacher_topk_logprobs=torch.zeros(37, 4)),
      ValueError, "not both"),
 ])

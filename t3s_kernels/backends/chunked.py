@@ -120,17 +120,12 @@ class ChunkedEngine:
         if dx_acc is not None:
             out.hidden[r0:r1] = dx_acc
 
-    # Bytes per logit of a distillation chunk: both heads' fp32 rows and autograd's temporaries.
-    DISTILL_BYTES_PER_LOGIT = 48
-
     def _distill_pass(self, x, weight, bias, labels, teacher, row_scale, opts: HeadOptions,
                       out: Optional[HeadGrads]) -> RowStats:
         """Whole vocabulary rows of both heads per token chunk (backends/distill.py)."""
-        from .distill import distill_chunk
-
         n, vocab = x.shape[0], weight.shape[0]
         budget = self.budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES.get(x.device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
-        rows = self.chunk_rows or max(1, budget // (self.DISTILL_BYTES_PER_LOGIT * vocab))
+        rows = self.chunk_rows or max(1, budget // (self.epilogue.distill_bytes_per_logit * vocab))
         parts = []
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
@@ -139,8 +134,8 @@ class ChunkedEngine:
             t_logits = None
             if t_rows.dense:
                 t_logits = self._logits(t_rows.hidden, teacher.weight, teacher.bias, 0, vocab)
-            st, dz = distill_chunk(self._logits(xc, weight, bias, 0, vocab), labels[r0:r1], t_logits, t_rows,
-                                   None if row_scale is None else row_scale[r0:r1], opts, x.dtype)
+            st, dz = self.epilogue.distill(self._logits(xc, weight, bias, 0, vocab), labels[r0:r1], t_logits, t_rows,
+                                           None if row_scale is None else row_scale[r0:r1], opts, x.dtype)
             parts.append(st)
             if dz is not None:
                 if out.hidden is not None:
@@ -202,12 +197,21 @@ class ChunkedEngine:
 class TorchEpilogue:
     """The epilogue in plain PyTorch: the CPU path, and the Triton kernels' twin.
 
+    With a teacher, ``distill`` is backends/distill.py's chunk function (autograd on the chunk).
+
     It works in the logits buffer it is given (the driver's, reused chunk after chunk):
     the accumulate step leaves it holding ``s - m`` (one exp temporary instead of two), and
     the gradient step turns it into dL/dz.
     """
 
     bytes_per_logit = 10  # the fp32 logits buffer, one fp32 temporary, a half-precision gradient copy
+    distill_bytes_per_logit = 48  # both heads' fp32 rows and autograd's temporaries
+
+    @staticmethod
+    def distill(logits, labels, teacher_logits, teacher, row_scale, opts, out_dtype):
+        from .distill import distill_chunk
+
+        return distill_chunk(logits, labels, teacher_logits, teacher, row_scale, opts, out_dtype)
 
     @staticmethod
     def _transform_(logits: torch.Tensor, opts: HeadOptions) -> torch.Tensor:

@@ -7,6 +7,7 @@ and sm_80 and reports their shared memory, registers and spills.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -45,6 +46,10 @@ KERNEL_CONFIGS = {
         "half": dict(BLOCK=256, num_warps=4, num_stages=1),
         "fp32": dict(BLOCK=256, num_warps=4, num_stages=1),
     },
+    "distill_epilogue": {
+        "half": dict(BLOCK_R=1, BLOCK_V=1024, num_warps=8, num_stages=1),
+        "fp32": dict(BLOCK_R=1, BLOCK_V=1024, num_warps=8, num_stages=1),
+    },
 }
 
 # Under TRITON_INTERPRET=1 (tests on CPU): small blocks, so odd shapes cross several of them.
@@ -53,6 +58,7 @@ INTERPRETER_CONFIGS = {
     "tile_backward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16),
     "chunk_epilogue": dict(BLOCK_R=4, BLOCK_V=64),
     "merge_splits": dict(BLOCK=16),
+    "distill_epilogue": dict(BLOCK_R=4, BLOCK_V=64),
 }
 
 
@@ -160,10 +166,50 @@ class TileEngine:
         return tile_backward(x, weight, bias, labels, lse, row_scale, opts, grads)
 
 
+KD_MODES = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
+
+
+def kd_mode(opts: HeadOptions) -> int:
+    """The distillation kernel's KD_MODE; JSD with beta 0 / 1 is the forward / reverse KL."""
+    if opts.kd_loss == "jsd" and opts.jsd_beta in (0.0, 1.0):
+        return 1 if opts.jsd_beta == 0.0 else 2
+    return KD_MODES[opts.kd_loss]
+
+
 class TritonEpilogue:
     """The chunked strategy's per-chunk epilogue as one Triton kernel (see chunk_epilogue.py)."""
 
     bytes_per_logit = 6  # the fp32 logits, plus a half-precision gradient buffer for half inputs
+    distill_bytes_per_logit = 10  # both heads' fp32 logits and the half gradient
+
+    def distill(self, logits, labels, teacher_logits, teacher, row_scale, opts: HeadOptions, out_dtype):
+        """Student + dense teacher chunk in one kernel (distill_epilogue.py); a sparse teacher's
+        divergence over its top-k support runs in PyTorch on the same chunk."""
+        if not teacher.dense:
+            from ..backends.distill import distill_chunk
+
+            return distill_chunk(logits, labels, None, teacher, row_scale, opts, out_dtype)
+        from .distill_epilogue import distill_epilogue_kernel
+
+        rows, width = logits.shape
+        grad = row_scale is not None
+        dz = (logits if out_dtype == torch.float32 else torch.empty(rows, width, device=logits.device,
+                                                                    dtype=out_dtype)) if grad else None
+        out = torch.empty(6, rows, device=logits.device, dtype=torch.float32)
+        cfg = kernel_config("distill_epilogue", out_dtype)
+        t2 = opts.kd_temperature ** 2 if opts.kd_t2_scaling else 1.0
+        mode = kd_mode(opts)
+        distill_epilogue_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
+            logits, teacher_logits, logits.stride(0), teacher_logits.stride(0), dz if grad else logits,
+            dz.stride(0) if grad else 0, labels, row_scale.float().contiguous() if grad else logits, out,
+            rows, width,
+            softcap=float(opts.softcap or 1.0), kd_coef=opts.kd_weight * t2, inv_temp=1.0 / opts.kd_temperature,
+            beta=float(opts.jsd_beta), log_beta=math.log(opts.jsd_beta) if mode == 3 else 0.0,
+            log_1m_beta=math.log(1.0 - opts.jsd_beta) if mode == 3 else 0.0, KD_MODE=mode, GRAD=grad, HAS_SOFTCAP=opts.has_softcap,
+            HAS_SMOOTHING=opts.has_smoothing, **_grad_args(opts), **cfg)
+        lse, label_logit, sum_logits, entropy, max_logit, kd = out.unbind(0)
+        return RowStats(lse=lse, label_logit=label_logit, sum_logits=sum_logits, entropy=entropy,
+                        max_logit=max_logit, kd=kd), dz
 
     def _launch(self, logits, labels, col0, opts, *, state: Optional[OnlineState] = None, lse=None,
                 row_scale=None, out_dtype=None):

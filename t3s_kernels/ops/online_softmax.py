@@ -45,6 +45,30 @@ def merge_softmax_state(m1, d1, u1, m2, d2, u2):
 
 
 @triton.jit
+def block_weighted_sum(x, values, col_valid):
+    """(m, d, w) over the valid columns of a tile: m = max x, d = sum e^(x - m), w = sum e^(x - m) * values.
+    Unlike ``u``, ``w`` is a plain weighted sum: it merges by rescaling alone (merge_weighted_sum)."""
+    penalty = tl.where(col_valid, 0.0, float("-inf"))
+    m = tl.max(x + penalty, axis=1)
+    e = tl.exp(x - m[:, None] + penalty)
+    return m, tl.sum(e, axis=1), tl.sum(e * tl.where(col_valid, values, 0.0), axis=1)
+
+
+@triton.jit
+def merge_weighted_sum(m1, d1, w1, m2, d2, w2):
+    m = tl.maximum(m1, m2)
+    a1 = tl.exp(m1 - m)
+    a2 = tl.exp(m2 - m)
+    return m, a1 * d1 + a2 * d2, a1 * w1 + a2 * w2
+
+
+@triton.jit
+def log_add_exp(a, b):
+    mx = tl.maximum(a, b)
+    return mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+
+
+@triton.jit
 def finish_softmax_state(m, d, u):
     """(lse, entropy) from a row's final state."""
     log_d = tl.log(d)
@@ -53,13 +77,14 @@ def finish_softmax_state(m, d, u):
 
 @triton.jit
 def loss_grad_wrt_logits(s, col_valid, is_label, lse, row_scale, ce_weight, smoothing, inv_vocab, z_loss,
-                         softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
+                         softcap, logit_scale, HAS_SOFTCAP: tl.constexpr, extra_ds=0.0):
     """dL/dz for the raw logits z of a tile, with L = sum_i g_i l_i and
-    l = ce_weight * (lse - (1 - eps) s_y - eps / V sum_j s_j) + z_loss * lse^2:
-        dl/ds_j = ce_weight * (p_j - (1 - eps) [j = y] - eps / V) + 2 z_loss lse p_j
+    l = ce_weight * (lse - (1 - eps) s_y - eps / V sum_j s_j) + z_loss * lse^2 (+ terms whose
+    dl/ds the caller passes as ``extra_ds``, e.g. distillation):
+        dl/ds_j = ce_weight * (p_j - (1 - eps) [j = y] - eps / V) + 2 z_loss lse p_j (+ extra_ds_j)
     then ds/dz = logit_scale * (1 - tanh^2) through the softcap."""
     p = tl.exp(s - lse[:, None])
-    ds = p * (ce_weight + 2.0 * z_loss * lse)[:, None] - ce_weight * smoothing * inv_vocab
+    ds = p * (ce_weight + 2.0 * z_loss * lse)[:, None] - ce_weight * smoothing * inv_vocab + extra_ds
     ds = tl.where(is_label, ds - ce_weight * (1.0 - smoothing), ds)
     ds = ds * (row_scale * logit_scale)[:, None]
     if HAS_SOFTCAP:

@@ -1,0 +1,122 @@
+"""The chunked strategy's epilogue with a teacher: student and teacher logits of a chunk
+(both by cuBLAS, float32), per-token CE + KD, statistics and dL/dz in one kernel.
+
+With s, t the two heads' logits after the softcap and T the KD temperature, the first sweep
+over a row keeps three online states: the student at T = 1 (CE, statistics), the student at
+T and the teacher at T, the last two with a weighted sum each (``merge_weighted_sum``):
+    A_f = sum_j e^(t_j/T - m_t) (t_j - s_j)/T     ->  KL(q || p) = A_f / d_t - lse_t + lse_sT
+    A_r = sum_j e^(s_j/T - m_s) (s_j - t_j)/T     ->  KL(p || q) = A_r / d_s - lse_sT + lse_t
+The generalized JSD (mixture m = (1 - beta) p + beta q) needs normalized p and q, so it takes
+one more sweep: JSD = beta KL(q || m) + (1 - beta) KL(p || m). The gradient sweep adds to the
+CE term dKD/ds_j, divided by T:
+    forward KL: p_j - q_j;   reverse KL: p_j (log p_j - log q_j - KL(p || q));
+    JSD: (1 - beta) p_j (log p_j - log m_j - KL(p || m)).
+KD_MODE: 1 forward KL, 2 reverse KL, 3 JSD with 0 < beta < 1 (beta 0 / 1 are modes 1 / 2);
+``log_beta`` and ``log_1m_beta`` come from the host (finite, as mode 3 has 0 < beta < 1).
+"""
+
+import triton
+import triton.language as tl
+
+from .online_softmax import (
+    block_softmax_state,
+    block_weighted_sum,
+    finish_softmax_state,
+    log_add_exp,
+    loss_grad_wrt_logits,
+    merge_softmax_state,
+    merge_weighted_sum,
+    transform_logits,
+)
+
+
+@triton.jit
+def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT, C, V,
+                            softcap, ce_weight, smoothing, inv_vocab, z_loss, kd_coef, inv_temp, beta, log_beta,
+                            log_1m_beta,
+                            KD_MODE: tl.constexpr, GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                            HAS_SMOOTHING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_valid = rows < C
+    y = tl.load(Y + rows, mask=row_valid, other=-1)
+    l_row = L + rows[:, None] * stride_l
+    lt_row = Lt + rows[:, None] * stride_lt
+
+    zero = tl.zeros((BLOCK_R,), tl.float32)
+    neg_inf = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    m, d, u, label_logit, sum_logits = neg_inf, zero, zero, zero, zero
+    m_s, d_s, a_r = neg_inf, zero, zero
+    m_t, d_t, a_f = neg_inf, zero, zero
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_valid = cols < V
+        mask = row_valid[:, None] & col_valid[None, :]
+        s = transform_logits(tl.load(l_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
+        t = transform_logits(tl.load(lt_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
+        m_b, d_b, u_b = block_softmax_state(s, col_valid[None, :])
+        m, d, u = merge_softmax_state(m, d, u, m_b, d_b, u_b)
+        label_logit += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+        if HAS_SMOOTHING:
+            sum_logits += tl.sum(tl.where(col_valid[None, :], s, 0.0), axis=1)
+        diff = (s - t) * inv_temp
+        m_b, d_b, w_b = block_weighted_sum(s * inv_temp, diff, col_valid[None, :])
+        m_s, d_s, a_r = merge_weighted_sum(m_s, d_s, a_r, m_b, d_b, w_b)
+        m_b, d_b, w_b = block_weighted_sum(t * inv_temp, -diff, col_valid[None, :])
+        m_t, d_t, a_f = merge_weighted_sum(m_t, d_t, a_f, m_b, d_b, w_b)
+    lse, entropy = finish_softmax_state(m, d, u)
+    lse_s = m_s + tl.log(d_s)
+    lse_t = m_t + tl.log(d_t)
+    kl_forward = a_f / d_t - lse_t + lse_s
+    kl_reverse = a_r / d_s - lse_s + lse_t
+
+    kl_pm = zero
+    if KD_MODE == 1:
+        kd = kl_forward
+    elif KD_MODE == 2:
+        kd = kl_reverse
+    else:
+        kl_qm = zero
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_valid = cols < V
+            mask = row_valid[:, None] & col_valid[None, :]
+            s = transform_logits(tl.load(l_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
+            t = transform_logits(tl.load(lt_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
+            log_p = s * inv_temp - lse_s[:, None]
+            log_q = t * inv_temp - lse_t[:, None]
+            log_m = log_add_exp(log_p + log_1m_beta, log_q + log_beta)
+            kl_pm += tl.sum(tl.where(col_valid[None, :], tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
+            kl_qm += tl.sum(tl.where(col_valid[None, :], tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
+        kd = beta * kl_qm + (1.0 - beta) * kl_pm
+
+    out = OUT + rows
+    tl.store(out, lse, mask=row_valid)
+    tl.store(out + C, label_logit, mask=row_valid)
+    tl.store(out + 2 * C, sum_logits, mask=row_valid)
+    tl.store(out + 3 * C, entropy, mask=row_valid)
+    tl.store(out + 4 * C, m, mask=row_valid)
+    tl.store(out + 5 * C, kd, mask=row_valid)
+
+    if GRAD:
+        g = tl.load(G + rows, mask=row_valid, other=0.0)
+        dz_row = DZ + rows[:, None] * stride_dz
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_valid = cols < V
+            mask = row_valid[:, None] & col_valid[None, :]
+            s = transform_logits(tl.load(l_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
+            t = transform_logits(tl.load(lt_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
+            log_p = s * inv_temp - lse_s[:, None]
+            log_q = t * inv_temp - lse_t[:, None]
+            p = tl.exp(log_p)
+            if KD_MODE == 1:
+                dkd = p - tl.exp(log_q)
+            elif KD_MODE == 2:
+                dkd = p * (log_p - log_q - kl_reverse[:, None])
+            else:
+                log_m = log_add_exp(log_p + log_1m_beta, log_q + log_beta)
+                dkd = (1.0 - beta) * p * (log_p - log_m - kl_pm[:, None])
+            dz = loss_grad_wrt_logits(s, col_valid[None, :], cols[None, :] == y[:, None], lse, g, ce_weight,
+                                      smoothing, inv_vocab, z_loss, softcap, 1.0, HAS_SOFTCAP,
+                                      extra_ds=(kd_coef * inv_temp) * dkd)
+            tl.store(dz_row + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
