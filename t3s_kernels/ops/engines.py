@@ -205,8 +205,8 @@ class TritonEpilogue:
             rows, width,
             softcap=float(opts.softcap or 1.0), kd_coef=opts.kd_weight * t2, inv_temp=1.0 / opts.kd_temperature,
             beta=float(opts.jsd_beta), log_beta=math.log(opts.jsd_beta) if mode == 3 else 0.0,
-            log_1m_beta=math.log(1.0 - opts.jsd_beta) if mode == 3 else 0.0, KD_MODE=mode, GRAD=grad, HAS_SOFTCAP=opts.has_softcap,
-            HAS_SMOOTHING=opts.has_smoothing, **_grad_args(opts), **cfg)
+            log_1m_beta=math.log(1.0 - opts.jsd_beta) if mode == 3 else 0.0, KD_MODE=mode, GRAD=grad,
+            HAS_SOFTCAP=opts.has_softcap, HAS_SMOOTHING=opts.has_smoothing, **_grad_args(opts), **cfg)
         lse, label_logit, sum_logits, entropy, max_logit, kd = out.unbind(0)
         return RowStats(lse=lse, label_logit=label_logit, sum_logits=sum_logits, entropy=entropy,
                         max_logit=max_logit, kd=kd), dz
