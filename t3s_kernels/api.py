@@ -116,8 +116,8 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     "renormalize" or "bucket"); ``kd_loss`` "forward_kl" (KL(teacher || student)), "reverse_kl" or
     "jsd" (mixture weight ``jsd_beta``; 0 and 1 give the two KLs); ``temperature`` divides both
     heads' logits in the KD term, ``kd_t2_scaling`` multiplies it by temperature^2. See
-    backends/distill.py and ops/distill_epilogue.py. It runs on the chunked strategies (PyTorch, and
-    Triton's with its distillation epilogue kernel); ``out.kd`` is the per-token KD.
+    backends/distill.py, ops/distill_epilogue.py and ops/tile_distill.py: every strategy carries the
+    teacher (a sparse one: the chunked strategies); ``out.kd`` is the per-token KD.
     """
     check_options(backend=backend, strategy=strategy, softcap=softcap, label_smoothing=label_smoothing,
                   z_loss=z_loss, ce_weight=ce_weight, temperature=1.0, reduction=reduction,
@@ -135,10 +135,9 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if isinstance(normalizer, torch.Tensor):
         normalizer = float(normalizer.item())
     teacher = None
+    if has_teacher and strategy == "tile" and teacher_hidden is None:
+        raise ValueError("a sparse (top-k) teacher runs on the chunked strategies; use strategy='chunked'")
     if has_teacher:
-        if strategy == "tile":
-            raise ValueError("distillation (a teacher) runs on the chunked strategies so far; strategy='tile' "
-                             "has no teacher kernels yet")
         flat = (lambda t: None if t is None else t.reshape(-1, t.shape[-1]).detach())  # noqa: E731
         teacher = TeacherRows(hidden=flat(teacher_hidden), weight=None if teacher_weight is None else
                               teacher_weight.detach(), bias=None if teacher_bias is None else teacher_bias.detach(),

@@ -46,15 +46,16 @@ def eager_loss(x, w, y, tw, t_logits, *, kd_loss, beta, temperature, kd_weight, 
 @pytest.mark.parametrize("kd_loss,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3),
                                           ("jsd", 1.0)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_dense_teacher_matches_reference(backend, kd_loss, beta, temperature, dtype, reduction):
+@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked"), ("triton", "tile")])
+def test_dense_teacher_matches_reference(backend, strategy, kd_loss, beta, temperature, dtype, reduction):
     inputs = make_inputs(dtype=dtype, weights="zeros", ignored=4)
     th, tw_ = teacher(dtype=dtype)
     x = inputs["hidden"].clone().requires_grad_()
     w = inputs["weight"].clone().requires_grad_()
     out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], token_weights=inputs["token_weights"], teacher_hidden=th,
                                     teacher_weight=tw_, kd_weight=0.6, ce_weight=0.8, kd_loss=kd_loss, jsd_beta=beta,
-                                    temperature=temperature, reduction=reduction, return_stats=True, backend=backend)
+                                    temperature=temperature, reduction=reduction, return_stats=True, backend=backend,
+                                    strategy=strategy)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref, kd = eager_loss(xd, wd, inputs["labels"], inputs["token_weights"], th.double() @ tw_.double().t(),
                          kd_loss=kd_loss, beta=beta, temperature=temperature, kd_weight=0.6, ce_weight=0.8,
@@ -68,23 +69,25 @@ def test_dense_teacher_matches_reference(backend, kd_loss, beta, temperature, dt
         assert_close(got, want, tol["grad"], name)
 
 
-def test_triton_distillation_with_softcap_smoothing_and_several_chunks():
+def test_triton_distillation_with_softcap_smoothing_bias_and_several_chunks():
     inputs = make_inputs(bias=True, weights="zeros", ignored=3, logit_scale=2.0)
     th, tw_ = teacher()
     kw = dict(teacher_hidden=th, teacher_weight=tw_, kd_weight=0.7, kd_loss="jsd", jsd_beta=0.3, temperature=1.5,
               softcap=4.0, label_smoothing=0.1, z_loss=1e-3, return_stats=True)
     outs, grads = [], []
-    for backend, budget in (("torch", None), ("triton", 10 * 203 * 8)):
+    for backend, strategy, budget in (("torch", "auto", None), ("triton", "chunked", 10 * 203 * 8),
+                                      ("triton", "tile", None)):
         x = inputs["hidden"].clone().requires_grad_()
         out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], bias=inputs["bias"],
-                                        token_weights=inputs["token_weights"], backend=backend,
-                                        chunk_budget_bytes=budget, **kw)
+                                        token_weights=inputs["token_weights"], backend=backend, strategy=strategy,
+                                        chunk_budget_bytes=budget, teacher_bias=inputs["bias"] * 0.5, **kw)
         outs.append(out)
         grads.append(torch.autograd.grad(out.loss, x)[0])
-    assert_close(outs[1].loss, outs[0].loss, 1e-6, "loss")
-    assert_close(outs[1].kd, outs[0].kd, 1e-5, "kd", floor=1e-2)
-    assert_close(outs[1].entropy, outs[0].entropy, 1e-6, "entropy")
-    assert_close(grads[1], grads[0], 1e-5, "dX")
+    for out, grad in zip(outs[1:], grads[1:]):
+        assert_close(out.loss, outs[0].loss, 1e-6, "loss")
+        assert_close(out.kd, outs[0].kd, 1e-5, "kd", floor=1e-2)
+        assert_close(out.entropy, outs[0].entropy, 1e-6, "entropy")
+        assert_close(grad, grads[0], 1e-5, "dX")
 
 
 def test_t2_scaling_and_no_teacher_grad():
@@ -166,7 +169,9 @@ def test_chunked_distillation_stays_within_its_budget():
     (dict(jsd_beta=1.5), ValueError, r"jsd_beta must be <= 1"),
     (dict(temperature=0.0), ValueError, r"temperature must be > 0"),
     (dict(sparse_tail="drop"), ValueError, r"sparse_tail must be one of"),
-    (dict(backend="triton", strategy="tile"), ValueError, r"strategy='tile' has no teacher kernels yet"),
+    (dict(backend="triton", strategy="tile", teacher_hidden=None, teacher_weight=None,
+          teacher_topk_ids=torch.zeros(37, 4, dtype=torch.long), teacher_topk_logprobs=torch.zeros(37, 4) - 1),
+     ValueError, r"a sparse \(top-k\) teacher runs on the chunked strategies"),
     (dict(teacher_topk_ids=torch.zeros(37, 4, dtype=torch.long), teacher_topk_logprobs=torch.zeros(37, 4)),
      ValueError, "not both"),
 ])

@@ -23,6 +23,12 @@ from .chunk_epilogue import chunk_epilogue_kernel
 from .distill_epilogue import distill_epilogue_kernel
 from .engines import KERNEL_CONFIGS
 from .tile_backward import tile_backward_kernel
+from .tile_distill import (
+    merge_distill_splits_kernel,
+    tile_distill_backward_kernel,
+    tile_distill_forward_kernel,
+    tile_jsd_kernel,
+)
 from .tile_forward import merge_splits_kernel, tile_forward_kernel
 
 KERNELS = {
@@ -31,16 +37,20 @@ KERNELS = {
     "chunk_epilogue": chunk_epilogue_kernel,
     "merge_splits": merge_splits_kernel,
     "distill_epilogue": distill_epilogue_kernel,
+    "tile_distill_forward": tile_distill_forward_kernel,
+    "tile_jsd": tile_jsd_kernel,
+    "tile_distill_backward": tile_distill_backward_kernel,
+    "merge_distill_splits": merge_distill_splits_kernel,
 }
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_INPUT_POINTERS = {"X", "W", "B", "DZ"}  # in the inputs' dtype
-_FP32_POINTERS = {"PART", "OUT", "LSE", "G", "DX", "DW", "DB", "L", "Lt"}
+_INPUT_POINTERS = {"X", "W", "B", "DZ", "Xt", "Wt", "Bt"}  # in the inputs' dtype
+_FP32_POINTERS = {"PART", "OUT", "LSE", "G", "DX", "DW", "DB", "L", "Lt", "LSE_S", "LSE_T", "STATS"}
 _FLOAT_SCALARS = {"softcap", "logit_scale", "ce_weight", "smoothing", "inv_vocab", "z_loss", "kd_coef", "inv_temp",
                   "beta", "log_beta", "log_1m_beta"}
 # The most demanding variant of each feature flag.
 _FLAGS = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, COMPUTE_DX=True, COMPUTE_DW=True,
-              COMPUTE_DB=True, ACCUMULATE=True, GRAD=True, UPCAST=False, KD_MODE=3)
+              COMPUTE_DB=True, ACCUMULATE=True, GRAD=True, UPCAST=False, KD_MODE=3, HAS_TEACHER_BIAS=True)
 
 
 @dataclass
@@ -119,9 +129,9 @@ def compile_all(archs=(90, 80), dtypes=(torch.bfloat16, torch.float32)) -> list[
 
 
 def format_reports(reports: list[CompileReport]) -> str:
-    lines = [f"{'kernel':<18}{'dtype':<7}{'arch':<7}{'smem KiB':>9}{'regs':>6}{'spill st/ld B':>15}{'warps':>6}"]
+    lines = [f"{'kernel':<22}{'dtype':<7}{'arch':<7}{'smem KiB':>9}{'regs':>6}{'spill st/ld B':>15}{'warps':>6}"]
     for r in reports:
-        lines.append(f"{r.kernel:<18}{r.dtype:<7}sm_{r.arch:<4}{r.shared_bytes / 1024:>9.1f}{r.registers:>6}"
+        lines.append(f"{r.kernel:<22}{r.dtype:<7}sm_{r.arch:<4}{r.shared_bytes / 1024:>9.1f}{r.registers:>6}"
                      f"{f'{r.spill_stores}/{r.spill_loads}':>15}{r.num_warps:>6}")
     return "\n".join(lines)
 

@@ -19,15 +19,23 @@ import triton
 import triton.language as tl
 
 from .online_softmax import (
-    block_softmax_state,
-    block_weighted_sum,
     finish_softmax_state,
-    log_add_exp,
+    fold_kd_block,
+    fold_student_block,
+    jsd_terms,
+    kd_grad_wrt_student,
     loss_grad_wrt_logits,
-    merge_softmax_state,
-    merge_weighted_sum,
+    store_row_stats,
     transform_logits,
 )
+
+
+@triton.jit
+def _load_both(l_row, lt_row, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    """A block of both heads' logits, softcapped."""
+    s = tl.load(l_row + cols[None, :], mask=mask, other=0.0)
+    t = tl.load(lt_row + cols[None, :], mask=mask, other=0.0)
+    return transform_logits(s, softcap, 1.0, HAS_SOFTCAP), transform_logits(t, softcap, 1.0, HAS_SOFTCAP)
 
 
 @triton.jit
@@ -51,18 +59,10 @@ def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT
         cols = v0 + tl.arange(0, BLOCK_V)
         col_valid = cols < V
         mask = row_valid[:, None] & col_valid[None, :]
-        s = transform_logits(tl.load(l_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
-        t = transform_logits(tl.load(lt_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
-        m_b, d_b, u_b = block_softmax_state(s, col_valid[None, :])
-        m, d, u = merge_softmax_state(m, d, u, m_b, d_b, u_b)
-        label_logit += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
-        if HAS_SMOOTHING:
-            sum_logits += tl.sum(tl.where(col_valid[None, :], s, 0.0), axis=1)
-        diff = (s - t) * inv_temp
-        m_b, d_b, w_b = block_weighted_sum(s * inv_temp, diff, col_valid[None, :])
-        m_s, d_s, a_r = merge_weighted_sum(m_s, d_s, a_r, m_b, d_b, w_b)
-        m_b, d_b, w_b = block_weighted_sum(t * inv_temp, -diff, col_valid[None, :])
-        m_t, d_t, a_f = merge_weighted_sum(m_t, d_t, a_f, m_b, d_b, w_b)
+        s, t = _load_both(l_row, lt_row, cols, mask, softcap, HAS_SOFTCAP)
+        m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid[None, :], y, m, d, u, label_logit,
+                                                              sum_logits, HAS_SMOOTHING)
+        m_s, d_s, a_r, m_t, d_t, a_f = fold_kd_block(s, t, col_valid[None, :], inv_temp, m_s, d_s, a_r, m_t, d_t, a_f)
     lse, entropy = finish_softmax_state(m, d, u)
     lse_s = m_s + tl.log(d_s)
     lse_t = m_t + tl.log(d_t)
@@ -80,22 +80,14 @@ def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT
             cols = v0 + tl.arange(0, BLOCK_V)
             col_valid = cols < V
             mask = row_valid[:, None] & col_valid[None, :]
-            s = transform_logits(tl.load(l_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
-            t = transform_logits(tl.load(lt_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
-            log_p = s * inv_temp - lse_s[:, None]
-            log_q = t * inv_temp - lse_t[:, None]
-            log_m = log_add_exp(log_p + log_1m_beta, log_q + log_beta)
-            kl_pm += tl.sum(tl.where(col_valid[None, :], tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
-            kl_qm += tl.sum(tl.where(col_valid[None, :], tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
+            s, t = _load_both(l_row, lt_row, cols, mask, softcap, HAS_SOFTCAP)
+            pm, qm = jsd_terms(s, t, col_valid[None, :], lse_s, lse_t, inv_temp, log_beta, log_1m_beta)
+            kl_pm += pm
+            kl_qm += qm
         kd = beta * kl_qm + (1.0 - beta) * kl_pm
 
-    out = OUT + rows
-    tl.store(out, lse, mask=row_valid)
-    tl.store(out + C, label_logit, mask=row_valid)
-    tl.store(out + 2 * C, sum_logits, mask=row_valid)
-    tl.store(out + 3 * C, entropy, mask=row_valid)
-    tl.store(out + 4 * C, m, mask=row_valid)
-    tl.store(out + 5 * C, kd, mask=row_valid)
+    store_row_stats(OUT, C, rows, row_valid, lse, label_logit, sum_logits, entropy, m)
+    tl.store(OUT + 5 * C + rows, kd, mask=row_valid)
 
     if GRAD:
         g = tl.load(G + rows, mask=row_valid, other=0.0)
@@ -104,19 +96,9 @@ def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT
             cols = v0 + tl.arange(0, BLOCK_V)
             col_valid = cols < V
             mask = row_valid[:, None] & col_valid[None, :]
-            s = transform_logits(tl.load(l_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
-            t = transform_logits(tl.load(lt_row + cols[None, :], mask=mask, other=0.0), softcap, 1.0, HAS_SOFTCAP)
-            log_p = s * inv_temp - lse_s[:, None]
-            log_q = t * inv_temp - lse_t[:, None]
-            p = tl.exp(log_p)
-            if KD_MODE == 1:
-                dkd = p - tl.exp(log_q)
-            elif KD_MODE == 2:
-                dkd = p * (log_p - log_q - kl_reverse[:, None])
-            else:
-                log_m = log_add_exp(log_p + log_1m_beta, log_q + log_beta)
-                dkd = (1.0 - beta) * p * (log_p - log_m - kl_pm[:, None])
+            s, t = _load_both(l_row, lt_row, cols, mask, softcap, HAS_SOFTCAP)
+            dkd = kd_grad_wrt_student(s, t, lse_s, lse_t, kl_reverse, kl_pm, inv_temp, beta, log_beta, log_1m_beta,
+                                      KD_MODE)
             dz = loss_grad_wrt_logits(s, col_valid[None, :], cols[None, :] == y[:, None], lse, g, ce_weight,
-                                      smoothing, inv_vocab, z_loss, softcap, 1.0, HAS_SOFTCAP,
-                                      extra_ds=(kd_coef * inv_temp) * dkd)
+                                      smoothing, inv_vocab, z_loss, softcap, 1.0, HAS_SOFTCAP, extra_ds=kd_coef * dkd)
             tl.store(dz_row + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)

@@ -50,6 +50,22 @@ KERNEL_CONFIGS = {
         "half": dict(BLOCK_R=1, BLOCK_V=1024, num_warps=8, num_stages=1),
         "fp32": dict(BLOCK_R=1, BLOCK_V=1024, num_warps=8, num_stages=1),
     },
+    "tile_distill_forward": {
+        "half": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1),
+    },
+    "tile_jsd": {
+        "half": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1),
+    },
+    "tile_distill_backward": {
+        "half": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=1),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1),
+    },
+    "merge_distill_splits": {
+        "half": dict(BLOCK=128, num_warps=4, num_stages=1),
+        "fp32": dict(BLOCK=128, num_warps=4, num_stages=1),
+    },
 }
 
 # Under TRITON_INTERPRET=1 (tests on CPU): small blocks, so odd shapes cross several of them.
@@ -59,6 +75,10 @@ INTERPRETER_CONFIGS = {
     "chunk_epilogue": dict(BLOCK_R=4, BLOCK_V=64),
     "merge_splits": dict(BLOCK=16),
     "distill_epilogue": dict(BLOCK_R=4, BLOCK_V=64),
+    "tile_distill_forward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16),
+    "tile_jsd": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16),
+    "tile_distill_backward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16),
+    "merge_distill_splits": dict(BLOCK=16),
 }
 
 
@@ -149,20 +169,131 @@ def tile_backward(x, weight, bias, labels, lse, row_scale, opts: HeadOptions, gr
     return HeadGrads(hidden=None if dx is None else dx.to(x.dtype), weight=dw, bias=db)
 
 
+def _kd_scalars(opts: HeadOptions) -> dict:
+    mode = kd_mode(opts)
+    return dict(inv_temp=1.0 / opts.kd_temperature, log_beta=math.log(opts.jsd_beta) if mode == 3 else 0.0,
+                log_1m_beta=math.log(1.0 - opts.jsd_beta) if mode == 3 else 0.0)
+
+
+def _teacher_args(x, weight, teacher) -> tuple:
+    if not teacher.dense:
+        raise ValueError("a sparse (top-k) teacher runs on the chunked strategies; use strategy='chunked'")
+    _check_int32_offsets(teacher.hidden, teacher.weight)
+    th, tw = teacher.hidden, teacher.weight
+    return (th, tw, teacher.bias if teacher.bias is not None else th), \
+        (th.shape[1], th.stride(0), th.stride(1), tw.stride(0), tw.stride(1))
+
+
+def tile_distill_forward(x, weight, bias, labels, teacher, opts: HeadOptions):
+    """Statistics with the per-row KD, and the per-row terms the backward needs (5 x n)."""
+    from .tile_distill import (
+        N_FINAL,
+        N_PARTIAL,
+        merge_distill_splits_kernel,
+        tile_distill_forward_kernel,
+        tile_jsd_kernel,
+    )
+
+    _check_int32_offsets(x, weight)
+    n, h = x.shape
+    vocab = weight.shape[0]
+    t_ptrs, t_dims = _teacher_args(x, weight, teacher)
+    cfg = kernel_config("tile_distill_forward", x.dtype)
+    n_row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    n_vocab_blocks = triton.cdiv(vocab, cfg["BLOCK_N"])
+    splits = _split_count(n_row_blocks, n_vocab_blocks, x.device)
+    blocks_per_split = triton.cdiv(n_vocab_blocks, splits)
+    splits = triton.cdiv(n_vocab_blocks, blocks_per_split)
+    common = (x, weight, bias if bias is not None else x, *t_ptrs)
+    shapes = (n, vocab, h, t_dims[0], x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *t_dims[1:])
+    flags = dict(HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher.bias is not None, HAS_SOFTCAP=opts.has_softcap,
+                 DOT_PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x.dtype))
+    kd = _kd_scalars(opts)
+    part = torch.empty(N_PARTIAL, splits, n, device=x.device, dtype=torch.float32)
+    tile_distill_forward_kernel[(n_row_blocks, splits)](
+        *common, labels, part, *shapes, softcap=float(opts.softcap or 1.0), inv_temp=kd["inv_temp"],
+        blocks_per_split=blocks_per_split, HAS_SMOOTHING=opts.has_smoothing, **flags, **cfg)
+    final = torch.empty(N_FINAL, n, device=x.device, dtype=torch.float32)
+    mcfg = kernel_config("merge_distill_splits", x.dtype)
+    merge_distill_splits_kernel[(triton.cdiv(n, mcfg["BLOCK"]),)](part, final, n, splits, **mcfg)
+    lse, label_logit, sum_logits, entropy, max_logit, lse_s, lse_t, kl_forward, kl_reverse = final.unbind(0)
+    mode = kd_mode(opts)
+    kl_pm = torch.zeros_like(lse)
+    if mode == 1:
+        kd_value = kl_forward
+    elif mode == 2:
+        kd_value = kl_reverse
+    else:
+        jcfg = kernel_config("tile_jsd", x.dtype)
+        j_blocks = triton.cdiv(vocab, jcfg["BLOCK_N"])
+        j_splits = _split_count(triton.cdiv(n, jcfg["BLOCK_M"]), j_blocks, x.device)
+        j_per_split = triton.cdiv(j_blocks, j_splits)
+        j_splits = triton.cdiv(j_blocks, j_per_split)
+        jpart = torch.empty(2, j_splits, n, device=x.device, dtype=torch.float32)
+        tile_jsd_kernel[(triton.cdiv(n, jcfg["BLOCK_M"]), j_splits)](
+            *common, lse_s, lse_t, jpart, *shapes, softcap=float(opts.softcap or 1.0), blocks_per_split=j_per_split,
+            **kd, **flags, **jcfg)
+        kl_pm, kl_qm = jpart.sum(1).unbind(0)
+        kd_value = opts.jsd_beta * kl_qm + (1.0 - opts.jsd_beta) * kl_pm
+    stats = RowStats(lse=lse, label_logit=label_logit, sum_logits=sum_logits, entropy=entropy, max_logit=max_logit,
+                     kd=kd_value)
+    return stats, torch.stack([lse, lse_s, lse_t, kl_reverse, kl_pm])
+
+
+def tile_distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts: HeadOptions,
+                          grads: GradRequest) -> HeadGrads:
+    from .tile_distill import tile_distill_backward_kernel
+
+    n, h = x.shape
+    vocab = weight.shape[0]
+    t_ptrs, t_dims = _teacher_args(x, weight, teacher)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dx = torch.zeros(n, h, **f32) if grads.hidden else None
+    dw = torch.zeros(vocab, h, **f32) if grads.weight else None
+    db = torch.zeros(vocab, **f32) if grads.bias and bias is not None else None
+    if n:
+        cfg = kernel_config("tile_distill_backward", x.dtype)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(vocab, cfg["BLOCK_N"]),)
+        t2 = opts.kd_temperature ** 2 if opts.kd_t2_scaling else 1.0
+        tile_distill_backward_kernel[grid](
+            x, weight, bias if bias is not None else x, *t_ptrs, labels, aux.contiguous(),
+            row_scale.float().contiguous(), dx if dx is not None else aux, dw if dw is not None else aux,
+            db if db is not None else aux, n, vocab, h, t_dims[0], x.stride(0), x.stride(1), weight.stride(0),
+            weight.stride(1), *t_dims[1:], softcap=float(opts.softcap or 1.0), kd_coef=opts.kd_weight * t2,
+            beta=float(opts.jsd_beta), KD_MODE=kd_mode(opts), HAS_BIAS=bias is not None,
+            HAS_TEACHER_BIAS=teacher.bias is not None, HAS_SOFTCAP=opts.has_softcap, COMPUTE_DX=dx is not None,
+            COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, DOT_PRECISION=dot_precision(x.dtype),
+            UPCAST=upcast_dot(x.dtype), **_kd_scalars(opts),
+            **_grad_args(opts), **cfg)
+    return HeadGrads(hidden=None if dx is None else dx.to(x.dtype), weight=dw, bias=db)
+
+
 class TileEngine:
-    """Triton tile strategy: forward tile kernel (1 matmul), backward tile kernel (3 more)."""
+    """Triton tile strategy: forward tile kernel (1 matmul), backward tile kernel (3 more).
+    With a teacher: both heads' tiles side by side (tile_distill.py); the backward recomputes
+    the forward's per-row terms first (one more forward of both heads)."""
 
     fuses_backward = False
 
     def forward(self, x, weight, bias, labels, opts: HeadOptions, row_scale=None,
-                grads: GradRequest = GradRequest()):
+                grads: GradRequest = GradRequest(), teacher=None):
+        want_grads = row_scale is not None and grads.any
+        if teacher is not None:
+            stats, aux = tile_distill_forward(x, weight, bias, labels, teacher, opts)
+            head_grads = tile_distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts, grads) \
+                if want_grads else None
+            return stats, head_grads
         stats = tile_forward(x, weight, bias, labels, opts)
         head_grads = None
-        if row_scale is not None and grads.any:
+        if want_grads:
             head_grads = tile_backward(x, weight, bias, labels, stats.lse, row_scale, opts, grads)
         return stats, head_grads
 
-    def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions, grads: GradRequest):
+    def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions, grads: GradRequest,
+                 teacher=None):
+        if teacher is not None:
+            _, aux = tile_distill_forward(x, weight, bias, labels, teacher, opts)
+            return tile_distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts, grads)
         return tile_backward(x, weight, bias, labels, lse, row_scale, opts, grads)
 
 

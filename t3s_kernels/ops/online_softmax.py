@@ -91,3 +91,65 @@ def loss_grad_wrt_logits(s, col_valid, is_label, lse, row_scale, ce_weight, smoo
         t = s / (logit_scale * softcap)
         ds = ds * (1.0 - t * t)
     return tl.where(col_valid, ds, 0.0)
+
+
+@triton.jit
+def fold_student_block(s, cols, col_valid, y, m, d, u, label_logit, sum_logits, HAS_SMOOTHING: tl.constexpr):
+    """Fold one tile of transformed student logits into the rows' state, label logit and logit sum."""
+    m_b, d_b, u_b = block_softmax_state(s, col_valid)
+    m, d, u = merge_softmax_state(m, d, u, m_b, d_b, u_b)
+    label_logit += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+    if HAS_SMOOTHING:
+        sum_logits += tl.sum(tl.where(col_valid, s, 0.0), axis=1)
+    return m, d, u, label_logit, sum_logits
+
+
+@triton.jit
+def fold_kd_block(s, t, col_valid, inv_temp, m_s, d_s, a_r, m_t, d_t, a_f):
+    """Fold one tile of both heads into the tempered states: (m_s, d_s, A_r) of the student and
+    (m_t, d_t, A_f) of the teacher, A_r = sum e^(s/T - m_s) (s - t)/T, A_f = sum e^(t/T - m_t) (t - s)/T."""
+    diff = (s - t) * inv_temp
+    m_b, d_b, w_b = block_weighted_sum(s * inv_temp, diff, col_valid)
+    m_s, d_s, a_r = merge_weighted_sum(m_s, d_s, a_r, m_b, d_b, w_b)
+    m_b, d_b, w_b = block_weighted_sum(t * inv_temp, -diff, col_valid)
+    m_t, d_t, a_f = merge_weighted_sum(m_t, d_t, a_f, m_b, d_b, w_b)
+    return m_s, d_s, a_r, m_t, d_t, a_f
+
+
+@triton.jit
+def jsd_terms(s, t, col_valid, lse_s, lse_t, inv_temp, log_beta, log_1m_beta):
+    """This tile's share of KL(p || m) and KL(q || m), m = (1 - beta) p + beta q (tempered)."""
+    log_p = s * inv_temp - lse_s[:, None]
+    log_q = t * inv_temp - lse_t[:, None]
+    log_m = log_add_exp(log_p + log_1m_beta, log_q + log_beta)
+    kl_pm = tl.sum(tl.where(col_valid, tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
+    kl_qm = tl.sum(tl.where(col_valid, tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
+    return kl_pm, kl_qm
+
+
+@triton.jit
+def kd_grad_wrt_student(s, t, lse_s, lse_t, kl_reverse, kl_pm, inv_temp, beta, log_beta, log_1m_beta,
+                        KD_MODE: tl.constexpr):
+    """dKD/ds for the student's (softcapped) logits s; KD_MODE 1 forward KL, 2 reverse KL, 3 JSD."""
+    log_p = s * inv_temp - lse_s[:, None]
+    log_q = t * inv_temp - lse_t[:, None]
+    p = tl.exp(log_p)
+    if KD_MODE == 1:
+        dkd = p - tl.exp(log_q)
+    elif KD_MODE == 2:
+        dkd = p * (log_p - log_q - kl_reverse[:, None])
+    else:
+        log_m = log_add_exp(log_p + log_1m_beta, log_q + log_beta)
+        dkd = (1.0 - beta) * p * (log_p - log_m - kl_pm[:, None])
+    return dkd * inv_temp
+
+
+@triton.jit
+def store_row_stats(OUT, plane, rows, valid, lse, label_logit, sum_logits, entropy, max_logit):
+    """The five per-row statistics every forward kernel returns, as planes 0..4 of OUT."""
+    out = OUT + rows
+    tl.store(out, lse, mask=valid)
+    tl.store(out + plane, label_logit, mask=valid)
+    tl.store(out + 2 * plane, sum_logits, mask=valid)
+    tl.store(out + 3 * plane, entropy, mask=valid)
+    tl.store(out + 4 * plane, max_logit, mask=valid)

@@ -11,7 +11,13 @@ import triton
 import triton.language as tl
 
 from .head_tile import head_logits_tile
-from .online_softmax import block_softmax_state, finish_softmax_state, merge_softmax_state, transform_logits
+from .online_softmax import (
+    block_softmax_state,
+    finish_softmax_state,
+    merge_softmax_state,
+    store_row_stats,
+    transform_logits,
+)
 
 # Order of the quantities in the partial / final state buffers.
 N_STATE = 5  # partial: m, d, u, label_logit, sum_logits; final: lse, label_logit, sum_logits, entropy, max
@@ -81,9 +87,4 @@ def merge_splits_kernel(PART, OUT, N, n_splits, BLOCK: tl.constexpr):
         label_logit += tl.load(part + 3 * plane, mask=valid, other=0.0)
         sum_logits += tl.load(part + 4 * plane, mask=valid, other=0.0)
     lse, entropy = finish_softmax_state(m, d, u)
-    out = OUT + rows
-    tl.store(out, lse, mask=valid)
-    tl.store(out + N, label_logit, mask=valid)
-    tl.store(out + 2 * N, sum_logits, mask=valid)
-    tl.store(out + 3 * N, entropy, mask=valid)
-    tl.store(out + 4 * N, m, mask=valid)
+    store_row_stats(OUT, N, rows, valid, lse, label_logit, sum_logits, entropy, m)

@@ -32,7 +32,8 @@ def compile_reports():
 
 def test_every_kernel_variant_was_compiled(compile_reports):
     kernels = {r["kernel"] for r in compile_reports}
-    assert kernels == {"tile_forward", "tile_backward", "chunk_epilogue", "merge_splits", "distill_epilogue"}
+    assert kernels == {"tile_forward", "tile_backward", "chunk_epilogue", "merge_splits", "distill_epilogue",
+                       "tile_distill_forward", "tile_jsd", "tile_distill_backward", "merge_distill_splits"}
     assert {(r["arch"], r["dtype"]) for r in compile_reports} == {
         (a, d) for a in (90, 80) for d in ("bf16", "fp16", "fp32")}
 
