@@ -56,7 +56,7 @@ KERNEL_CONFIGS = {
     },
     "tile_jsd": {
         "half": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
-        "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=1),
     },
     "tile_distill_backward": {
         "half": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=1),
