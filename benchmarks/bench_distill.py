@@ -1,5 +1,7 @@
 """Distillation, fwd+bwd: eager (both heads' full logits, log_softmax, KL + CE) against the fused
-loss with a teacher head of the same shape; Liger's fused linear JSD where installed (GPU).
+loss with a teacher head of the same shape (its default strategy; on a GPU also the tile one);
+Liger's fused linear JSD and chunked JSD loss where installed (GPU). The peers' losses weigh CE
+and KD as their APIs do, so compare their time and memory, not their values.
 
     python benchmarks/bench_distill.py [--tokens 4096 --hidden 256 --vocab 65536] [--kd-loss forward_kl]
 """
@@ -57,26 +59,43 @@ def main(argv=None):
             fn(xl, wl).backward()
         return run
 
-    providers = {
-        "eager": lambda xl, wl: eager(xl, wl, y, th, tw, args.kd_loss),
-        "t3s-torch": lambda xl, wl: t3s.fused_linear_t3s_loss(
-            xl, wl, y, teacher_hidden=th, teacher_weight=tw, kd_weight=1.0, kd_loss="jsd", jsd_beta=beta).loss,
-    }
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_jsd  # noqa: F401
-        if dev.type == "cuda":
-            providers["liger-jsd"] = lambda xl, wl: liger_fused_linear_jsd(xl, wl, th, tw, y, 1 - beta, -100, 1.0)
-    except ImportError:
-        pass
+    def ours(strategy):
+        return lambda xl, wl: t3s.fused_linear_t3s_loss(xl, wl, y, teacher_hidden=th, teacher_weight=tw,
+                                                        kd_weight=1.0, kd_loss="jsd", jsd_beta=beta,
+                                                        strategy=strategy).loss
+
+    providers = {"eager": lambda xl, wl: eager(xl, wl, y, th, tw, args.kd_loss),
+                 "t3s" if dev.type == "cuda" else "t3s-torch": ours("auto")}
+    if dev.type == "cuda":
+        providers["t3s-tile"] = ours("tile")
+    if dev.type == "cuda":  # the peers are GPU-only; their signatures are those of Liger-Kernel 0.6
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_jsd
+
+            providers["liger-fused-jsd"] = lambda xl, wl: liger_fused_linear_jsd(xl, wl, th, tw, y, 1 - beta, -100,
+                                                                                1.0)
+        except ImportError:
+            pass
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+            chunked = LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=1.0, beta=1 - beta)
+            providers["liger-chunked-jsd"] = lambda xl, wl: chunked(xl, wl, th, tw, y)
+        except ImportError:
+            pass
     rows = []
     for name, fn in providers.items():
-        run = runner(fn)
-        _, peak = peak_memory_bytes(run, dev)
-        rows.append(dict(provider=name, fwd_bwd_ms=time_ms(run, dev, args.repeat), peak_mib=peak / 2**20))
+        try:
+            run = runner(fn)
+            _, peak = peak_memory_bytes(run, dev)
+            rows.append(dict(provider=name, fwd_bwd_ms=time_ms(run, dev, args.repeat), peak_mib=peak / 2**20))
+        except Exception as e:  # a peer whose API differs is reported, not fatal
+            rows.append(dict(provider=name, fwd_bwd_ms=float("nan"), peak_mib=float("nan"),
+                             note=f"{type(e).__name__}: {str(e)[:80]}"))
     print(f"{device_name(dev)} | distillation fwd+bwd, N={n} H={h} V={v} {args.dtype}, teacher of the same shape, "
           f"{args.kd_loss} + CE")
     for r in rows:
-        print(f"{r['provider']:<12}{r['fwd_bwd_ms']:10.0f} ms{r['peak_mib']:10.0f} MiB")
+        print(f"{r['provider']:<18}{r['fwd_bwd_ms']:10.0f} ms{r['peak_mib']:10.0f} MiB  {r.get('note', '')}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
