@@ -1,7 +1,7 @@
 """Distillation, fwd+bwd: eager (both heads' full logits, log_softmax, KL + CE) against the fused
 loss with a teacher head of the same shape (its default strategy; on a GPU also the tile one);
-Liger's fused linear JSD and chunked JSD loss where installed (GPU). The peers' losses weigh CE
-and KD as their APIs do, so compare their time and memory, not their values.
+Liger's fused linear JSD and chunked JSD loss and TRL's chunked divergence where installed
+(GPU). The peers' losses weigh CE and KD as their APIs do: compare time and memory, not values.
 
     python benchmarks/bench_distill.py [--tokens 4096 --hidden 256 --vocab 65536] [--kd-loss forward_kl]
 """
@@ -81,6 +81,14 @@ def main(argv=None):
 
             chunked = LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=1.0, beta=1 - beta)
             providers["liger-chunked-jsd"] = lambda xl, wl: chunked(xl, wl, th, tw, y)
+        except ImportError:
+            pass
+        try:  # TRL's tiled generalized JSD (a private helper of its DistillationTrainer, TRL >= 1.0)
+            from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+            every = torch.ones(1, n, device=dev)
+            providers["trl-chunked-divergence"] = lambda xl, wl: _chunked_divergence_loss(
+                xl[None], th[None], wl, tw, every, beta)[0]
         except ImportError:
             pass
     rows = []
