@@ -39,7 +39,7 @@ def test_vocab_and_token_chunks(epilogue, chunk_rows, vocab_chunk, dtype, reduct
     assert_close(loss, ref, tol["value"], "loss")
     assert_close(entropy, stats["entropy"], tol["value"], "entropy")
     assert_close(logprob, stats["logprob"], tol["value"], "logprob")
-    g = torch.linspace(-1, 2, loss.numel()).view(loss.shape)
+    g = torch.linspace(-1, 2, loss.numel(), device=loss.device).view(loss.shape)
     for name, got, want in zip(("dX", "dW", "db"), torch.autograd.grad(loss, (x, w, b), g),
                                torch.autograd.grad(ref, (rx, rw, rb), g.double())):
         assert_close(got, want, tol["grad"], name)
