@@ -31,7 +31,7 @@ MODES = ("causal", "masked_diffusion")
 _STATE = "_t3s_patch"
 
 
-def _split(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+def split_backbone_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     backbone = getattr(model, "model", None)
     head = getattr(model, "lm_head", None)
     if backbone is None and hasattr(model, "get_decoder"):
@@ -47,7 +47,7 @@ def _split(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return backbone, head
 
 
-def _final_softcap(config) -> Optional[float]:
+def final_softcap(config) -> Optional[float]:
     for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
         cap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
         if cap:
@@ -99,12 +99,12 @@ def _make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
             if num_items_in_batch is not None:
                 call["num_items_in_batch"] = num_items_in_batch
             return _original_forward(self)(**call)
-        backbone, head = _split(self)
+        backbone, head = split_backbone_head(self)
         kwargs.pop("return_dict", None)
         outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         options = dict(loss.options)
-        options.setdefault("softcap", _final_softcap(self.config))
+        options.setdefault("softcap", final_softcap(self.config))
         options.update({k: v for k, v in teacher.items() if v is not None})
         if mode == "masked_diffusion":
             # labels are already aligned with the positions (no shift), -100 where not masked.
@@ -141,7 +141,7 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
         if reserved in loss_options:
             raise ValueError(f"{reserved} is set by the patch from the model and the batch; do not pass it "
                              "(teacher inputs go to each forward call)")
-    _split(model)
+    split_backbone_head(model)
     if is_t3s_patched(model):
         raise ValueError(f"{type(model).__name__} is already patched; call revert_t3s first")
     loss = T3SLoss(**loss_options)  # validates the option names and values now, not at the first step

@@ -66,9 +66,12 @@ class ChunkedEngine:
         self.chunk_rows = chunk_rows
         self.vocab_chunk = vocab_chunk
 
+    def _budget(self, device: torch.device) -> int:
+        return self.budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
+
     def _plan(self, n: int, vocab: int, device: torch.device) -> tuple[int, int]:
-        budget = self.budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
-        return plan_chunks(n, vocab, self.epilogue.bytes_per_logit, budget, self.chunk_rows, self.vocab_chunk)
+        return plan_chunks(n, vocab, self.epilogue.bytes_per_logit, self._budget(device), self.chunk_rows,
+                           self.vocab_chunk)
 
     @staticmethod
     def _logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], v0: int, v1: int,
@@ -124,8 +127,7 @@ class ChunkedEngine:
                       out: Optional[HeadGrads]) -> RowStats:
         """Whole vocabulary rows of both heads per token chunk (backends/distill.py)."""
         n, vocab = x.shape[0], weight.shape[0]
-        budget = self.budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES.get(x.device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
-        rows = self.chunk_rows or max(1, budget // (self.epilogue.distill_bytes_per_logit * vocab))
+        rows = self.chunk_rows or max(1, self._budget(x.device) // (self.epilogue.distill_bytes_per_logit * vocab))
         parts = []
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)

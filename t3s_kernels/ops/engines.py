@@ -123,16 +123,20 @@ def _check_int32_offsets(x: torch.Tensor, weight: torch.Tensor) -> None:
                          "elements; use strategy='chunked'")
 
 
+def _vocab_splits(n: int, vocab: int, cfg: dict, device: torch.device) -> tuple[int, int, int]:
+    """(row blocks, vocabulary splits, blocks per split) of a forward tile grid."""
+    n_row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    n_vocab_blocks = triton.cdiv(vocab, cfg["BLOCK_N"])
+    blocks_per_split = triton.cdiv(n_vocab_blocks, _split_count(n_row_blocks, n_vocab_blocks, device))
+    return n_row_blocks, triton.cdiv(n_vocab_blocks, blocks_per_split), blocks_per_split
+
+
 def tile_forward(x, weight, bias, labels, opts: HeadOptions) -> RowStats:
     _check_int32_offsets(x, weight)
     n, h = x.shape
     vocab = weight.shape[0]
     cfg = kernel_config("tile_forward", x.dtype)
-    n_row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
-    n_vocab_blocks = triton.cdiv(vocab, cfg["BLOCK_N"])
-    splits = _split_count(n_row_blocks, n_vocab_blocks, x.device)
-    blocks_per_split = triton.cdiv(n_vocab_blocks, splits)
-    splits = triton.cdiv(n_vocab_blocks, blocks_per_split)
+    n_row_blocks, splits, blocks_per_split = _vocab_splits(n, vocab, cfg, x.device)
     part = torch.empty(N_STATE, splits, n, device=x.device, dtype=torch.float32)
     tile_forward_kernel[(n_row_blocks, splits)](
         x, weight, bias if bias is not None else x, labels, part, n, vocab, h,
@@ -199,11 +203,7 @@ def tile_distill_forward(x, weight, bias, labels, teacher, opts: HeadOptions):
     vocab = weight.shape[0]
     t_ptrs, t_dims = _teacher_args(x, weight, teacher)
     cfg = kernel_config("tile_distill_forward", x.dtype)
-    n_row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
-    n_vocab_blocks = triton.cdiv(vocab, cfg["BLOCK_N"])
-    splits = _split_count(n_row_blocks, n_vocab_blocks, x.device)
-    blocks_per_split = triton.cdiv(n_vocab_blocks, splits)
-    splits = triton.cdiv(n_vocab_blocks, blocks_per_split)
+    n_row_blocks, splits, blocks_per_split = _vocab_splits(n, vocab, cfg, x.device)
     common = (x, weight, bias if bias is not None else x, *t_ptrs)
     shapes = (n, vocab, h, t_dims[0], x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *t_dims[1:])
     flags = dict(HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher.bias is not None, HAS_SOFTCAP=opts.has_softcap,
@@ -225,12 +225,9 @@ def tile_distill_forward(x, weight, bias, labels, teacher, opts: HeadOptions):
         kd_value = kl_reverse
     else:
         jcfg = kernel_config("tile_jsd", x.dtype)
-        j_blocks = triton.cdiv(vocab, jcfg["BLOCK_N"])
-        j_splits = _split_count(triton.cdiv(n, jcfg["BLOCK_M"]), j_blocks, x.device)
-        j_per_split = triton.cdiv(j_blocks, j_splits)
-        j_splits = triton.cdiv(j_blocks, j_per_split)
+        j_row_blocks, j_splits, j_per_split = _vocab_splits(n, vocab, jcfg, x.device)
         jpart = torch.empty(2, j_splits, n, device=x.device, dtype=torch.float32)
-        tile_jsd_kernel[(triton.cdiv(n, jcfg["BLOCK_M"]), j_splits)](
+        tile_jsd_kernel[(j_row_blocks, j_splits)](
             *common, lse_s, lse_t, jpart, *shapes, softcap=float(opts.softcap or 1.0), blocks_per_split=j_per_split,
             **kd, **flags, **jcfg)
         kl_pm, kl_qm = jpart.sum(1).unbind(0)

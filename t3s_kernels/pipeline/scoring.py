@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..api import token_stats
-from ..patching import _final_softcap, _split
+from ..patching import final_softcap, split_backbone_head
 from .data import IGNORE, Example
 from .store import ScoreStore, iter_batches
 
@@ -48,12 +48,12 @@ def _stats_dict(n: int, device) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def score_batch_causal(model, examples: list[Example], pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
-    backbone, head = _split(model)
+    backbone, head = split_backbone_head(model)
     device = head.weight.device
     ids, labels, attn = _pad(examples, pad_id, device)
     hidden = backbone(input_ids=ids, attention_mask=attn).last_hidden_state
     targets = labels[:, 1:]  # position t-1 predicts token t
-    st = token_stats(hidden[:, :-1], head.weight, targets, bias=head.bias, softcap=_final_softcap(model.config))
+    st = token_stats(hidden[:, :-1], head.weight, targets, bias=head.bias, softcap=final_softcap(model.config))
     out = []
     for r, e in enumerate(examples):
         n = len(e.input_ids)
@@ -69,7 +69,7 @@ def score_batch_causal(model, examples: list[Example], pad_id: int = 0) -> list[
 @torch.no_grad()
 def score_batch_masked_diffusion(model, examples: list[Example], indices: list[int], *, mask_token_id: int,
                                  rounds: int = 2, seed: int = 0, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
-    backbone, head = _split(model)
+    backbone, head = split_backbone_head(model)
     device = head.weight.device
     ids, labels, attn = _pad(examples, pad_id, device)
     groups = torch.full(ids.shape, -1, dtype=torch.long)
@@ -84,7 +84,7 @@ def score_batch_masked_diffusion(model, examples: list[Example], indices: list[i
         noisy = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
         hidden = backbone(input_ids=noisy, attention_mask=attn).last_hidden_state
         st = token_stats(hidden, head.weight, torch.where(masked, ids, torch.full_like(ids, IGNORE)), bias=head.bias,
-                         softcap=_final_softcap(model.config))
+                         softcap=final_softcap(model.config))
         for r, e in enumerate(examples):
             n = len(e.input_ids)
             m = masked[r, :n]
