@@ -11,7 +11,7 @@ import torch
 
 from .backends.chunked import ChunkedEngine, TorchEpilogue
 from .backends.distill import TeacherRows
-from .function import FusedLinearT3SFunction, LossConfig, no_autocast
+from .function import FusedLinearT3SFunction, LossConfig, no_autocast, scatter_stats
 from .options import DEFAULT_STRATEGY, GradRequest, HeadOptions
 from .validation import check_head_inputs, check_options, check_teacher
 
@@ -50,10 +50,16 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def resolve_backend(device: torch.device, backend: str) -> str:
+    """"auto" is Triton on CUDA (when installed), PyTorch elsewhere."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    return backend
+
+
 def make_engine(device: torch.device, backend: str, strategy: str, chunk_budget_bytes: Optional[int] = None):
     """The engine that evaluates the head for the given backend / strategy on ``device``."""
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    backend = resolve_backend(device, backend)
     if backend == "torch":
         if strategy == "tile":
             raise ValueError("strategy='tile' needs backend='triton'; the torch backend is chunked")
@@ -178,24 +184,20 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     x = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long().contiguous()  # kernels index labels densely
     device = x.device
-    if backend == "triton" or (backend == "auto" and device.type == "cuda" and triton_available(device)):
-        engine = make_engine(device, "triton", "tile")  # the forward tile kernel is the 1-matmul path
-    else:
-        engine = make_engine(device, "torch", "auto", chunk_budget_bytes)
+    backend = resolve_backend(device, backend)
+    # On Triton, the forward tile kernel: the 1-matmul path.
+    engine = make_engine(device, backend, "tile" if backend == "triton" else "auto", chunk_budget_bytes)
     opts = HeadOptions(vocab_size=weight.shape[0], softcap=softcap, logit_scale=1.0 / float(temperature))
-    valid = y != ignore_index
     n = y.shape[0]
-    f32 = dict(device=device, dtype=torch.float32)
-    lse, logprob, entropy = (torch.zeros(n, **f32) for _ in range(3))
-    correct = torch.zeros(n, device=device, dtype=torch.bool)
-    idx = valid.nonzero().squeeze(1)
+    idx = (y != ignore_index).nonzero().squeeze(1)
+    parts = []
     if idx.numel():
         all_valid = idx.numel() == n
         with no_autocast(device):
             st, _ = engine.forward(x if all_valid else x[idx], weight, bias, y if all_valid else y[idx], opts,
                                    grads=GradRequest(False, False, False))
-        lse[idx], logprob[idx], entropy[idx] = st.lse, st.label_logit - st.lse, st.entropy
-        correct[idx] = st.label_logit >= st.max_logit
+        parts.append((st, idx))
+    lse, logprob, entropy, correct, _ = scatter_stats(parts, n, device)
     return TokenStats(logprob=logprob.view(lead), entropy=entropy.view(lead), correct=correct.view(lead),
                       lse=lse.view(lead))
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from .backends.base import Engine, HeadGrads, per_token_loss
+from .backends.base import Engine, HeadGrads, RowStats, per_token_loss
 from .options import GradRequest, HeadOptions
 
 
@@ -43,6 +43,20 @@ def _scatter_rows(values: torch.Tensor, index: Optional[torch.Tensor], n: int) -
 
 def _select(t: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
     return t if index is None else t[index]
+
+
+def scatter_stats(parts: "list[tuple[RowStats, torch.Tensor]]", n: int, device: torch.device):
+    """(lse, logprob, entropy, correct, kd) over all n rows from the statistics of row subsets;
+    0 / False at rows no part covers (ignored labels)."""
+    f32 = dict(device=device, dtype=torch.float32)
+    lse, logprob, entropy, kd = (torch.zeros(n, **f32) for _ in range(4))
+    correct = torch.zeros(n, device=device, dtype=torch.bool)
+    for st, idx in parts:
+        lse[idx], logprob[idx], entropy[idx] = st.lse, st.label_logit - st.lse, st.entropy
+        correct[idx] = st.label_logit >= st.max_logit
+        if st.kd is not None:
+            kd[idx] = st.kd
+    return lse, logprob, entropy, correct, kd
 
 
 def no_autocast(device: torch.device):
@@ -101,15 +115,8 @@ class FusedLinearT3SFunction(torch.autograd.Function):
             stats_parts.append(st)
             index_parts.append(scored_idx)
 
-        f32 = dict(device=x.device, dtype=torch.float32)
-        lse, logprob, entropy, kd = (torch.zeros(n, **f32) for _ in range(4))
-        correct = torch.zeros(n, device=x.device, dtype=torch.bool)
-        per_row = torch.zeros(n, **f32)
-        for st, idx in zip(stats_parts, index_parts):
-            lse[idx], logprob[idx], entropy[idx] = st.lse, st.label_logit - st.lse, st.entropy
-            correct[idx] = st.label_logit >= st.max_logit
-            if st.kd is not None:
-                kd[idx] = st.kd
+        lse, logprob, entropy, correct, kd = scatter_stats(list(zip(stats_parts, index_parts)), n, x.device)
+        per_row = torch.zeros(n, device=x.device, dtype=torch.float32)
         if n_contrib:
             contrib_stats = stats_parts[0]
             per_row[index_parts[0]] = row_w * per_token_loss(contrib_stats, cfg.opts)
@@ -117,15 +124,11 @@ class FusedLinearT3SFunction(torch.autograd.Function):
 
         ctx.cfg, ctx.n, ctx.grads, ctx.divisor = cfg, n, grads, divisor
         ctx.contrib_idx, ctx.n_contrib, ctx.eager = contrib_idx, n_contrib, eager_grads
-        ctx.w_dtype = weight.dtype
         # Shapes of the inputs, for the all-zero gradients of a batch with no contributing token.
         ctx.input_meta = [(t.shape, t.dtype, t.device) if t is not None else None for t in (x, weight, bias)]
         if eager_grads:
             # Keep dW in the weight's dtype between forward and backward: half the memory.
-            ctx.head_grads = HeadGrads(
-                hidden=head_grads.hidden,
-                weight=None if head_grads.weight is None else head_grads.weight.to(weight.dtype),
-                bias=None if head_grads.bias is None else head_grads.bias.to(bias.dtype))
+            ctx.head_grads = head_grads.cast(weight.dtype, None if bias is None else bias.dtype)
         elif grads.any and n_contrib:
             lse_c = stats_parts[0].lse
             ctx.save_for_backward(x_c, weight, bias, y_c, lse_c, row_w)
@@ -139,21 +142,15 @@ class FusedLinearT3SFunction(torch.autograd.Function):
         if ctx.n_contrib == 0:
             hg = None
         elif ctx.eager:
-            hg = ctx.head_grads
-            scale = grad_loss
-            hg = HeadGrads(hidden=None if hg.hidden is None else hg.hidden * scale.to(hg.hidden.dtype),
-                           weight=None if hg.weight is None else hg.weight * scale.to(hg.weight.dtype),
-                           bias=None if hg.bias is None else hg.bias * scale.to(hg.bias.dtype))
+            hg = ctx.head_grads.scaled(grad_loss)
         else:
             x_c, weight, bias, y_c, lse_c, row_w = ctx.saved_tensors
             if cfg.reduction == "none":
                 row_scale = _select(grad_loss, ctx.contrib_idx).float() * row_w
             else:
                 row_scale = grad_loss.float() * row_w / ctx.divisor
-            g = cfg.engine.backward(x_c, weight, bias, y_c, lse_c, row_scale, cfg.opts, grads, **ctx.teacher_kw)
-            hg = HeadGrads(hidden=g.hidden,
-                           weight=None if g.weight is None else g.weight.to(ctx.w_dtype),
-                           bias=None if g.bias is None else g.bias.to(bias.dtype))
+            hg = cfg.engine.backward(x_c, weight, bias, y_c, lse_c, row_scale, cfg.opts, grads,
+                                     **ctx.teacher_kw).cast(weight.dtype, None if bias is None else bias.dtype)
         if hg is None:
             wants = (grads.hidden, grads.weight, grads.bias)
             hg = HeadGrads(*(torch.zeros(meta[0], dtype=meta[1], device=meta[2]) if want else None

@@ -59,7 +59,7 @@ def is_t3s_patched(model) -> bool:
     return _STATE in vars(model) or _STATE in vars(type(model))
 
 
-def _output(model, outputs, loss):
+def _output(outputs, loss):
     """The model's usual output type, with the loss and no logits."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -117,7 +117,7 @@ def _make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
             out = causal_lm_loss(hidden, head.weight, labels if shift_labels is None else None,
                                  shift_labels=shift_labels, selection=t3s_weights,
                                  num_items_in_batch=num_items_in_batch, bias=head.bias, **options)
-        return _output(self, outputs, out.loss)
+        return _output(outputs, out.loss)
 
     return forward
 

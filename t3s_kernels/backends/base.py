@@ -62,6 +62,14 @@ class HeadGrads:
     weight: Optional[torch.Tensor]  # [V, H], float32 accumulator
     bias: Optional[torch.Tensor]  # [V], float32 accumulator
 
+    def cast(self, weight_dtype: torch.dtype, bias_dtype: Optional[torch.dtype]) -> "HeadGrads":
+        """The accumulators in the parameters' dtypes (dX already is in the hidden states')."""
+        return HeadGrads(hidden=self.hidden, weight=None if self.weight is None else self.weight.to(weight_dtype),
+                         bias=None if self.bias is None else self.bias.to(bias_dtype))
+
+    def scaled(self, scale: torch.Tensor) -> "HeadGrads":
+        return HeadGrads(*(None if g is None else g * scale.to(g.dtype) for g in (self.hidden, self.weight, self.bias)))
+
 
 class Engine(Protocol):
     """A way to evaluate the head. Rows given to it are already compacted by the caller."""

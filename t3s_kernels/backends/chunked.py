@@ -101,10 +101,13 @@ class ChunkedEngine:
 
     @staticmethod
     def _backprop(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, v0: int, v1: int,
-                  out: HeadGrads, dx_acc: Optional[torch.Tensor]) -> None:
-        """dX (into ``dx_acc``, float32, or returned whole), dW and db of one [rows x vocab chunk] gradient."""
+                  out: HeadGrads, dx_acc: Optional[torch.Tensor], rows: Optional[slice] = None) -> None:
+        """dX, dW and db of one [rows x vocab chunk] gradient. dX goes into ``dx_acc`` (float32,
+        summed over vocabulary chunks), or, for whole vocabulary rows, straight into ``out.hidden[rows]``."""
         if dx_acc is not None:
             addmm_f32_(dx_acc, dz, weight[v0:v1])
+        elif rows is not None and out.hidden is not None:
+            torch.mm(dz, weight, out=out.hidden[rows])
         if out.weight is not None:
             addmm_f32_(out.weight[v0:v1], dz.t(), x)
         if out.bias is not None:
@@ -140,9 +143,7 @@ class ChunkedEngine:
                                            None if row_scale is None else row_scale[r0:r1], opts, x.dtype)
             parts.append(st)
             if dz is not None:
-                if out.hidden is not None:
-                    torch.mm(dz, weight, out=out.hidden[r0:r1])
-                self._backprop(dz, xc, weight, 0, vocab, out, None)
+                self._backprop(dz, xc, weight, 0, vocab, out, None, rows=slice(r0, r1))
         return RowStats.cat(parts)
 
     def forward(self, x, weight, bias, labels, opts: HeadOptions, row_scale=None,
@@ -166,9 +167,7 @@ class ChunkedEngine:
                 logits = self._logits(xc, weight, bias, 0, vocab, buffer)
                 dz = self.epilogue.accumulate_and_gradient(logits, yc, state, row_scale[r0:r1], opts, x.dtype)
                 del logits
-                if out.hidden is not None:
-                    torch.mm(dz, weight, out=out.hidden[r0:r1])
-                self._backprop(dz, xc, weight, 0, vocab, out, None)
+                self._backprop(dz, xc, weight, 0, vocab, out, None, rows=slice(r0, r1))
             else:
                 for v0 in range(0, vocab, vocab_chunk):
                     v1 = min(v0 + vocab_chunk, vocab)
