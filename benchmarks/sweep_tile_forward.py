@@ -1,0 +1,39 @@
+"""Time ``token_stats`` (the forward tile kernel) at Qwen3-8B's head for several tile_forward
+launch configurations, beside one cuBLAS matmul, on a GPU. A tuning aid: a configuration
+adopted into ``KERNEL_CONFIGS`` must still compile without spills (tests/ops/test_compile.py).
+
+    PYTHONPATH=. python benchmarks/sweep_tile_forward.py
+"""
+
+import torch
+
+import t3s_kernels as t3s
+from t3s_kernels.bench import time_ms
+from t3s_kernels.ops import engines
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+CONFIGS = [(128, 64, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3),
+           (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 128, 8, 2)]
+
+
+def main():
+    n, h, v = 16384, 4096, 151936
+    dev = torch.device("cuda")
+    x = torch.randn(n, h, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(v, h, device=dev, dtype=torch.bfloat16) * 0.03
+    y = torch.randint(0, v, (n,), device=dev)
+    logits = torch.empty(n, v, device=dev, dtype=torch.bfloat16)
+    torch.mm(x, w.t(), out=logits)
+    print(f"one matmul: {time_ms(lambda: torch.mm(x, w.t(), out=logits), dev, 3):.1f} ms", flush=True)
+    logits = None  # free the N x V buffer before the sweep
+    ref = t3s.token_stats(x, w, y).lse
+    for bm, bn, bk, warps, stages in CONFIGS:
+        engines.KERNEL_CONFIGS["tile_forward"]["half"] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                                                              num_stages=stages)
+        err = (t3s.token_stats(x, w, y).lse - ref).abs().max().item()  # also the warm-up (compile)
+        ms = time_ms(lambda: t3s.token_stats(x, w, y), dev, 3)
+        print(f"{(bm, bn, bk, warps, stages)}: {ms:.1f} ms, max |lse - default's| {err:.1e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
