@@ -13,7 +13,7 @@ from .backends.chunked import ChunkedEngine, TorchEpilogue
 from .backends.distill import TeacherRows
 from .function import FusedLinearT3SFunction, LossConfig, no_autocast, scatter_stats
 from .options import DEFAULT_STRATEGY, GradRequest, HeadOptions
-from .validation import check_head_inputs, check_options, check_teacher
+from .validation import check_head_inputs, check_ignore_index, check_kd_options, check_options, check_teacher
 
 
 @dataclass
@@ -95,14 +95,17 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           jsd_beta: float = 0.5, temperature: float = 1.0, kd_t2_scaling: bool = False,
                           sparse_tail: str = "renormalize",
                           ignore_index: int = -100, label_smoothing: float = 0.0,
-                          z_loss: float = 0.0, softcap: Optional[float] = None, reduction: str = "mean",
+                          z_loss: float = 0.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                          reduction: str = "mean",
                           normalizer: Union[None, float, int, torch.Tensor] = None, return_stats: bool = False,
                           backend: str = "auto", strategy: str = "auto",
                           chunk_budget_bytes: Optional[int] = None) -> T3SLossOutput:
     """LM head + T3S loss in one pass, never holding the [tokens x vocab] logits.
 
     Per token ``l_i = ce_weight * CE_i (label smoothing) + z_loss * lse_i^2`` on the logits
-    ``softcap * tanh((hidden @ weight.T + bias) / softcap)``. A token contributes when its
+    ``logit_scale * softcap * tanh((hidden @ weight.T + bias) / softcap)`` (a model's own logit
+    multiplier, e.g. Cohere's ``logit_scale`` or 1 / Granite's ``logits_scaling``; the KD term's
+    ``temperature`` divides these). A token contributes when its
     label is not ``ignore_index`` and its weight is not 0; "sum" is ``sum_i w_i l_i``, "mean"
     divides it by the number of contributing tokens, ``normalizer`` (e.g. num_items_in_batch)
     replaces that divisor; "none" returns ``w_i l_i`` per token (0 where not contributing).
@@ -127,7 +130,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """
     check_options(backend=backend, strategy=strategy, softcap=softcap, label_smoothing=label_smoothing,
                   z_loss=z_loss, ce_weight=ce_weight, temperature=1.0, reduction=reduction,
-                  normalizer=normalizer, chunk_budget_bytes=chunk_budget_bytes)
+                  normalizer=normalizer, chunk_budget_bytes=chunk_budget_bytes, logit_scale=logit_scale)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index)
     has_teacher = check_teacher(hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
@@ -141,6 +144,9 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if isinstance(normalizer, torch.Tensor):
         normalizer = float(normalizer.item())
     teacher = None
+    if has_teacher and logit_scale != 1.0 and resolve_backend(x.device, backend) == "triton":
+        raise ValueError("logit_scale != 1 with a teacher runs on backend='torch' only (the Triton distillation "
+                         "kernels carry no logit scale yet)")
     if has_teacher and strategy == "tile" and teacher_hidden is None:
         raise ValueError("a sparse (top-k) teacher runs on the chunked strategies; use strategy='chunked'")
     if has_teacher:
@@ -151,7 +157,8 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                               topk_logprobs=flat(teacher_topk_logprobs))
     cfg = LossConfig(
         engine=make_engine(x.device, backend, strategy, chunk_budget_bytes),
-        opts=HeadOptions(vocab_size=weight.shape[0], softcap=softcap, ce_weight=float(ce_weight),
+        opts=HeadOptions(vocab_size=weight.shape[0], softcap=softcap, logit_scale=float(logit_scale),
+                         ce_weight=float(ce_weight),
                          label_smoothing=float(label_smoothing), z_loss=float(z_loss), kd_weight=float(kd_weight),
                          kd_loss=kd_loss, jsd_beta=float(jsd_beta), kd_temperature=float(temperature),
                          kd_t2_scaling=bool(kd_t2_scaling), sparse_tail=sparse_tail),
@@ -168,16 +175,19 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 @torch.no_grad()
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, temperature: float = 1.0,
-                ignore_index: int = -100, backend: str = "auto",
+                bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
                 chunk_budget_bytes: Optional[int] = None) -> TokenStats:
-    """Forward only: per-token statistics of ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
+    """Forward only: per-token statistics of
+    ``softmax(logit_scale * softcap(hidden @ weight.T + bias) / temperature)`` (``logit_scale`` is the
+    model's own logit multiplier, as in :func:`fused_linear_t3s_loss`).
 
     This is what scoring a dataset needs (T3S's confidence is ``logprob``). On the Triton
     backend it is one tile kernel at the cost of one matmul, storing O(tokens) floats.
     """
     check_options(backend=backend, strategy="auto", softcap=softcap, label_smoothing=0.0, z_loss=0.0,
-                  ce_weight=1.0, temperature=temperature, chunk_budget_bytes=chunk_budget_bytes)
+                  ce_weight=1.0, temperature=temperature, chunk_budget_bytes=chunk_budget_bytes,
+                  logit_scale=logit_scale)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     check_head_inputs(hidden, weight, labels, bias, None, ignore_index)
     lead = labels.shape
@@ -187,7 +197,7 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     backend = resolve_backend(device, backend)
     # On Triton, the forward tile kernel: the 1-matmul path.
     engine = make_engine(device, backend, "tile" if backend == "triton" else "auto", chunk_budget_bytes)
-    opts = HeadOptions(vocab_size=weight.shape[0], softcap=softcap, logit_scale=1.0 / float(temperature))
+    opts = HeadOptions(vocab_size=weight.shape[0], softcap=softcap, logit_scale=float(logit_scale) / float(temperature))
     n = y.shape[0]
     idx = (y != ignore_index).nonzero().squeeze(1)
     parts = []
@@ -217,7 +227,14 @@ class T3SLoss(torch.nn.Module):
                       softcap=probe.get("softcap"), label_smoothing=probe.get("label_smoothing", 0.0),
                       z_loss=probe.get("z_loss", 0.0), ce_weight=probe.get("ce_weight", 1.0), temperature=1.0,
                       reduction=probe.get("reduction", "mean"), normalizer=probe.get("normalizer"),
-                      chunk_budget_bytes=probe.get("chunk_budget_bytes"))
+                      chunk_budget_bytes=probe.get("chunk_budget_bytes"), logit_scale=probe.get("logit_scale", 1.0))
+        check_kd_options(kd_weight=probe.get("kd_weight", 0.0), kd_loss=probe.get("kd_loss", "forward_kl"),
+                         jsd_beta=probe.get("jsd_beta", 0.5), temperature=probe.get("temperature", 1.0),
+                         sparse_tail=probe.get("sparse_tail", "renormalize"))
+        check_ignore_index(probe.get("ignore_index", -100))
+        for flag in ("kd_t2_scaling", "return_stats"):
+            if not isinstance(probe.get(flag, False), bool):
+                raise TypeError(f"{flag} must be a bool; got {probe[flag]!r}")
         self.options = options
 
     def forward(self, hidden, weight, labels, token_weights=None, **overrides) -> T3SLossOutput:

@@ -1,24 +1,38 @@
 """One-call patching of HuggingFace models: ``apply_t3s(model)`` / ``revert_t3s(model)``.
 
-A patched model, in training with labels, runs its backbone, then the fused op on the last
-hidden states and the LM head's weight, and returns ``logits=None``: the [tokens x vocab]
-logits never exist. In eval mode, or without labels, it is the unpatched model exactly
-(logits, ``logits_to_keep``, caches). It accepts ``t3s_weights`` (B, T): a bool mask (True
-keeps a token in the loss) or float weights, aligned with ``labels``.
+A patched model, in training with labels, runs its own forward with the LM head swapped for a
+capture: the head's input (the hidden states after whatever the model does to them first: a
+BERT-style transform, MiniCPM3's hidden scale, ...) is kept, and the head returns a (1, 1, V)
+*probe* row instead of the [tokens x vocab] logits. The fused op then evaluates the head on
+the captured hidden states with the model's own head math (logit scale, soft cap, vocabulary
+truncation; :func:`head_math`), and the model's own extra loss terms are added as the unpatched
+model adds them (the MoE router auxiliary loss, with the model's coefficient). The output is
+the model's own output class with ``logits=None``. In eval mode, or without labels, it is the
+unpatched model exactly (logits, ``logits_to_keep``, caches).
 
-Works for any ``*ForCausalLM`` with a backbone / LM-head split (``model.model`` and
-``model.lm_head``, or ``get_decoder()`` and ``get_output_embeddings()``): Qwen2/3, Llama,
-Mistral, Gemma-2/3 (their ``final_logit_softcapping`` is passed through), and
-bidirectional masked-diffusion students with the same split (LLaDA 2.0's
-``LLaDA2MoeModelLM``) through ``mode="masked_diffusion"``: labels already aligned (no
-shift; ``shift="dream"`` for Dream's convention), usually from
-:mod:`t3s_kernels.adapters.masked_diffusion`.
+Exact or refused. What the patch cannot reproduce it refuses at ``apply_t3s`` time, naming the
+reason: wrapped models (DDP, FSDP1, DeepSpeed, torch.compile: patch the inner model first),
+heads that are not exactly ``nn.Linear``, models that do not shift their labels (causal mode),
+in-model z-losses over unlabelled positions, a user-set ``loss_function``. Two nets catch what
+the registry misses:
+
+- the *probe*: every patched forward checks that what the model did to the probe row after
+  the head equals the declared head math (cost: one V-element row);
+- the *equivalence check* (``check=True``, the default): ``apply_t3s`` runs the unpatched and
+  the patched forward on a tiny random batch (2 x 16 tokens, same RNG state, so dropout and
+  router noise draw the same) and compares the losses (and the MoE auxiliary loss); a mismatch
+  raises, naming the architecture and both losses. Cost: two forward passes of that batch, no
+  backward. With parameters on the meta device (deferred initialization) it runs at the first
+  training forward instead.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import types
+import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,42 +44,240 @@ from .api import T3SLoss
 MODES = ("causal", "masked_diffusion")
 _STATE = "_t3s_patch"
 
+# ---------------------------------------------------------------------------------------------
+# The model's own head math, read from its config.
 
-def split_backbone_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    backbone = getattr(model, "model", None)
-    head = getattr(model, "lm_head", None)
-    if backbone is None and hasattr(model, "get_decoder"):
-        try:
-            backbone = model.get_decoder()
-        except (AttributeError, NotImplementedError):
-            backbone = None
-    if head is None and hasattr(model, "get_output_embeddings"):
-        head = model.get_output_embeddings()
-    if not isinstance(backbone, torch.nn.Module) or not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: it needs a backbone (model.model) and a "
-                        "linear LM head (model.lm_head), as HuggingFace *ForCausalLM models have")
-    return backbone, head
+SOFTCAP_NAMES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+# model_type -> how the model scales the head's output: logits * f(config, model).
+LOGIT_SCALES = {
+    **{t: lambda cfg, m: 1.0 / cfg.logits_scaling  # logits / logits_scaling
+       for t in ("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoeshared", "granitemoehybrid")},
+    **{t: lambda cfg, m: getattr(m, "logit_scale", None) or cfg.logit_scale or 1.0  # logits * logit_scale
+       for t in ("cohere", "cohere2", "cohere2_moe", "cohere_compass_text")},
+    "hyperclovax": lambda cfg, m: cfg.logits_scaling,  # logits * logits_scaling (not a divisor here)
+    "falcon_h1": lambda cfg, m: m.model.lm_head_multiplier,
+}
+# Families whose causal-LM loss compares position t with label t (no shift).
+UNSHIFTED_LABELS = ("bart", "mbart", "marian", "pegasus", "plbart", "mvp", "blenderbot", "blenderbot-small",
+                    "bigbird_pegasus", "trocr", "whisper", "xlnet", "xlm", "prophetnet", "cpmant")
+# Where a model keeps the coefficient of its router auxiliary loss (on itself or its config).
+AUX_COEF_NAMES = ("router_aux_loss_coef", "aux_loss_coef")
+
+
+@dataclass(frozen=True)
+class HeadMath:
+    """What the model does to the head's output z: ``logits = logit_scale * softcap * tanh(z / softcap)``,
+    and the first ``vocab`` columns only (None: all)."""
+
+    logit_scale: float = 1.0
+    softcap: Optional[float] = None
+    vocab: Optional[int] = None
+
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        z = z[..., :self.vocab] if self.vocab is not None else z
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z * self.logit_scale
+
+
+def _configs(model):
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return (config, text) if text is not config else (config,)
+
+
+def head_math(model) -> HeadMath:
+    """The model's head math, from its config (see ``LOGIT_SCALES``, ``SOFTCAP_NAMES``)."""
+    scale, cap, vocab = 1.0, None, None
+    for cfg in _configs(model):
+        if cfg.model_type in LOGIT_SCALES:
+            scale = float(LOGIT_SCALES[cfg.model_type](cfg, model))
+        for name in SOFTCAP_NAMES:
+            if getattr(cfg, name, None):
+                cap = float(getattr(cfg, name))
+        if getattr(cfg, "unpadded_vocab_size", None):
+            vocab = int(cfg.unpadded_vocab_size)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"apply_t3s: {type(model).__name__}'s logit scale is {scale}; expected a finite number > 0")
+    return HeadMath(logit_scale=scale, softcap=cap, vocab=vocab)
 
 
 def final_softcap(config) -> Optional[float]:
+    """The soft cap a config puts on the final logits, under any of its names (None: no cap)."""
     for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
-        cap = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
-        if cap:
-            return float(cap)
+        for name in SOFTCAP_NAMES:
+            cap = getattr(cfg, name, None) if cfg is not None else None
+            if cap:
+                return float(cap)
     return None
 
+
+def lm_head(model) -> torch.nn.Linear:
+    """The model's LM head: the module whose output is the logits (``get_output_embeddings()``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        head = getattr(model, "lm_head", None)
+    if head is None:
+        raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: it has no LM head "
+                        "(get_output_embeddings() / lm_head), as HuggingFace causal LMs have")
+    if type(head) is not torch.nn.Linear:
+        raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: its LM head is a {type(head).__name__}, "
+                        "not exactly torch.nn.Linear, so its forward may scale or transform the logits in ways the "
+                        "fused op does not reproduce")
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the model with its head captured.
+
+_PROBE_SEED = 20261128
+
+
+def _probe_row(vocab: int, device) -> torch.Tensor:
+    """A fixed (1, 1, V) float32 row of distinct values in about [-4, 4]: what the capture returns as logits."""
+    g = torch.Generator().manual_seed(_PROBE_SEED)
+    return (torch.rand(vocab, generator=g) * 8 - 4).view(1, 1, vocab).to(device)
+
+
+class _HeadCapture:
+    """Within the context, ``head(x)`` records ``x`` and returns the probe row."""
+
+    def __init__(self, head: torch.nn.Linear):
+        self.head, self.inputs = head, []
+
+    def __enter__(self):
+        def capture(x):
+            self.inputs.append(x)
+            return _probe_row(self.head.out_features, x.device)
+
+        self.head.forward = capture
+        return self
+
+    def __exit__(self, *exc):
+        del self.head.forward  # the instance attribute; the class's forward shows through again
+        return False
+
+
+@dataclass
+class HeadInputs:
+    """What the fused op needs to evaluate a model's head: the head's input, its (truncated)
+    weight and bias, the head math, and the model's output without logits."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    math: HeadMath
+    outputs: object
+
+
+def _accepts(fn, name: str) -> bool:
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _dtype_tolerance(dtype: torch.dtype) -> float:
+    return {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}.get(dtype, 1e-5)
+
+
+def run_with_head_captured(model, forward, *args, **kwargs) -> HeadInputs:
+    """Call ``forward`` (the unpatched forward of ``model``; labels are not passed) with the LM
+    head captured, check what the model did to the probe row against :func:`head_math`, and
+    return the head's inputs. Raises ``ValueError`` where the model does something else."""
+    name = type(model).__name__
+    head = lm_head(model)
+    math_ = head_math(model)
+    with _HeadCapture(head) as capture:
+        outputs = forward(*args, **kwargs)
+    if len(capture.inputs) != 1:
+        raise ValueError(f"apply_t3s: {name} called its LM head {len(capture.inputs)} times in one forward; the "
+                         "patch supports models that call it once")
+    logits = outputs.get("logits") if hasattr(outputs, "get") else None
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"apply_t3s: {name}'s forward returned no logits tensor; cannot verify its head math")
+    probe = _probe_row(head.out_features, logits.device)
+    expected = math_.apply(probe)
+    if tuple(logits.shape) != tuple(expected.shape):
+        raise ValueError(f"apply_t3s: {name} reshapes its LM head's output ({tuple(probe.shape)} became "
+                         f"{tuple(logits.shape)}, the head math expects {tuple(expected.shape)}); not supported")
+    err = (logits.float() - expected).abs().max().item()
+    if not err <= _dtype_tolerance(logits.dtype) * max(1.0, expected.abs().max().item()):
+        raise ValueError(f"apply_t3s: {name} transforms its LM head's output in a way the patch does not model "
+                         f"(model_type {model.config.model_type!r}, declared head math {math_}; the probe row "
+                         f"differs by {err:.3g}); the fused loss would be silently wrong, so it is refused")
+    vocab = math_.vocab if math_.vocab is not None else head.out_features
+    weight, bias = head.weight, head.bias
+    if vocab < head.out_features:  # the model drops padded vocabulary rows: so does the loss
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    return HeadInputs(capture.inputs[0], weight, bias, math_, outputs)
+
+
+def model_head_inputs(model, **forward_kwargs) -> HeadInputs:
+    """The head's inputs for a forward of ``model`` (patched or not; no labels): what scoring feeds
+    to ``token_stats`` so that it sees the same head math as training."""
+    forward = _original_forward(model) if is_t3s_patched(model) else model.forward
+    if _accepts(forward, "use_cache"):
+        forward_kwargs.setdefault("use_cache", False)
+    return run_with_head_captured(model, forward, **forward_kwargs)
+
+
+def _aux_loss_coef(model) -> float:
+    for owner in (model, *_configs(model)):
+        for key in AUX_COEF_NAMES:
+            value = getattr(owner, key, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+    raise ValueError(f"apply_t3s: {type(model).__name__} returned a router auxiliary loss but its coefficient is "
+                     f"not under any of {AUX_COEF_NAMES}; refusing rather than dropping or mis-weighting it")
+
+
+def _without_logits(outputs, loss):
+    """The model's own output class, with ``loss`` and no logits."""
+    fields = {k: v for k, v in outputs.items() if k not in ("logits", "loss")}
+    return type(outputs)(loss=loss, **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals at patch time.
+
+def _refuse_wrappers(model) -> None:
+    wrappers = {"DistributedDataParallel": "DDP", "DataParallel": "DataParallel",
+                "FullyShardedDataParallel": "FSDP1", "DeepSpeedEngine": "DeepSpeed", "OptimizedModule": "torch.compile"}
+    for cls in type(model).__mro__:
+        if cls.__name__ in wrappers:
+            raise TypeError(f"apply_t3s got a {wrappers[cls.__name__]} wrapper ({cls.__name__}); patch the inner "
+                            "model before wrapping it: apply_t3s(model), then wrap")
+
+
+def _refuse_unsupported(model, mode: str) -> None:
+    name = type(model).__name__
+    for cfg in _configs(model):
+        if mode == "causal" and cfg.model_type in UNSHIFTED_LABELS:
+            raise ValueError(f"apply_t3s cannot patch {name} in causal mode: it does not shift its labels (its loss "
+                             "scores position t against label t), while the patch shifts them as causal LMs do")
+        if getattr(cfg, "z_loss_coefficient", 0):
+            raise ValueError(f"apply_t3s cannot patch {name} with z_loss_coefficient={cfg.z_loss_coefficient}: its "
+                             "z-loss averages lse^2 over every position, labelled or not, which the fused op does not "
+                             "compute; set config.z_loss_coefficient = 0 and pass z_loss= to apply_t3s for the "
+                             "per-token z-loss")
+    if "_loss_function" in vars(model):
+        raise ValueError(f"apply_t3s cannot patch {name}: its loss_function was replaced by the user; the fused op "
+                         "computes causal-LM cross-entropy, not that function")
+
+
+# ---------------------------------------------------------------------------------------------
+# The patched forward.
 
 def is_t3s_patched(model) -> bool:
     return _STATE in vars(model) or _STATE in vars(type(model))
 
 
-def _output(outputs, loss):
-    """The model's usual output type, with the loss and no logits."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    fields = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
-    allowed = set(inspect.signature(CausalLMOutputWithPast).parameters)
-    return CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in fields.items() if k in allowed})
+def _state(model) -> dict:
+    if _STATE in vars(model):
+        return vars(model)[_STATE]
+    for cls in type(model).__mro__:
+        if _STATE in vars(cls):
+            return vars(cls)[_STATE]
+    raise ValueError(f"{type(model).__name__} is not patched by apply_t3s")
 
 
 def _original_forward(model):
@@ -73,18 +285,59 @@ def _original_forward(model):
     so a deep copy of a patched model calls its own original forward, not the source's."""
     if _STATE in vars(model):
         return vars(model)[_STATE]["original"]
-    for cls in type(model).__mro__:
-        if _STATE in vars(cls):
-            return types.MethodType(vars(cls)[_STATE]["original"], model)
-    raise ValueError(f"{type(model).__name__} is not patched by apply_t3s")
+    return types.MethodType(_state(model)["original"], model)
+
+
+TEACHER_INPUTS = ("teacher_hidden", "teacher_topk_ids", "teacher_topk_logprobs")
+
+
+def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, kwargs, *, labels, shift_labels,
+                   t3s_weights, num_items_in_batch, teacher):
+    name = type(model).__name__
+    original = _original_forward(model)
+    if "_loss_function" in vars(model):
+        raise ValueError(f"{name}.loss_function was replaced after apply_t3s; the fused op would ignore it. "
+                         "revert_t3s(model) to use your loss function")
+    keep = kwargs.get("logits_to_keep", 0)
+    if not (isinstance(keep, int) and keep == 0):
+        raise ValueError("logits_to_keep selects positions for generation; it cannot be combined with labels in "
+                         "training (the loss needs every position)")
+    if kwargs.get("return_dict") is False:
+        raise ValueError("return_dict=False is not supported in a patched training forward (the logits do not "
+                         "exist to fill the tuple); use the default return_dict=True")
+    ignore_index = kwargs.get("ignore_index", -100)
+    call = {k: v for k, v in kwargs.items()
+            if k not in ("ignore_index", "num_items_in_batch") or _accepts(original, k)}
+    if num_items_in_batch is not None and _accepts(original, "num_items_in_batch"):
+        call["num_items_in_batch"] = num_items_in_batch
+    head_in = run_with_head_captured(model, original, *args, labels=None, **call)
+    hidden, options = head_in.hidden, dict(loss.options)
+    options.update(softcap=head_in.math.softcap, logit_scale=head_in.math.logit_scale)
+    options.update({k: v for k, v in teacher.items() if v is not None})
+    if mode == "masked_diffusion":
+        # labels are already aligned with the positions (no shift), -100 where not masked.
+        targets = labels if shift_labels is None else shift_labels
+        if shift == "dream":
+            hidden = dream_shift(hidden)
+        out = causal_lm_loss(hidden, head_in.weight, shift_labels=targets, selection=t3s_weights,
+                             num_items_in_batch=num_items_in_batch, bias=head_in.bias, ignore_index=ignore_index,
+                             **options)
+    else:
+        out = causal_lm_loss(hidden, head_in.weight, labels if shift_labels is None else None,
+                             shift_labels=shift_labels, selection=t3s_weights, num_items_in_batch=num_items_in_batch,
+                             bias=head_in.bias, ignore_index=ignore_index, **options)
+    total = out.loss
+    aux = head_in.outputs.get("aux_loss")
+    if aux is not None:
+        total = total + _aux_loss_coef(model) * aux.to(total.device)
+    return _without_logits(head_in.outputs, total)
 
 
 def _make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
     """The patched forward."""
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, t3s_weights=None, shift_labels=None,
-                num_items_in_batch=None, logits_to_keep=0, teacher_hidden=None, teacher_topk_ids=None,
-                teacher_topk_logprobs=None, **kwargs):
+    def forward(self, *args, labels=None, t3s_weights=None, shift_labels=None, num_items_in_batch=None,
+                teacher_hidden=None, teacher_topk_ids=None, teacher_topk_logprobs=None, **kwargs):
         want_fused = self.training and (labels is not None or shift_labels is not None)
         teacher = dict(teacher_hidden=teacher_hidden, teacher_topk_ids=teacher_topk_ids,
                        teacher_topk_logprobs=teacher_topk_logprobs)
@@ -93,65 +346,179 @@ def _make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
         if not want_fused:
             if t3s_weights is not None and self.training:
                 raise ValueError("t3s_weights were given without labels; pass labels (or shift_labels) too")
-            call = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-            if logits_to_keep:
-                call["logits_to_keep"] = logits_to_keep
+            if shift_labels is not None:
+                kwargs["shift_labels"] = shift_labels
             if num_items_in_batch is not None:
-                call["num_items_in_batch"] = num_items_in_batch
-            return _original_forward(self)(**call)
-        backbone, head = split_backbone_head(self)
-        kwargs.pop("return_dict", None)
-        outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
-        hidden = outputs.last_hidden_state
-        options = dict(loss.options)
-        options.setdefault("softcap", final_softcap(self.config))
-        options.update({k: v for k, v in teacher.items() if v is not None})
-        if mode == "masked_diffusion":
-            # labels are already aligned with the positions (no shift), -100 where not masked.
-            targets = labels if shift_labels is None else shift_labels
-            if shift == "dream":
-                hidden = dream_shift(hidden)
-            out = causal_lm_loss(hidden, head.weight, shift_labels=targets, selection=t3s_weights,
-                                 num_items_in_batch=num_items_in_batch, bias=head.bias, **options)
-        else:
-            out = causal_lm_loss(hidden, head.weight, labels if shift_labels is None else None,
-                                 shift_labels=shift_labels, selection=t3s_weights,
-                                 num_items_in_batch=num_items_in_batch, bias=head.bias, **options)
-        return _output(outputs, out.loss)
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return _original_forward(self)(*args, labels=labels, **kwargs)
+        state = _state(self)
+        if state.get("check_pending"):
+            state["check_pending"] = False
+            check_t3s_patch(self)
+        return _fused_forward(self, loss, mode, shift, args, kwargs, labels=labels, shift_labels=shift_labels,
+                              t3s_weights=t3s_weights, num_items_in_batch=num_items_in_batch, teacher=teacher)
 
+    forward._t3s_loss = loss  # what the equivalence check swaps for the plain loss
     return forward
 
 
+def _patched_signature(original) -> inspect.Signature:
+    """The original forward's signature (self included) plus the patch's keyword arguments: HF
+    Trainer keeps only the dataset columns the forward names, and passes loss kwargs when it has ``**kwargs``."""
+    sig = inspect.signature(getattr(original, "__func__", original))
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    names = {p.name for p in params}
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+             for n in ("t3s_weights", "shift_labels", "num_items_in_batch", *TEACHER_INPUTS) if n not in names]
+    return sig.replace(parameters=params + extra + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+
+
+# ---------------------------------------------------------------------------------------------
+# The equivalence check.
+
+def _check_batch(model, seq_len: int = 16, batch_size: int = 2, seed: int = 0):
+    head = lm_head(model)
+    vocab = min(head.out_features, head_math(model).vocab or head.out_features)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(head.weight.device)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[0, -2:] = -100
+    return ids, labels
+
+
+def _losses_agree(got: float, ref: float, tol: float) -> bool:
+    return abs(got - ref) <= tol * max(abs(ref), 1e-6)
+
+
+def check_t3s_patch(model, *, seed: int = 0) -> None:
+    """Run the unpatched and the patched forward of ``model`` on a tiny random batch (same RNG
+    state) and raise ``ValueError`` if their losses (or MoE auxiliary losses) differ.
+
+    The patched side runs with the plain loss (no smoothing, z-loss or distillation: the
+    unpatched model computes plain cross-entropy), on the backend and strategy the patch uses.
+    Tolerance: 1e-5 relative for float32 heads; for half-precision heads the unpatched model
+    rounds its logits to 8 (bf16) or 11 (fp16) bits before the loss while the fused op keeps
+    them in float32, which moves a cross-entropy by at most 2 u max|z| (u the unit roundoff).
+    """
+    name = type(model).__name__
+    state = _state(model)
+    mode = state["mode"]
+    if mode != "causal":
+        return  # masked-diffusion students have no unpatched loss of the same meaning to compare with
+    original = _original_forward(model)
+    ids, labels = _check_batch(model, seed=seed)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if _accepts(original, "use_cache"):
+        kwargs["use_cache"] = False
+    if any(hasattr(cfg, "output_router_logits") for cfg in _configs(model)) and _accepts(original,
+                                                                                         "output_router_logits"):
+        kwargs["output_router_logits"] = True
+    forward = model.forward
+    plain = T3SLoss(**{k: v for k, v in forward._t3s_loss.options.items()
+                       if k in ("backend", "strategy", "chunk_budget_bytes")})
+    was_training = model.training
+    devices = [ids.device] if ids.device.type == "cuda" else []
+    model.train()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            try:
+                ref = original(labels=labels, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any failure of the unpatched model itself
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                warnings.warn(f"apply_t3s: the equivalence check was skipped: the unpatched {name} could not run a "
+                              f"tiny random batch ({reason}). The per-forward probe of the head math still runs.",
+                              stacklevel=3)
+                return
+            torch.manual_seed(seed)
+            got = _fused_forward(model, plain, mode, state["shift"], (), kwargs, labels=labels, shift_labels=None,
+                                 t3s_weights=None, num_items_in_batch=None,
+                                 teacher={k: None for k in TEACHER_INPUTS})
+    finally:
+        model.train(was_training)
+    logits = ref.logits.float()
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(ref.logits.dtype, 0.0)
+    tol = 1e-5 + 4 * u * logits.abs().max().item() / max(abs(ref.loss.item()), 1e-6)
+    problems = []
+    if not _losses_agree(got.loss.item(), ref.loss.item(), tol):
+        problems.append(f"loss {got.loss.item():.7g} vs unpatched {ref.loss.item():.7g}")
+        unshifted = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        if _losses_agree(unshifted.item(), ref.loss.item(), tol):
+            problems.append("the unpatched loss scores position t against label t: the model does not shift labels")
+    ref_aux, got_aux = ref.get("aux_loss"), got.get("aux_loss")
+    if ref_aux is not None and (got_aux is None or not _losses_agree(got_aux.item(), ref_aux.item(), 1e-6)):
+        problems.append("the router auxiliary loss differs")
+    if problems:
+        raise ValueError(f"apply_t3s: the patched {name} does not reproduce the unpatched model on a random batch: "
+                         f"{'; '.join(problems)} (relative tolerance {tol:.1e}). The patch is refused rather than "
+                         "silently wrong; apply_t3s(..., check=False) skips this check at your own risk")
+
+
+def _on_meta(model) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# apply / revert.
+
 def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch_class: bool = False,
-              **loss_options):
+              check: bool = True, **loss_options):
     """Patch ``model`` (an instance; with ``patch_class=True`` its class, for every instance) so that
     training forwards with labels use the fused loss. ``loss_options`` are ``fused_linear_t3s_loss``'s
     (``label_smoothing``, ``z_loss``, ``backend``, ``strategy``, ...; for distillation
     ``teacher_weight=teacher.lm_head.weight``, ``kd_weight``, ``kd_loss``, ``temperature``, and then
     ``teacher_hidden=`` or ``teacher_topk_ids=``/``teacher_topk_logprobs=`` in each forward call).
-    Returns the model."""
+    The model's own head math (logit scale, soft cap) and ``ignore_index`` (a forward argument, as
+    in HuggingFace) come from the model and the call.
+
+    ``check`` (default True) runs the equivalence check described in the module docstring (two
+    forward passes of a 2 x 16 batch; at the first training forward when the parameters are on
+    the meta device). Returns the model; raises ``TypeError`` / ``ValueError`` naming the reason
+    where the patch cannot be exact."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     if shift not in (None, "dream"):
         raise ValueError(f"shift must be None or 'dream'; got {shift!r}")
     if shift is not None and mode != "masked_diffusion":
         raise ValueError("shift='dream' is a masked-diffusion convention; use mode='masked_diffusion'")
-    for reserved in ("bias", "token_weights", "normalizer", "teacher_hidden", "teacher_topk_ids",
-                     "teacher_topk_logprobs"):
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be a bool; got {check!r}")
+    for reserved in ("bias", "token_weights", "normalizer", "softcap", "logit_scale", "ignore_index",
+                     *TEACHER_INPUTS):
         if reserved in loss_options:
             raise ValueError(f"{reserved} is set by the patch from the model and the batch; do not pass it "
-                             "(teacher inputs go to each forward call)")
-    split_backbone_head(model)
+                             "(ignore_index and teacher inputs go to each forward call)")
+    _refuse_wrappers(model)
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: it patches HuggingFace models (an "
+                        "nn.Module with a config and an LM head)")
+    lm_head(model)
+    head_math(model)
+    _refuse_unsupported(model, mode)
     if is_t3s_patched(model):
         raise ValueError(f"{type(model).__name__} is already patched; call revert_t3s first")
     loss = T3SLoss(**loss_options)  # validates the option names and values now, not at the first step
+    state = dict(mode=mode, shift=shift, check_pending=False)
+    forward = _make_forward(mode, shift, loss)
     if patch_class:
         cls = type(model)
-        setattr(cls, _STATE, dict(original=cls.forward, mode=mode))
-        cls.forward = _make_forward(mode, shift, loss)
+        forward.__signature__ = _patched_signature(cls.forward)
+        setattr(cls, _STATE, dict(state, original=cls.forward))
+        cls.forward = forward
     else:
-        setattr(model, _STATE, dict(original=model.forward, mode=mode))  # bound to model; deepcopy rebinds it
-        model.forward = types.MethodType(_make_forward(mode, shift, loss), model)
+        forward.__signature__ = _patched_signature(model.forward)
+        setattr(model, _STATE, dict(state, original=model.forward))  # bound to model; deepcopy rebinds it
+        model.forward = types.MethodType(forward, model)
+    if check:
+        if _on_meta(model):
+            _state(model)["check_pending"] = True
+        else:
+            try:
+                check_t3s_patch(model)
+            except Exception:
+                revert_t3s(model)
+                raise
     return model
 
 

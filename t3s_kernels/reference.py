@@ -17,7 +17,8 @@ import torch.nn.functional as F
 def reference_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                        bias: Optional[torch.Tensor] = None, token_weights: Optional[torch.Tensor] = None,
                        ce_weight: float = 1.0, ignore_index: int = -100, label_smoothing: float = 0.0,
-                       z_loss: float = 0.0, softcap: Optional[float] = None, temperature: float = 1.0,
+                       z_loss: float = 0.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
+                       temperature: float = 1.0,
                        reduction: str = "mean", normalizer=None,
                        dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss (differentiable w.r.t. hidden/weight/bias in ``dtype``) and the detached statistics.
@@ -32,6 +33,7 @@ def reference_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         z = z + bias.to(dtype)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    z = z * logit_scale
     valid = y != ignore_index
     safe_y = torch.where(valid, y, torch.zeros_like(y))
 

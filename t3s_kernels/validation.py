@@ -56,8 +56,7 @@ def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index:
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; "
                          f"got {tuple(labels.shape)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+    check_ignore_index(ignore_index)
     if bias is not None:
         _check_float_tensor("bias", bias)
         if tuple(bias.shape) != (vocab,):
@@ -85,14 +84,20 @@ def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index:
             raise ValueError("token_weights must be finite and >= 0 (0 drops a token from the loss)")
 
 
+def check_ignore_index(ignore_index) -> None:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
+
+
 def check_options(*, backend: str, strategy: str, softcap, label_smoothing, z_loss, ce_weight,
                   temperature, reduction: Optional[str] = None, normalizer=None,
-                  chunk_budget_bytes=None) -> None:
+                  chunk_budget_bytes=None, logit_scale=1.0) -> None:
     check_choice("backend", backend, BACKENDS)
     check_choice("strategy", strategy, STRATEGIES)
     if reduction is not None:
         check_choice("reduction", reduction, REDUCTIONS)
     check_number("softcap", softcap, low=0, low_open=True, allow_none=True)
+    check_number("logit_scale", logit_scale, low=0, low_open=True)
     check_number("label_smoothing", label_smoothing, low=0, high=1, high_open=True)
     check_number("z_loss", z_loss, low=0)
     check_number("ce_weight", ce_weight, low=0)
@@ -109,15 +114,21 @@ def check_options(*, backend: str, strategy: str, softcap, label_smoothing, z_lo
         check_number("normalizer", value, low=0, low_open=True)
 
 
-def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
-                  teacher_topk_ids=None, teacher_topk_logprobs=None, kd_weight=0.0, kd_loss="forward_kl",
-                  jsd_beta=0.5, temperature=1.0, sparse_tail="renormalize") -> bool:
-    """The teacher's inputs and the distillation options; True when a teacher is given."""
+def check_kd_options(*, kd_weight=0.0, kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0,
+                     sparse_tail="renormalize") -> None:
     check_choice("kd_loss", kd_loss, KD_LOSSES)
     check_choice("sparse_tail", sparse_tail, SPARSE_TAILS)
     check_number("kd_weight", kd_weight, low=0)
     check_number("jsd_beta", jsd_beta, low=0, high=1)
     check_number("temperature", temperature, low=0, low_open=True)
+
+
+def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
+                  teacher_topk_ids=None, teacher_topk_logprobs=None, kd_weight=0.0, kd_loss="forward_kl",
+                  jsd_beta=0.5, temperature=1.0, sparse_tail="renormalize") -> bool:
+    """The teacher's inputs and the distillation options; True when a teacher is given."""
+    check_kd_options(kd_weight=kd_weight, kd_loss=kd_loss, jsd_beta=jsd_beta, temperature=temperature,
+                     sparse_tail=sparse_tail)
     dense = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_bias))
     sparse = teacher_topk_ids is not None or teacher_topk_logprobs is not None
     if dense and sparse:

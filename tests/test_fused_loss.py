@@ -93,9 +93,9 @@ def test_multiple_token_chunks_through_the_budget():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
-def test_token_stats_matches_reference(dtype, temperature):
-    check_token_stats("torch", dtype, temperature)
+@pytest.mark.parametrize("temperature,logit_scale", [(1.0, 1.0), (0.7, 1.0), (2.0, 0.25), (1.0, 4.0)])
+def test_token_stats_matches_reference(dtype, temperature, logit_scale):
+    check_token_stats("torch", dtype, temperature, logit_scale=logit_scale)
 
 
 def test_t3s_loss_module():

@@ -190,3 +190,232 @@ def test_patched_student_distills_from_teacher_hidden_states():
         student(input_ids=ids, teacher_hidden=t_hidden)
     with pytest.raises(ValueError, match="teacher_hidden is set by the patch"):
         t3s.apply_t3s(tiny_model("qwen3"), teacher_hidden=t_hidden)
+
+
+# --- exact or refused: the model's own head math, the MoE auxiliary loss, the refusals --------------
+
+def _moe(seed=0, **overrides):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.Qwen3MoeConfig(**{**dict(TINY_MOE), **overrides})
+    model = tf.Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+TINY_MOE = dict(vocab_size=257, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+                max_position_embeddings=64, router_aux_loss_coef=0.37)
+
+
+@pytest.mark.parametrize("per", ["call", "config"])
+def test_moe_auxiliary_loss_equals_huggingface(per):
+    """The router auxiliary loss is added with the model's own coefficient, returned in the model's
+    own output class (aux_loss, router_logits), and its gradient reaches the router."""
+    model = _moe(output_router_logits=(per == "config")).train()
+    ids, labels, _ = batch()
+    extra = {"output_router_logits": True} if per == "call" else {}
+    ref, ref_grads = train_step(model, input_ids=ids, labels=labels, **extra)
+    t3s.apply_t3s(model, backend="torch")
+    out, grads = train_step(model, input_ids=ids, labels=labels, **extra)
+    assert type(out) is type(ref) and out.logits is None
+    assert out.router_logits is not None and len(out.router_logits) == len(ref.router_logits)
+    assert abs(out.aux_loss.item() - ref.aux_loss.item()) <= 1e-6 * abs(ref.aux_loss.item())
+    assert_close(out.loss, ref.loss, 1e-6, "loss")
+    router = [n for n in ref_grads if "gate" in n and "mlp.gate" in n]
+    assert router
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], 1e-4, name)
+
+
+def test_patch_without_aux_term_would_differ():
+    """The auxiliary term is large enough here that dropping it could not pass the checks above."""
+    model = _moe().train()
+    ids, labels, _ = batch()
+    with_aux = model(input_ids=ids, labels=labels, output_router_logits=True)
+    without = model(input_ids=ids, labels=labels)
+    assert abs(with_aux.loss.item() - without.loss.item()) > 1e-2
+
+
+@pytest.mark.parametrize("family,kw", [
+    ("cohere", dict(logit_scale=0.0625)), ("granite", dict(logits_scaling=4.0)),
+    ("hyperclovax", dict(logits_scaling=3.0)), ("recurrent_gemma", dict(logits_soft_cap=5.0)),
+])
+def test_models_own_head_math(family, kw):
+    import hf_sweep
+
+    model = hf_sweep.build(family, **kw)
+    math_ = t3s.patching.head_math(model)
+    assert math_.logit_scale != 1.0 or math_.softcap is not None
+    assert hf_sweep.compare(model) == ("exact", "")
+
+
+def test_scoring_uses_the_models_head_math():
+    """t3s scoring of a Granite model (logits divided by logits_scaling) equals its own log-softmax."""
+    import hf_sweep
+
+    from t3s_kernels.pipeline.data import Example
+    from t3s_kernels.pipeline.scoring import score_batch_causal
+
+    model = hf_sweep.build("granite", logits_scaling=4.0).eval()
+    ids, labels = hf_sweep.make_batch(hf_sweep.VOCAB)
+    examples = [Example(id=str(i), input_ids=ids[i].tolist(), labels=labels[i].tolist()) for i in range(2)]
+    got = score_batch_causal(model, examples)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
+    for i, d in enumerate(got):
+        want = logp[i, :-1].gather(1, ids[i, 1:, None]).squeeze(1)
+        scored = d["scored"][1:]
+        assert scored.any()
+        assert_close(d["logprob"][1:][scored], want[scored], 1e-5, "logprob")
+
+
+def test_ignore_index_passed_to_the_forward():
+    model = tiny_model("llama").train()
+    ids, labels, _ = batch()
+    labels = labels.masked_fill(labels == -100, -1)
+    ref, ref_grads = train_step(model, input_ids=ids, labels=labels, ignore_index=-1)
+    t3s.apply_t3s(model, backend="torch")
+    out, grads = train_step(model, input_ids=ids, labels=labels, ignore_index=-1)
+    assert_close(out.loss, ref.loss, 1e-5, "loss")
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], 1e-4, name)
+
+
+def test_refusals_name_the_reason():
+    import hf_sweep
+
+    with pytest.raises(ValueError, match="does not shift its labels"):
+        t3s.apply_t3s(hf_sweep.build("bart"))
+    with pytest.raises(TypeError, match="not exactly torch.nn.Linear"):
+        t3s.apply_t3s(hf_sweep.build("dory"))
+
+    class ScaledLinear(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = tiny_model("llama")
+    model.lm_head = ScaledLinear(32, 257, bias=False)
+    with pytest.raises(TypeError, match="ScaledLinear, not exactly torch.nn.Linear"):
+        t3s.apply_t3s(model)
+    bamba = hf_sweep.build("bamba", z_loss_coefficient=1e-3)
+    with pytest.raises(ValueError, match="z_loss_coefficient=0.001"):
+        t3s.apply_t3s(bamba)
+    model = tiny_model("llama")
+    model.loss_function = lambda *a, **k: torch.tensor(0.0)
+    with pytest.raises(ValueError, match="loss_function was replaced by the user"):
+        t3s.apply_t3s(model)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(kd_loss="bogus"), "kd_loss must be one of"), (dict(jsd_beta=3.0), "jsd_beta must be <= 1"),
+    (dict(ignore_index=-1), "ignore_index is set by the patch"), (dict(label_smoothing=1.5), "label_smoothing"),
+    (dict(temperature=0.0), "temperature must be > 0"), (dict(logit_scale=2.0), "logit_scale is set by the patch"),
+    (dict(kd_t2_scaling="yes"), "kd_t2_scaling must be a bool"), (dict(check="no"), "check must be a bool"),
+])
+def test_invalid_options_fail_at_patch_time(options, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        t3s.apply_t3s(tiny_model("llama"), **options)
+
+
+def test_ignore_index_option_validated_in_the_loss_module():
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        t3s.T3SLoss(ignore_index=-1.5)
+
+
+def test_logits_to_keep_and_tuple_outputs_refused_in_training():
+    model = tiny_model("llama").train()
+    ids, labels, _ = batch()
+    t3s.apply_t3s(model, backend="torch")
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(input_ids=ids, labels=labels, logits_to_keep=1)
+    with pytest.raises(ValueError, match="return_dict=False"):
+        model(input_ids=ids, labels=labels, return_dict=False)
+    model.loss_function = lambda *a, **k: torch.tensor(0.0)
+    with pytest.raises(ValueError, match="loss_function was replaced after apply_t3s"):
+        model(input_ids=ids, labels=labels)
+
+
+
+def _doubling_llama():
+    import transformers as tf
+
+    class DoublingLlama(tf.LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            logits = out.logits * 2
+            loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size)
+            return type(out)(loss=loss, logits=logits)
+
+    torch.manual_seed(0)
+    return DoublingLlama(tf.LlamaConfig(**__import__("models").TINY))
+
+
+def test_unknown_head_math_is_refused_at_patch_time():
+    with pytest.raises(ValueError, match="transforms its LM head's output in a way the patch does not model"):
+        t3s.apply_t3s(_doubling_llama(), backend="torch")
+
+
+def test_unknown_extra_loss_term_is_caught_by_the_equivalence_check():
+    import transformers as tf
+
+    class ExtraTermLlama(tf.LlamaForCausalLM):
+        def forward(self, *args, labels=None, **kwargs):
+            out = super().forward(*args, labels=labels, **kwargs)
+            if labels is not None:
+                out.loss = out.loss + 0.01 * self.model.norm.weight.sum()
+            return out
+
+    torch.manual_seed(0)
+    model = ExtraTermLlama(tf.LlamaConfig(**__import__("models").TINY))
+    with pytest.raises(ValueError, match=r"does not reproduce the unpatched model.*ExtraTermLlama|ExtraTermLlama.*"
+                                         r"does not reproduce"):
+        t3s.apply_t3s(model, backend="torch")
+    assert not t3s.is_t3s_patched(model)  # a refused patch leaves the model as it was
+    t3s.apply_t3s(model, backend="torch", check=False)  # the documented escape hatch
+    assert t3s.is_t3s_patched(model)
+
+
+def test_check_is_deferred_to_the_first_training_forward_on_meta_parameters():
+    import transformers as tf
+
+    with torch.device("meta"):
+        model = _doubling_llama()
+    t3s.apply_t3s(model, backend="torch")  # cannot run on meta: deferred
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    ids, labels, _ = batch()
+    with pytest.raises(ValueError, match="transforms its LM head's output"):
+        model.train()(input_ids=ids, labels=labels)
+    assert isinstance(model, tf.LlamaForCausalLM)
+
+
+def test_wrappers_are_refused_with_the_fix():
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(tiny_model("llama"))
+        with pytest.raises(TypeError, match=r"DDP wrapper .*patch the inner model before wrapping"):
+            t3s.apply_t3s(ddp)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        try:
+            fsdp = FullyShardedDataParallel(tiny_model("llama"), device_id=torch.device("cpu"))
+        except Exception as e:  # noqa: BLE001 - FSDP1 cannot be built on this machine
+            pytest.skip(f"FSDP1 cannot wrap on CPU here: {e}")
+        with pytest.raises(TypeError, match=r"FSDP1 wrapper .*patch the inner model before wrapping"):
+            t3s.apply_t3s(fsdp)
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(TypeError, match=r"torch.compile wrapper"):
+        t3s.apply_t3s(torch.compile(tiny_model("llama")))

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ..api import token_stats
-from ..patching import final_softcap, split_backbone_head
+from ..patching import HeadInputs, model_head_inputs
 from .data import IGNORE, Example
 from .store import ScoreStore, iter_batches
 
@@ -46,14 +46,19 @@ def _stats_dict(n: int, device) -> dict[str, torch.Tensor]:
             "scored": torch.zeros(n, dtype=torch.bool, device=device)}
 
 
+def _token_stats(head: HeadInputs, hidden: torch.Tensor, targets: torch.Tensor):
+    """token_stats through the model's own head math (logit scale, soft cap, vocabulary), as in training."""
+    return token_stats(hidden, head.weight, targets, bias=head.bias, softcap=head.math.softcap,
+                       logit_scale=head.math.logit_scale)
+
+
 @torch.no_grad()
 def score_batch_causal(model, examples: list[Example], pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
-    backbone, head = split_backbone_head(model)
-    device = head.weight.device
+    device = next(model.parameters()).device
     ids, labels, attn = _pad(examples, pad_id, device)
-    hidden = backbone(input_ids=ids, attention_mask=attn).last_hidden_state
+    head = model_head_inputs(model, input_ids=ids, attention_mask=attn)
     targets = labels[:, 1:]  # position t-1 predicts token t
-    st = token_stats(hidden[:, :-1], head.weight, targets, bias=head.bias, softcap=final_softcap(model.config))
+    st = _token_stats(head, head.hidden[:, :-1], targets)
     out = []
     for r, e in enumerate(examples):
         n = len(e.input_ids)
@@ -69,8 +74,7 @@ def score_batch_causal(model, examples: list[Example], pad_id: int = 0) -> list[
 @torch.no_grad()
 def score_batch_masked_diffusion(model, examples: list[Example], indices: list[int], *, mask_token_id: int,
                                  rounds: int = 2, seed: int = 0, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
-    backbone, head = split_backbone_head(model)
-    device = head.weight.device
+    device = next(model.parameters()).device
     ids, labels, attn = _pad(examples, pad_id, device)
     groups = torch.full(ids.shape, -1, dtype=torch.long)
     for r, (e, idx) in enumerate(zip(examples, indices)):
@@ -82,9 +86,8 @@ def score_batch_masked_diffusion(model, examples: list[Example], indices: list[i
     for k in range(rounds):
         masked = groups == k
         noisy = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
-        hidden = backbone(input_ids=noisy, attention_mask=attn).last_hidden_state
-        st = token_stats(hidden, head.weight, torch.where(masked, ids, torch.full_like(ids, IGNORE)), bias=head.bias,
-                         softcap=final_softcap(model.config))
+        head = model_head_inputs(model, input_ids=noisy, attention_mask=attn)
+        st = _token_stats(head, head.hidden, torch.where(masked, ids, torch.full_like(ids, IGNORE)))
         for r, e in enumerate(examples):
             n = len(e.input_ids)
             m = masked[r, :n]

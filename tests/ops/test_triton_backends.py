@@ -58,9 +58,9 @@ def test_chunked_multiple_token_chunks():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_token_stats_tile_kernel(dtype, temperature):
-    check_token_stats("triton", dtype, temperature)
+@pytest.mark.parametrize("temperature,logit_scale", [(1.0, 1.0), (2.0, 0.25)])
+def test_token_stats_tile_kernel(dtype, temperature, logit_scale):
+    check_token_stats("triton", dtype, temperature, logit_scale=logit_scale)
 
 
 def test_backends_agree_with_each_other():
