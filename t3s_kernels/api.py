@@ -144,9 +144,6 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if isinstance(normalizer, torch.Tensor):
         normalizer = float(normalizer.item())
     teacher = None
-    if has_teacher and logit_scale != 1.0 and resolve_backend(x.device, backend) == "triton":
-        raise ValueError("logit_scale != 1 with a teacher runs on backend='torch' only (the Triton distillation "
-                         "kernels carry no logit scale yet)")
     if has_teacher and strategy == "tile" and teacher_hidden is None:
         raise ValueError("a sparse (top-k) teacher runs on the chunked strategies; use strategy='chunked'")
     if has_teacher:

@@ -338,6 +338,11 @@ def _make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
 
     def forward(self, *args, labels=None, t3s_weights=None, shift_labels=None, num_items_in_batch=None,
                 teacher_hidden=None, teacher_topk_ids=None, teacher_topk_logprobs=None, **kwargs):
+        if args:  # positional arguments by the original forward's names, so that labels given positionally count
+            named = inspect.signature(_original_forward(self)).bind_partial(*args).arguments
+            if "labels" in named:
+                labels = named.pop("labels")
+            args, kwargs = (), {**named, **kwargs}
         want_fused = self.training and (labels is not None or shift_labels is not None)
         teacher = dict(teacher_hidden=teacher_hidden, teacher_topk_ids=teacher_topk_ids,
                        teacher_topk_logprobs=teacher_topk_logprobs)

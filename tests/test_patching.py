@@ -419,3 +419,19 @@ def test_wrappers_are_refused_with_the_fix():
         dist.destroy_process_group()
     with pytest.raises(TypeError, match=r"torch.compile wrapper"):
         t3s.apply_t3s(torch.compile(tiny_model("llama")))
+
+
+def test_positional_arguments_and_trainer_signature():
+    """Labels given positionally still reach the fused loss; the patched forward keeps the original's
+    parameter names (HF Trainer drops dataset columns the forward does not name) plus t3s_weights."""
+    import inspect
+
+    model = tiny_model("llama").train()
+    ids, labels, _ = batch()
+    ref, _ = train_step(model, input_ids=ids, labels=labels)
+    t3s.apply_t3s(model, backend="torch")
+    names = list(inspect.signature(model.forward).parameters)
+    assert names[:2] == ["input_ids", "attention_mask"] and "t3s_weights" in names and names[-1] == "kwargs"
+    out = model(ids, None, None, None, None, labels)
+    assert out.logits is None
+    assert_close(out.loss, ref.loss, 1e-5, "loss")

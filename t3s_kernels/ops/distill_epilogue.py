@@ -31,17 +31,17 @@ from .online_softmax import (
 
 
 @triton.jit
-def _load_both(l_row, lt_row, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
-    """A block of both heads' logits, softcapped."""
+def _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
+    """A block of both heads' logits, softcapped; the student's times its logit scale."""
     s = tl.load(l_row + cols[None, :], mask=mask, other=0.0)
     t = tl.load(lt_row + cols[None, :], mask=mask, other=0.0)
-    return transform_logits(s, softcap, 1.0, HAS_SOFTCAP), transform_logits(t, softcap, 1.0, HAS_SOFTCAP)
+    return transform_logits(s, softcap, logit_scale, HAS_SOFTCAP), transform_logits(t, softcap, 1.0, HAS_SOFTCAP)
 
 
 @triton.jit
 def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT, C, V,
-                            softcap, ce_weight, smoothing, inv_vocab, z_loss, kd_coef, inv_temp, beta, log_beta,
-                            log_1m_beta,
+                            softcap, logit_scale, ce_weight, smoothing, inv_vocab, z_loss, kd_coef, inv_temp, beta,
+                            log_beta, log_1m_beta,
                             KD_MODE: tl.constexpr, GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                             HAS_SMOOTHING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -59,7 +59,7 @@ def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT
         cols = v0 + tl.arange(0, BLOCK_V)
         col_valid = cols < V
         mask = row_valid[:, None] & col_valid[None, :]
-        s, t = _load_both(l_row, lt_row, cols, mask, softcap, HAS_SOFTCAP)
+        s, t = _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
         m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid[None, :], y, m, d, u, label_logit,
                                                               sum_logits, HAS_SMOOTHING)
         m_s, d_s, a_r, m_t, d_t, a_f = fold_kd_block(s, t, col_valid[None, :], inv_temp, m_s, d_s, a_r, m_t, d_t, a_f)
@@ -80,7 +80,7 @@ def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT
             cols = v0 + tl.arange(0, BLOCK_V)
             col_valid = cols < V
             mask = row_valid[:, None] & col_valid[None, :]
-            s, t = _load_both(l_row, lt_row, cols, mask, softcap, HAS_SOFTCAP)
+            s, t = _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
             pm, qm = jsd_terms(s, t, col_valid[None, :], lse_s, lse_t, inv_temp, log_beta, log_1m_beta)
             kl_pm += pm
             kl_qm += qm
@@ -96,9 +96,10 @@ def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT
             cols = v0 + tl.arange(0, BLOCK_V)
             col_valid = cols < V
             mask = row_valid[:, None] & col_valid[None, :]
-            s, t = _load_both(l_row, lt_row, cols, mask, softcap, HAS_SOFTCAP)
+            s, t = _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
             dkd = kd_grad_wrt_student(s, t, lse_s, lse_t, kl_reverse, kl_pm, inv_temp, beta, log_beta, log_1m_beta,
                                       KD_MODE)
             dz = loss_grad_wrt_logits(s, col_valid[None, :], cols[None, :] == y[:, None], lse, g, ce_weight,
-                                      smoothing, inv_vocab, z_loss, softcap, 1.0, HAS_SOFTCAP, extra_ds=kd_coef * dkd)
+                                      smoothing, inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP,
+                                      extra_ds=kd_coef * dkd)
             tl.store(dz_row + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)

@@ -211,7 +211,8 @@ def tile_distill_forward(x, weight, bias, labels, teacher, opts: HeadOptions):
     kd = _kd_scalars(opts)
     part = torch.empty(N_PARTIAL, splits, n, device=x.device, dtype=torch.float32)
     tile_distill_forward_kernel[(n_row_blocks, splits)](
-        *common, labels, part, *shapes, softcap=float(opts.softcap or 1.0), inv_temp=kd["inv_temp"],
+        *common, labels, part, *shapes, softcap=float(opts.softcap or 1.0), logit_scale=float(opts.logit_scale),
+            inv_temp=kd["inv_temp"],
         blocks_per_split=blocks_per_split, HAS_SMOOTHING=opts.has_smoothing, **flags, **cfg)
     final = torch.empty(N_FINAL, n, device=x.device, dtype=torch.float32)
     mcfg = kernel_config("merge_distill_splits", x.dtype)
@@ -228,8 +229,8 @@ def tile_distill_forward(x, weight, bias, labels, teacher, opts: HeadOptions):
         j_row_blocks, j_splits, j_per_split = _vocab_splits(n, vocab, jcfg, x.device)
         jpart = torch.empty(2, j_splits, n, device=x.device, dtype=torch.float32)
         tile_jsd_kernel[(j_row_blocks, j_splits)](
-            *common, lse_s, lse_t, jpart, *shapes, softcap=float(opts.softcap or 1.0), blocks_per_split=j_per_split,
-            **kd, **flags, **jcfg)
+            *common, lse_s, lse_t, jpart, *shapes, softcap=float(opts.softcap or 1.0),
+            logit_scale=float(opts.logit_scale), blocks_per_split=j_per_split, **kd, **flags, **jcfg)
         kl_pm, kl_qm = jpart.sum(1).unbind(0)
         kd_value = opts.jsd_beta * kl_qm + (1.0 - opts.jsd_beta) * kl_pm
     stats = RowStats(lse=lse, label_logit=label_logit, sum_logits=sum_logits, entropy=entropy, max_logit=max_logit,
@@ -256,7 +257,8 @@ def tile_distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts
             x, weight, bias if bias is not None else x, *t_ptrs, labels, aux.contiguous(),
             row_scale.float().contiguous(), dx if dx is not None else aux, dw if dw is not None else aux,
             db if db is not None else aux, n, vocab, h, t_dims[0], x.stride(0), x.stride(1), weight.stride(0),
-            weight.stride(1), *t_dims[1:], softcap=float(opts.softcap or 1.0), kd_coef=opts.kd_weight * t2,
+            weight.stride(1), *t_dims[1:], softcap=float(opts.softcap or 1.0), logit_scale=float(opts.logit_scale),
+            kd_coef=opts.kd_weight * t2,
             beta=float(opts.jsd_beta), KD_MODE=kd_mode(opts), HAS_BIAS=bias is not None,
             HAS_TEACHER_BIAS=teacher.bias is not None, HAS_SOFTCAP=opts.has_softcap, COMPUTE_DX=dx is not None,
             COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, DOT_PRECISION=dot_precision(x.dtype),
@@ -331,7 +333,8 @@ class TritonEpilogue:
             logits, teacher_logits, logits.stride(0), teacher_logits.stride(0), dz if grad else logits,
             dz.stride(0) if grad else 0, labels, row_scale.float().contiguous() if grad else logits, out,
             rows, width,
-            softcap=float(opts.softcap or 1.0), kd_coef=opts.kd_weight * t2, inv_temp=1.0 / opts.kd_temperature,
+            softcap=float(opts.softcap or 1.0), logit_scale=float(opts.logit_scale),
+            kd_coef=opts.kd_weight * t2, inv_temp=1.0 / opts.kd_temperature,
             beta=float(opts.jsd_beta), log_beta=math.log(opts.jsd_beta) if mode == 3 else 0.0,
             log_1m_beta=math.log(1.0 - opts.jsd_beta) if mode == 3 else 0.0, KD_MODE=mode, GRAD=grad,
             HAS_SOFTCAP=opts.has_softcap, HAS_SMOOTHING=opts.has_smoothing, **_grad_args(opts), **cfg)

@@ -33,19 +33,19 @@ N_FINAL = 9  # lse, label, sum, entropy, max | lse_s, lse_t, KL(q||p), KL(p||q)
 
 @triton.jit
 def _both_tiles(X, W, B, Xt, Wt, Bt, row0, col0, N, V, H, Ht, stride_xn, stride_xh, stride_wv, stride_wh,
-                stride_tn, stride_th, stride_tv, stride_twh, softcap, HAS_BIAS: tl.constexpr,
+                stride_tn, stride_th, stride_tv, stride_twh, softcap, logit_scale, HAS_BIAS: tl.constexpr,
                 HAS_TEACHER_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     z = head_logits_tile(X, W, B, row0, col0, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh, HAS_BIAS,
                          DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     zt = head_logits_tile(Xt, Wt, Bt, row0, col0, N, V, Ht, stride_tn, stride_th, stride_tv, stride_twh,
                           HAS_TEACHER_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-    return transform_logits(z, softcap, 1.0, HAS_SOFTCAP), transform_logits(zt, softcap, 1.0, HAS_SOFTCAP)
+    return transform_logits(z, softcap, logit_scale, HAS_SOFTCAP), transform_logits(zt, softcap, 1.0, HAS_SOFTCAP)
 
 
 @triton.jit
 def tile_distill_forward_kernel(X, W, B, Xt, Wt, Bt, Y, PART, N, V, H, Ht, stride_xn, stride_xh, stride_wv,
-                                stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, inv_temp,
+                                stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, logit_scale, inv_temp,
                                 blocks_per_split, HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
                                 HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -66,8 +66,9 @@ def tile_distill_forward_kernel(X, W, B, Xt, Wt, Bt, Y, PART, N, V, H, Ht, strid
             cols = vb * BLOCK_N + tl.arange(0, BLOCK_N)
             col_valid = (cols < V)[None, :]
             s, t = _both_tiles(X, W, B, Xt, Wt, Bt, pid_m * BLOCK_M, vb * BLOCK_N, N, V, H, Ht, stride_xn, stride_xh,
-                               stride_wv, stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, HAS_BIAS,
-                               HAS_TEACHER_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                               stride_wv, stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, logit_scale,
+                               HAS_BIAS, HAS_TEACHER_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N,
+                               BLOCK_K)
             m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid, y, m, d, u, label_logit,
                                                                   sum_logits, HAS_SMOOTHING)
             m_s, d_s, a_r, m_t, d_t, a_f = fold_kd_block(s, t, col_valid, inv_temp, m_s, d_s, a_r, m_t, d_t, a_f)
@@ -121,8 +122,8 @@ def merge_distill_splits_kernel(PART, OUT, N, n_splits, BLOCK: tl.constexpr):
 
 @triton.jit
 def tile_jsd_kernel(X, W, B, Xt, Wt, Bt, LSE_S, LSE_T, PART, N, V, H, Ht, stride_xn, stride_xh, stride_wv,
-                    stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, inv_temp, log_beta, log_1m_beta,
-                    blocks_per_split, HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
+                    stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, logit_scale, inv_temp, log_beta,
+                    log_1m_beta, blocks_per_split, HAS_BIAS: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Per split, the sums of KL(p || m) and KL(q || m) over its vocabulary blocks (added on the host)."""
@@ -140,8 +141,9 @@ def tile_jsd_kernel(X, W, B, Xt, Wt, Bt, LSE_S, LSE_T, PART, N, V, H, Ht, stride
         if vb < n_blocks:
             col_valid = (vb * BLOCK_N + tl.arange(0, BLOCK_N) < V)[None, :]
             s, t = _both_tiles(X, W, B, Xt, Wt, Bt, pid_m * BLOCK_M, vb * BLOCK_N, N, V, H, Ht, stride_xn, stride_xh,
-                               stride_wv, stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, HAS_BIAS,
-                               HAS_TEACHER_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                               stride_wv, stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, logit_scale,
+                               HAS_BIAS, HAS_TEACHER_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N,
+                               BLOCK_K)
             pm, qm = jsd_terms(s, t, col_valid, lse_s, lse_t, inv_temp, log_beta, log_1m_beta)
             kl_pm += pm
             kl_qm += qm
@@ -153,8 +155,8 @@ def tile_jsd_kernel(X, W, B, Xt, Wt, Bt, LSE_S, LSE_T, PART, N, V, H, Ht, stride
 @triton.jit
 def tile_distill_backward_kernel(X, W, B, Xt, Wt, Bt, Y, STATS, G, DX, DW, DB, N, V, H, Ht, stride_xn, stride_xh,
                                  stride_wv, stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap,
-                                 ce_weight, smoothing, inv_vocab, z_loss, kd_coef, inv_temp, beta, log_beta,
-                                 log_1m_beta, KD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 logit_scale, ce_weight, smoothing, inv_vocab, z_loss, kd_coef, inv_temp, beta,
+                                 log_beta, log_1m_beta, KD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  HAS_TEACHER_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DX: tl.constexpr,
                                  COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -162,8 +164,8 @@ def tile_distill_backward_kernel(X, W, B, Xt, Wt, Bt, Y, STATS, G, DX, DW, DB, N
     """STATS rows: lse, lse_s, lse_t, KL(p || q), KL(p || m) (5 x N)."""
     row0, col0, rows, cols, row_valid, col_valid = backward_tile_coords(N, V, BLOCK_M, BLOCK_N)
     s, t = _both_tiles(X, W, B, Xt, Wt, Bt, row0, col0, N, V, H, Ht, stride_xn, stride_xh,
-                       stride_wv, stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, HAS_BIAS,
-                       HAS_TEACHER_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                       stride_wv, stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, logit_scale,
+                       HAS_BIAS, HAS_TEACHER_BIAS, HAS_SOFTCAP, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
     y = tl.load(Y + rows, mask=row_valid, other=-1)
     lse = tl.load(STATS + rows, mask=row_valid, other=0.0)
     lse_s = tl.load(STATS + N + rows, mask=row_valid, other=0.0)
@@ -173,6 +175,6 @@ def tile_distill_backward_kernel(X, W, B, Xt, Wt, Bt, Y, STATS, G, DX, DW, DB, N
     g = tl.load(G + rows, mask=row_valid, other=0.0)
     dkd = kd_grad_wrt_student(s, t, lse_s, lse_t, kl_reverse, kl_pm, inv_temp, beta, log_beta, log_1m_beta, KD_MODE)
     dz = loss_grad_wrt_logits(s, col_valid[None, :], cols[None, :] == y[:, None], lse, g, ce_weight, smoothing,
-                              inv_vocab, z_loss, softcap, 1.0, HAS_SOFTCAP, extra_ds=kd_coef * dkd)
+                              inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP, extra_ds=kd_coef * dkd)
     push_tile_grads(dz, X, W, DX, DW, DB, rows, cols, row_valid, col_valid, H, stride_xn, stride_xh, stride_wv,
                     stride_wh, COMPUTE_DX, COMPUTE_DW, COMPUTE_DB, DOT_PRECISION, UPCAST, BLOCK_K)
