@@ -437,9 +437,15 @@ def check_t3s_patch(model, *, seed: int = 0) -> None:
                               stacklevel=3)
                 return
             torch.manual_seed(seed)
-            got = _fused_forward(model, plain, mode, state["shift"], (), kwargs, labels=labels, shift_labels=None,
-                                 t3s_weights=None, num_items_in_batch=None,
-                                 teacher={k: None for k in TEACHER_INPUTS})
+            try:
+                got = _fused_forward(model, plain, mode, state["shift"], (), kwargs, labels=labels, shift_labels=None,
+                                     t3s_weights=None, num_items_in_batch=None,
+                                     teacher={k: None for k in TEACHER_INPUTS})
+            except (TypeError, ValueError):
+                raise
+            except Exception as e:  # noqa: BLE001 - said with its cause, at patch time rather than in training
+                raise ValueError(f"apply_t3s: the patched {name} failed on a tiny random batch where the unpatched "
+                                 f"model ran ({type(e).__name__}: {str(e).splitlines()[0][:200]}); refused") from e
     finally:
         model.train(was_training)
     logits = ref.logits.float()
@@ -479,8 +485,9 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
 
     ``check`` (default True) runs the equivalence check described in the module docstring (two
     forward passes of a 2 x 16 batch; at the first training forward when the parameters are on
-    the meta device). Returns the model; raises ``TypeError`` / ``ValueError`` naming the reason
-    where the patch cannot be exact."""
+    the meta device). In masked-diffusion mode there is no unpatched loss of the same meaning to
+    compare with: only the per-forward probe runs. Returns the model; raises ``TypeError`` /
+    ``ValueError`` naming the reason where the patch cannot be exact (and leaves the model unpatched)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     if shift not in (None, "dream"):

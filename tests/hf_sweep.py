@@ -64,6 +64,8 @@ TINY = {
 HEAD_MATH = {"logits_scaling": 4.0, "logit_scale": 0.3, "lm_head_multiplier": 0.7, "final_logit_softcapping": 5.0,
              "logits_soft_cap": 5.0, "output_logit_soft_cap": 5.0, "unpadded_vocab_size": VOCAB - 11,
              "z_loss_coefficient": 1e-3}
+# Sizes that some configs leave at None (derived later, or required): set them too.
+TINY_IF_NONE = {"head_dim", "num_key_value_heads", "n_group", "topk_group"}
 # Per-family corrections where the generic sizes do not fit together.
 TINY_BY_TYPE = {"mamba2": {"num_heads": 8}}
 
@@ -81,8 +83,8 @@ def _shrink(config, seen=None):
         return
     seen.add(id(config))
     for key, value in TINY.items():
-        if hasattr(config, key) and isinstance(getattr(config, key), int) and not isinstance(getattr(config, key),
-                                                                                             bool):
+        current = getattr(config, key, "absent")
+        if (isinstance(current, int) and not isinstance(current, bool)) or (current is None and key in TINY_IF_NONE):
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
     for key, value in HEAD_MATH.items():
@@ -267,6 +269,13 @@ def main(argv=None) -> int:
     results = []
     for model_type in tqdm(kinds, desc="architectures", file=sys.stderr):
         results += sweep_one(model_type)
+    import datetime
+    import platform
+
+    import transformers
+
+    print(f"# HF causal-LM sweep: transformers {transformers.__version__}, torch {torch.__version__}, "
+          f"{platform.machine()}, {datetime.date.today()}")
     by_status: dict[str, list[Outcome]] = {}
     for r in results:
         by_status.setdefault(r.status, []).append(r)
