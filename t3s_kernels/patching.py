@@ -28,6 +28,7 @@ the registry misses:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import types
@@ -133,8 +134,10 @@ def lm_head(model) -> torch.nn.Linear:
 _PROBE_SEED = 20261128
 
 
-def _probe_row(vocab: int, device) -> torch.Tensor:
-    """A fixed (1, 1, V) float32 row of distinct values in about [-4, 4]: what the capture returns as logits."""
+@functools.lru_cache(maxsize=8)
+def _probe_row(vocab: int, device: torch.device) -> torch.Tensor:
+    """A fixed (1, 1, V) float32 row of distinct values in about [-4, 4]: what the capture returns as
+    logits (made once per vocabulary size and device; the capture hands out copies)."""
     g = torch.Generator().manual_seed(_PROBE_SEED)
     return (torch.rand(vocab, generator=g) * 8 - 4).view(1, 1, vocab).to(device)
 
@@ -148,7 +151,7 @@ class _HeadCapture:
     def __enter__(self):
         def capture(x):
             self.inputs.append(x)
-            return _probe_row(self.head.out_features, x.device)
+            return _probe_row(self.head.out_features, x.device).clone()  # the model may write into it
 
         self.head.forward = capture
         return self
