@@ -78,12 +78,17 @@ def masked_diffusion_compute_loss(model, inputs: dict[str, torch.Tensor], *, mas
         raise ValueError("masked_diffusion_compute_loss needs a model patched with apply_t3s(model, "
                          "mode='masked_diffusion')")
     ids = inputs["input_ids"]
+    prompt_lengths, labels = inputs.get("prompt_length"), inputs.get("labels")
+    if prompt_lengths is None and labels is None:
+        raise ValueError("masked_diffusion_compute_loss needs the prompt: a 'prompt_length' column, or 'labels' "
+                         "with -100 on the prompt; prompt tokens are never masked")
+    maskable = None if labels is None else labels != -100
     force = inputs.get(MASK_COLUMN)
     if force is not None:
         force = force.bool() & inputs["attention_mask"].bool()
-    batch = noise(ids, mask_token_id=mask_token_id, prompt_lengths=inputs.get("prompt_length"),
-                  attention_mask=inputs.get("attention_mask"), force_mask=force, rate_range=rate_range,
-                  generator=generator)
+    batch = noise(ids, mask_token_id=mask_token_id, prompt_lengths=prompt_lengths,
+                  attention_mask=inputs.get("attention_mask"), maskable=maskable, force_mask=force,
+                  rate_range=rate_range, generator=generator)
     weights, normalizer = loss_weights(batch, weighting=weighting, normalization=normalization)
     labels = torch.where(batch.masked, ids, torch.full_like(ids, -100))
     out = model(input_ids=batch.noisy_ids, attention_mask=inputs.get("attention_mask"), labels=labels,

@@ -435,3 +435,33 @@ def test_positional_arguments_and_trainer_signature():
     out = model(ids, None, None, None, None, labels)
     assert out.logits is None
     assert_close(out.loss, ref.loss, 1e-5, "loss")
+
+
+def test_masked_diffusion_loss_takes_the_prompt_from_the_labels(monkeypatch):
+    """Rows shaped like the end-to-end recipe's (input_ids, labels -100 on the prompt, a force set):
+    no prompt position is ever masked and each row's answer is its labelled positions. A batch with
+    neither prompt_length nor labels is refused."""
+    import t3s_kernels.trainer_utils as tu
+    from t3s_kernels.toy import MASK_ID, tiny_bidirectional_lm
+
+    model = tiny_bidirectional_lm("llama").train()
+    t3s.apply_t3s(model, mode="masked_diffusion", backend="torch")
+    ids = torch.randint(3, 512, (3, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :11] = -100
+    force = torch.zeros_like(ids, dtype=torch.bool)
+    force[:, 15] = True
+    seen = []
+    real = tu.noise
+    monkeypatch.setattr(tu, "noise", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    for seed in range(5):
+        tu.masked_diffusion_compute_loss(model, dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
+                                                     t3s_weights=force), mask_token_id=MASK_ID,
+                                         generator=torch.Generator().manual_seed(seed))
+    for nb in seen:
+        assert not nb.masked[:, :11].any()
+        assert torch.equal(nb.answer_mask, labels != -100)
+        assert nb.masked[:, 15].all()
+    with pytest.raises(ValueError, match="needs the prompt"):
+        tu.masked_diffusion_compute_loss(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids)),
+                                         mask_token_id=MASK_ID)

@@ -13,6 +13,14 @@ LLaDA) or not (``"none"``, LLaDA 2.0), normalized by
   * ``"llada_pretrain"``: batch x length;
   * ``"llada_sft"``: each token's term divided by its sequence's answer length, then by batch;
   * ``"masked_tokens"``: the number of masked tokens (LLaDA 2.0's mean).
+Why a forced token gets weight 1 under ``"inverse_p"``: the 1/t weight is an importance weight.
+A token masked with probability t contributes ``1[masked] / t * l`` to the loss, whose
+expectation over the masking is ``l``: every answer token counts once on average, whatever t.
+A token force-masked by T3S is masked with probability 1, so the same argument gives it weight
+``1 / 1 = 1``; weighting it by 1/t instead would count it ``1/t`` times on average (7x an
+ordinary token at LLaDA's t ~ U(0, 1), unbounded as t -> 0). ``"inverse_p_all"`` keeps that
+older convention, as an explicit choice.
+
 The mask token keeps its softmax column (LLaDA's convention); ``exclude_mask_token=True``
 drops it (MDLM's), at the cost of one copy of the head without that row.
 Only masked positions are gathered into the head, so its cost scales with the masked fraction.
@@ -30,7 +38,7 @@ from ..api import T3SLossOutput, fused_linear_t3s_loss
 LLADA_MASK_ID = 126336
 LLADA2_MASK_ID = 156895
 NORMALIZATIONS = ("llada_pretrain", "llada_sft", "masked_tokens")
-WEIGHTINGS = ("inverse_p", "none")
+WEIGHTINGS = ("inverse_p", "none", "inverse_p_all")
 
 
 @dataclass
@@ -39,11 +47,17 @@ class NoisedBatch:
     masked: torch.Tensor  # (B, T) bool
     p_mask: torch.Tensor  # (B, T) float32, each sequence's masking probability (0 on prompts)
     answer_mask: torch.Tensor  # (B, T) bool, positions that may be masked (not prompt, not padding)
+    forced: Optional[torch.Tensor] = None  # (B, T) bool, positions masked with probability 1 (T3S's force set)
 
 
-def _answer_mask(input_ids: torch.Tensor, prompt_lengths, attention_mask) -> torch.Tensor:
+def _answer_mask(input_ids: torch.Tensor, prompt_lengths, attention_mask, maskable=None) -> torch.Tensor:
     b, t = input_ids.shape
     answer = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+    if maskable is not None:
+        if tuple(maskable.shape) != (b, t) or maskable.dtype != torch.bool:
+            raise ValueError(f"maskable must be a bool tensor of shape (B, T) = {(b, t)}; "
+                             f"got {maskable.dtype} {tuple(maskable.shape)}")
+        answer &= maskable
     if prompt_lengths is not None:
         prompt_lengths = torch.as_tensor(prompt_lengths, device=input_ids.device)
         if prompt_lengths.shape != (b,):
@@ -60,11 +74,13 @@ def _answer_mask(input_ids: torch.Tensor, prompt_lengths, attention_mask) -> tor
 
 def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[int] = None,
           prompt_lengths=None, attention_mask: Optional[torch.Tensor] = None,
-          force_mask: Optional[torch.Tensor] = None, eps: float = 1e-3,
+          maskable: Optional[torch.Tensor] = None, force_mask: Optional[torch.Tensor] = None, eps: float = 1e-3,
           rate_range: Optional[tuple[float, float]] = None,
           generator: Optional[torch.Generator] = None) -> NoisedBatch:
     """The forward process: mask answer tokens with a per-sequence probability, force-mask the
-    T3S-selected ones. ``generator`` (on input_ids' device) makes it reproducible."""
+    T3S-selected ones. The answer is what ``prompt_lengths``, ``attention_mask`` and ``maskable``
+    (bool (B, T), e.g. ``labels != -100``) all allow. ``generator`` (on input_ids' device) makes
+    it reproducible."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (B, T); got {tuple(input_ids.shape)}")
     if vocab_size is not None and not 0 <= mask_token_id < vocab_size:
@@ -73,7 +89,7 @@ def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[i
         raise ValueError(f"eps must lie in (0, 1); got {eps}")
     b, t = input_ids.shape
     device = input_ids.device
-    answer = _answer_mask(input_ids, prompt_lengths, attention_mask)
+    answer = _answer_mask(input_ids, prompt_lengths, attention_mask, maskable)
     u = torch.rand(b, generator=generator, device=device)
     if rate_range is None:
         p = (1.0 - eps) * u + eps
@@ -92,7 +108,7 @@ def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[i
         masked |= force_mask
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
     p_mask = torch.where(answer, p[:, None].expand(b, t), torch.zeros(b, t, device=device))
-    return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=p_mask.float(), answer_mask=answer)
+    return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=p_mask.float(), answer_mask=answer, forced=force_mask)
 
 
 def loss_weights(batch: NoisedBatch, *, weighting: str = "inverse_p",
@@ -104,8 +120,11 @@ def loss_weights(batch: NoisedBatch, *, weighting: str = "inverse_p",
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
     b, t = batch.masked.shape
     w = torch.ones(b, t, device=batch.masked.device)
-    if weighting == "inverse_p":
-        w = torch.where(batch.masked, 1.0 / batch.p_mask.clamp(min=1e-12), w)
+    if weighting in ("inverse_p", "inverse_p_all"):
+        importance = batch.masked
+        if weighting == "inverse_p" and batch.forced is not None:
+            importance = importance & ~batch.forced  # masked with probability 1: weight 1 (module docstring)
+        w = torch.where(importance, 1.0 / batch.p_mask.clamp(min=1e-12), w)
     if normalization == "llada_sft":
         return w / batch.answer_mask.sum(1, keepdim=True).clamp(min=1).float(), float(b)
     if normalization == "llada_pretrain":

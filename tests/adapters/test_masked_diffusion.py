@@ -118,3 +118,49 @@ def test_loss_rejects_bad_options():
         md.masked_diffusion_loss(hidden, weight, ids, nb, mask_token_id=MASK, weighting="1/t")
     with pytest.raises(ValueError, match=r"mask_token_id must lie in \[0, V\)"):
         md.masked_diffusion_loss(hidden, weight, ids, nb, mask_token_id=V)
+
+
+def test_forced_tokens_weigh_one_under_inverse_p():
+    """A token masked with probability 1 has importance weight 1; ordinary masked tokens 1/p;
+    ``inverse_p_all`` keeps 1/p on forced tokens too, by explicit choice."""
+    ids, _, _, prompt = inputs()
+    force = torch.zeros(B, T, dtype=torch.bool)
+    force[0, 3], force[1, 7], force[3, 9] = True, True, True
+    nb = md.noise(ids, mask_token_id=MASK, prompt_lengths=prompt, force_mask=force,
+                  generator=torch.Generator().manual_seed(4))
+    w, _ = md.loss_weights(nb, weighting="inverse_p", normalization="masked_tokens")
+    assert torch.equal(w[force], torch.ones(3))
+    ordinary = nb.masked & ~force
+    assert ordinary.any()
+    assert_close(w[ordinary], 1.0 / nb.p_mask[ordinary], 1e-7, "1/p")
+    w_all, _ = md.loss_weights(nb, weighting="inverse_p_all", normalization="masked_tokens")
+    assert_close(w_all[force], 1.0 / nb.p_mask[force], 1e-7, "1/p on forced")
+    assert (w_all[force] > 1).all()
+
+
+def test_the_expected_weight_of_every_answer_token_is_one():
+    """Over many draws of the masking, E[1[masked] * w] = 1 for ordinary and forced tokens alike."""
+    ids, _, _, prompt = inputs()
+    force = torch.zeros(B, T, dtype=torch.bool)
+    force[2, 8] = True
+    total = torch.zeros(B, T)
+    draws = 4000
+    g = torch.Generator().manual_seed(0)
+    for _ in range(draws):
+        nb = md.noise(ids, mask_token_id=MASK, prompt_lengths=prompt, force_mask=force, generator=g, eps=0.2)
+        w, _ = md.loss_weights(nb, weighting="inverse_p", normalization="masked_tokens")
+        total += torch.where(nb.masked, w, torch.zeros_like(w))
+    mean = total / draws
+    answer = nb.answer_mask
+    assert abs(mean[2, 8].item() - 1.0) < 1e-6
+    assert (mean[answer] - 1).abs().max() < 0.25  # Monte Carlo: 4000 draws of 1/t with t >= 0.2
+    assert (mean[~answer] == 0).all()
+
+
+def test_maskable_positions_bound_the_answer():
+    ids, _, _, _ = inputs()
+    labels = ids.clone()
+    labels[:, :4] = -100
+    for seed in range(10):
+        nb = md.noise(ids, mask_token_id=MASK, maskable=labels != -100, generator=torch.Generator().manual_seed(seed))
+        assert not nb.masked[:, :4].any() and torch.equal(nb.answer_mask, labels != -100)
