@@ -66,7 +66,7 @@ def _select(args: argparse.Namespace) -> int:
     store = ScoreStore(args.store)
     base = store.load(args.base)
     bottleneck = store.load(args.bottleneck) if args.bottleneck else None
-    sel = select(args.rule, base, bottleneck, tau=args.tau, budget=args.budget, seed=args.seed)
+    sel = select(args.rule, base, bottleneck, tau=args.tau, budget=args.budget, seed=args.seed, use=args.use)
     summary = save_selection(sel, args.out, base.values["scored"])
     print(json.dumps({k: v for k, v in summary.items() if k != "per_example"}, indent=2))
     if args.plot and bottleneck is not None:
@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--tau", type=float, default=0.2, help="dllm threshold: select dc < -tau")
     sel.add_argument("--budget", type=float, help="fraction of tokens, for the budget rules")
     sel.add_argument("--seed", type=int, default=0)
+    sel.add_argument("--use", choices=["keep", "force_mask"],
+                     help="how trainers use the mask: keep (AR: t3s_weights) or force_mask (dLLM: t3s_force_mask); "
+                          "fixed by ar/inverse/dllm, default keep for the baselines")
     sel.add_argument("--out", required=True, help="folder for mask.safetensors, summary.json, plots")
     sel.add_argument("--plot", action="store_true", help="dc histogram and the bifurcation picture")
     sel.add_argument("--checkpoints", nargs="+", help="score sets, in training order, for the bifurcation plot")

@@ -294,6 +294,20 @@ def _original_forward(model):
 TEACHER_INPUTS = ("teacher_hidden", "teacher_topk_ids", "teacher_topk_logprobs")
 
 
+ANCHORS = ("ignore", "count")
+
+
+def _refuse_counted_anchors(labels, shift_labels, t3s_weights, ignore_index: int) -> None:
+    """Under the default ``anchors="ignore"`` a weight-0 token must not carry a label when the caller
+    divides by ``num_items_in_batch``: HF counts labels, so the count would include the anchors."""
+    target, w = (shift_labels, t3s_weights) if shift_labels is not None else (labels[..., 1:], t3s_weights[..., 1:])
+    if bool(((w == 0) & (target != ignore_index)).any()):
+        raise ValueError("t3s_weights drops labelled tokens while num_items_in_batch (HF's count of labels) counts "
+                         "them, so the loss would shrink by the kept fraction. Give anchors label -100 "
+                         "(T3SDataCollator does, by default), or apply_t3s(..., anchors='count') to divide by every "
+                         "label token on purpose")
+
+
 def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, kwargs, *, labels, shift_labels,
                    t3s_weights, num_items_in_batch, teacher):
     name = type(model).__name__
@@ -309,6 +323,9 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
         raise ValueError("return_dict=False is not supported in a patched training forward (the logits do not "
                          "exist to fill the tuple); use the default return_dict=True")
     ignore_index = kwargs.get("ignore_index", -100)
+    if (mode == "causal" and t3s_weights is not None and num_items_in_batch is not None
+            and _state(model).get("anchors", "ignore") == "ignore"):
+        _refuse_counted_anchors(labels, shift_labels, t3s_weights, ignore_index)
     call = {k: v for k, v in kwargs.items()
             if k not in ("ignore_index", "num_items_in_batch") or _accepts(original, k)}
     if num_items_in_batch is not None and _accepts(original, "num_items_in_batch"):
@@ -359,6 +376,9 @@ def _make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
             if num_items_in_batch is not None:
                 kwargs["num_items_in_batch"] = num_items_in_batch
             return _original_forward(self)(*args, labels=labels, **kwargs)
+        if "t3s_force_mask" in kwargs:
+            raise ValueError("t3s_force_mask is a masked-diffusion force set; this forward takes t3s_weights (loss "
+                             "weights or an AR keep-mask), or noise the batch with masked_diffusion_compute_loss")
         state = _state(self)
         if state.get("check_pending"):
             state["check_pending"] = False
@@ -477,7 +497,7 @@ def _on_meta(model) -> bool:
 # apply / revert.
 
 def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch_class: bool = False,
-              check: bool = True, **loss_options):
+              check: bool = True, anchors: str = "ignore", **loss_options):
     """Patch ``model`` (an instance; with ``patch_class=True`` its class, for every instance) so that
     training forwards with labels use the fused loss. ``loss_options`` are ``fused_linear_t3s_loss``'s
     (``label_smoothing``, ``z_loss``, ``backend``, ``strategy``, ...; for distillation
@@ -485,6 +505,13 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
     ``teacher_hidden=`` or ``teacher_topk_ids=``/``teacher_topk_logprobs=`` in each forward call).
     The model's own head math (logit scale, soft cap) and ``ignore_index`` (a forward argument, as
     in HuggingFace) come from the model and the call.
+
+    ``anchors`` fixes what a weight-0 token (T3S's imitation anchor) means for the normalization.
+    ``"ignore"`` (default): as if it had label -100, the usual implementation and what the method's
+    loss means: the sum over kept tokens is divided by the kept count (without ``num_items_in_batch``)
+    or by ``num_items_in_batch``, which must then not count anchors (``T3SDataCollator`` gives them
+    label -100; a forward that would divide by a count including them raises). ``"count"``: divide
+    by ``num_items_in_batch`` as given, anchors included.
 
     ``check`` (default True) runs the equivalence check described in the module docstring (two
     forward passes of a 2 x 16 batch; at the first training forward when the parameters are on
@@ -499,6 +526,8 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
         raise ValueError("shift='dream' is a masked-diffusion convention; use mode='masked_diffusion'")
     if not isinstance(check, bool):
         raise TypeError(f"check must be a bool; got {check!r}")
+    if anchors not in ANCHORS:
+        raise ValueError(f"anchors must be one of {ANCHORS}; got {anchors!r}")
     for reserved in ("bias", "token_weights", "normalizer", "softcap", "logit_scale", "ignore_index",
                      *TEACHER_INPUTS):
         if reserved in loss_options:
@@ -514,7 +543,7 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
     if is_t3s_patched(model):
         raise ValueError(f"{type(model).__name__} is already patched; call revert_t3s first")
     loss = T3SLoss(**loss_options)  # validates the option names and values now, not at the first step
-    state = dict(mode=mode, shift=shift, check_pending=False)
+    state = dict(mode=mode, shift=shift, anchors=anchors, check_pending=False)
     forward = _make_forward(mode, shift, loss)
     if patch_class:
         cls = type(model)

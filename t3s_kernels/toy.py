@@ -49,11 +49,16 @@ def tiny_tokenizer(vocab_size: int = TINY_CONFIG["vocab_size"]):
 
 
 def synthetic_traces(n: int, *, vocab_size: int = TINY_CONFIG["vocab_size"], prompt_len: int = 6,
-                     min_len: int = 20, max_len: int = 40, select_fraction: float = 0.7, seed: int = 0):
-    """Pre-tokenized examples {input_ids, labels, t3s_weights, prompt_length}: a prompt, then an
+                     min_len: int = 20, max_len: int = 40, select_fraction: float = 0.7, seed: int = 0,
+                     use: str = "keep"):
+    """Pre-tokenized examples {input_ids, labels, <mask column>, prompt_length}: a prompt, then an
     answer that follows a learnable rule (each token is the previous plus a per-example step,
-    modulo the vocabulary), ending in <eos>. ``t3s_weights`` keeps a random ``select_fraction``
-    of the answer tokens (what ``t3s select`` would give); prompt tokens are never labels."""
+    modulo the vocabulary), ending in <eos>. The mask selects a random ``select_fraction`` of the
+    answer tokens (what ``t3s select`` would give), in the column of its ``use``: ``t3s_weights``
+    (keep) or ``t3s_force_mask`` (force_mask); prompt tokens are never labels."""
+    from .pipeline.selection import COLUMNS
+
+    column = COLUMNS[use]
     g = torch.Generator().manual_seed(seed)
     low = MASK_ID + 1
     span = vocab_size - low
@@ -67,6 +72,6 @@ def synthetic_traces(n: int, *, vocab_size: int = TINY_CONFIG["vocab_size"], pro
         labels = [-100] * prompt_len + ids[prompt_len:]
         keep = (torch.rand(len(ids), generator=g) < select_fraction).tolist()
         weights = [bool(k) and pos >= prompt_len for pos, k in enumerate(keep)]
-        examples.append(dict(id=f"ex{i}", input_ids=ids, labels=labels, t3s_weights=weights,
-                             prompt_length=prompt_len))
+        examples.append({"id": f"ex{i}", "input_ids": ids, "labels": labels, column: weights,
+                         "prompt_length": prompt_len})
     return examples

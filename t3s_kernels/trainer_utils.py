@@ -7,10 +7,12 @@ from typing import Any, Optional
 
 import torch
 
-from .adapters.masked_diffusion import loss_weights, noise
+from .adapters.masked_diffusion import NoisedBatch, loss_weights, noise
 from .patching import is_t3s_patched
+from .pipeline.selection import COLUMNS
 
-MASK_COLUMN = "t3s_weights"
+KEEP_COLUMN, FORCE_COLUMN = COLUMNS["keep"], COLUMNS["force_mask"]
+ANCHORS = ("ignore", "count")
 
 
 def train_and_report(trainer) -> list[float]:
@@ -21,27 +23,67 @@ def train_and_report(trainer) -> list[float]:
     return losses
 
 
-class T3SDataCollator:
-    """Pads ``input_ids`` (with ``pad_token_id``), ``labels`` (with -100), ``attention_mask``
-    and the T3S mask column ``t3s_weights`` (bool or float per token, padded with 0/False),
-    right-padding to the longest example.
+def _column_dtype(features: list[dict[str, Any]], key: str) -> torch.dtype:
+    """bool when every example's entries are bool, float32 when every example's are numbers; mixed refused."""
+    kinds = set()
+    for i, f in enumerate(features):
+        t = torch.as_tensor(f[key])
+        if t.numel():
+            kinds.add("bool" if t.dtype == torch.bool else "number")
+    if len(kinds) > 1:
+        raise ValueError(f"'{key}' mixes bool masks and numeric weights across the batch's examples; use one kind")
+    return torch.float32 if kinds == {"number"} else torch.bool
 
-    Give it the model: a batch with a mask column for a model that is not patched raises,
-    since an unpatched model (and HF Trainer's column pruning) would drop it silently.
+
+class T3SDataCollator:
+    """Pads ``input_ids`` (with ``pad_token_id``), ``labels`` (with -100), ``attention_mask`` and a
+    T3S mask column, right-padding to the longest example. The two mask columns mean different
+    things and each trainer takes only its own (``pipeline.selection.COLUMNS``):
+
+    * ``t3s_weights``: an AR keep-mask (bool: True keeps a token in the loss) or float loss
+      weights. With ``anchors="ignore"`` (the default) a token of weight 0 also gets label -100:
+      exactly "anchors get label -100", the usual implementation and what the method's loss means,
+      so HF Trainer's ``num_items_in_batch`` counts the kept tokens only and the loss is the mean
+      over kept tokens, exact under gradient accumulation. ``anchors="count"`` leaves the labels:
+      the summed loss over kept tokens is then divided by every label token, anchors included.
+    * ``t3s_force_mask``: a masked-diffusion force set (bool), padded with False.
+
+    Give it the model: a batch with a mask column for a model that is not patched raises, since an
+    unpatched model (and HF Trainer's column pruning) would drop the column silently.
     """
 
-    def __init__(self, pad_token_id: int, model: Optional[torch.nn.Module] = None, ignore_index: int = -100):
+    def __init__(self, pad_token_id: int, model: Optional[torch.nn.Module] = None, ignore_index: int = -100,
+                 anchors: str = "ignore"):
+        if anchors not in ANCHORS:
+            raise ValueError(f"anchors must be one of {ANCHORS}; got {anchors!r}")
         self.pad_token_id = pad_token_id
         self.model = model
         self.ignore_index = ignore_index
+        self.anchors = anchors
+
+    def _check_mask_columns(self, features: list[dict[str, Any]]) -> Optional[str]:
+        present = [c for c in (KEEP_COLUMN, FORCE_COLUMN) if any(c in f for f in features)]
+        if len(present) > 1:
+            raise ValueError(f"the batch has both '{KEEP_COLUMN}' (an AR keep-mask) and '{FORCE_COLUMN}' (a "
+                             "masked-diffusion force set); a student takes one")
+        if not present:
+            return None
+        column = present[0]
+        missing = [i for i, f in enumerate(features) if column not in f]
+        if missing:
+            raise ValueError(f"example {missing[0]} of the batch lacks the '{column}' column that others have")
+        if self.model is None:
+            raise ValueError(f"the batch has a '{column}' column: give T3SDataCollator the model (model=...) so that "
+                             "it can check the model is patched; an unpatched model ignores the column")
+        if not is_t3s_patched(self.model):
+            raise ValueError(f"the batch has a '{column}' column but {type(self.model).__name__} is not "
+                             "patched: call t3s_kernels.apply_t3s(model) first")
+        return column
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("T3SDataCollator got an empty batch")
-        has_mask = MASK_COLUMN in features[0]
-        if has_mask and self.model is not None and not is_t3s_patched(self.model):
-            raise ValueError(f"the batch has a '{MASK_COLUMN}' column but {type(self.model).__name__} is not "
-                             "patched: call t3s_kernels.apply_t3s(model) first")
+        column = self._check_mask_columns(features)
         longest = max(len(f["input_ids"]) for f in features)
 
         def pad(key, value, dtype):
@@ -59,38 +101,86 @@ class T3SDataCollator:
                                     torch.zeros(longest - len(f["input_ids"]), dtype=torch.long)]) for f in features])
         if "labels" in features[0]:
             out["labels"] = pad("labels", self.ignore_index, torch.long)
-        if has_mask:
-            first = torch.as_tensor(features[0][MASK_COLUMN])
-            out[MASK_COLUMN] = pad(MASK_COLUMN, 0, torch.bool if first.dtype == torch.bool else torch.float32)
+        if column == KEEP_COLUMN:
+            out[column] = pad(column, 0, _column_dtype(features, column))
+            if self.anchors == "ignore" and "labels" in out:
+                out["labels"] = out["labels"].masked_fill(out[column] == 0, self.ignore_index)
+        elif column == FORCE_COLUMN:
+            if _column_dtype(features, column) != torch.bool:
+                raise ValueError(f"'{column}' is a force set: bool per token (True forces a token into the mask)")
+            out[column] = pad(column, False, torch.bool)
         for key in ("prompt_length",):
             if key in features[0]:
                 out[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
         return out
 
 
+NOISED_KEYS = ("t3s_noisy_ids", "t3s_masked", "t3s_p_mask", "t3s_answer", "t3s_forced")
+
+
+def noise_inputs(inputs: dict[str, torch.Tensor], *, mask_token_id: int, rate_range=None, eps: float = 1e-3,
+                 generator: Optional[torch.Generator] = None) -> NoisedBatch:
+    """The forward process on a collated batch: the answer is what ``prompt_length`` and the labels
+    (-100 on the prompt) allow, never the prompt; ``t3s_force_mask`` is forced in."""
+    prompt_lengths, labels = inputs.get("prompt_length"), inputs.get("labels")
+    if prompt_lengths is None and labels is None:
+        raise ValueError("masked-diffusion training needs the prompt: a 'prompt_length' column, or 'labels' "
+                         "with -100 on the prompt; prompt tokens are never masked")
+    if KEEP_COLUMN in inputs:
+        raise ValueError(f"the batch has '{KEEP_COLUMN}', an AR keep-mask; a masked-diffusion student takes a force "
+                         f"set ('{FORCE_COLUMN}', from `t3s select --rule dllm`)")
+    force = inputs.get(FORCE_COLUMN)
+    attention = inputs.get("attention_mask")
+    if force is not None and attention is not None:
+        force = force.bool() & attention.bool()
+    return noise(inputs["input_ids"], mask_token_id=mask_token_id, prompt_lengths=prompt_lengths,
+                 attention_mask=attention, maskable=None if labels is None else labels != -100,
+                 force_mask=None if force is None else force.bool(), rate_range=rate_range, eps=eps,
+                 generator=generator)
+
+
 def masked_diffusion_compute_loss(model, inputs: dict[str, torch.Tensor], *, mask_token_id: int,
                                   normalization: str = "llada_sft", weighting: str = "inverse_p",
-                                  rate_range=None, generator: Optional[torch.Generator] = None):
+                                  rate_range=None, generator: Optional[torch.Generator] = None,
+                                  noised: Optional[NoisedBatch] = None, num_items_in_batch=None):
     """One masked-diffusion training loss for a model patched with ``mode="masked_diffusion"``:
-    noise the answer tokens (forcing the T3S-selected ones), and let the fused head score the
-    masked positions only. Use it in ``Trainer.compute_loss`` (see integrations/)."""
+    noise the answer tokens (:func:`noise_inputs`, or pass ``noised``), and let the fused head score
+    the masked positions only.
+
+    The weighted sum is divided by this micro-batch's normalizer (``loss_weights``), or by
+    ``num_items_in_batch`` when given: the normalizer of the whole accumulation step, in the
+    normalization's unit (examples for llada_sft, positions for llada_pretrain, masked tokens for
+    masked_tokens; see :func:`step_normalizer`). Only the latter is exact under gradient
+    accumulation for every normalization; :class:`t3s_kernels.masked_diffusion_trainer.MaskedDiffusionTrainer`
+    does it for HF Trainer."""
     if not is_t3s_patched(model):
         raise ValueError("masked_diffusion_compute_loss needs a model patched with apply_t3s(model, "
                          "mode='masked_diffusion')")
-    ids = inputs["input_ids"]
-    prompt_lengths, labels = inputs.get("prompt_length"), inputs.get("labels")
-    if prompt_lengths is None and labels is None:
-        raise ValueError("masked_diffusion_compute_loss needs the prompt: a 'prompt_length' column, or 'labels' "
-                         "with -100 on the prompt; prompt tokens are never masked")
-    maskable = None if labels is None else labels != -100
-    force = inputs.get(MASK_COLUMN)
-    if force is not None:
-        force = force.bool() & inputs["attention_mask"].bool()
-    batch = noise(ids, mask_token_id=mask_token_id, prompt_lengths=prompt_lengths,
-                  attention_mask=inputs.get("attention_mask"), maskable=maskable, force_mask=force,
-                  rate_range=rate_range, generator=generator)
+    batch = noised if noised is not None else noise_inputs(inputs, mask_token_id=mask_token_id,
+                                                           rate_range=rate_range, generator=generator)
     weights, normalizer = loss_weights(batch, weighting=weighting, normalization=normalization)
+    if num_items_in_batch is not None:
+        normalizer = num_items_in_batch
+    ids = inputs["input_ids"]
     labels = torch.where(batch.masked, ids, torch.full_like(ids, -100))
     out = model(input_ids=batch.noisy_ids, attention_mask=inputs.get("attention_mask"), labels=labels,
                 t3s_weights=weights, num_items_in_batch=normalizer)
     return out.loss
+
+
+def step_normalizer(batches: list[NoisedBatch], normalization: str) -> float:
+    """The normalizer of one batch made of ``batches`` (an accumulation step's micro-batches)."""
+    if normalization == "masked_tokens":  # counted over the whole step, floored at 1 once
+        return float(max(sum(int(b.masked.sum()) for b in batches), 1))
+    return float(sum(loss_weights(b, weighting="none", normalization=normalization)[1] for b in batches))
+
+
+def pack_noised(batch: NoisedBatch) -> dict[str, torch.Tensor]:
+    """A noised batch as plain tensors in the inputs dict (so that a trainer moves them to the device)."""
+    forced = batch.forced if batch.forced is not None else torch.zeros_like(batch.masked)
+    return dict(zip(NOISED_KEYS, (batch.noisy_ids, batch.masked, batch.p_mask, batch.answer_mask, forced)))
+
+
+def unpack_noised(inputs: dict[str, torch.Tensor]) -> NoisedBatch:
+    noisy, masked, p_mask, answer, forced = (inputs.pop(k) for k in NOISED_KEYS)
+    return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=p_mask, answer_mask=answer, forced=forced)

@@ -79,7 +79,9 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[
     With ``num_items_in_batch`` (HF Trainer's count of label tokens over the whole
     gradient-accumulation step) the summed loss is divided by it, so accumulated
     micro-batches give the gradients of one large batch; otherwise the mean over the kept
-    tokens. Weight-0 tokens are dropped before the head, so they get no statistics here;
+    tokens. For the mean over kept tokens under accumulation, the count must leave the
+    dropped tokens out (give them label -100, as ``T3SDataCollator`` does). Weight-0 tokens
+    are dropped before the head, so they get no statistics here;
     score them with ``token_stats``.
 
     Per-position teacher inputs (``teacher_hidden`` (B, T, Ht), ``teacher_topk_ids`` /
@@ -96,6 +98,10 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[
                                  f"got {tuple(t.shape)}")
             loss_options[name] = t.reshape(-1, t.shape[-1]).index_select(0, index)
     if num_items_in_batch is not None:
-        loss_options["normalizer"] = num_items_in_batch
+        count = float(num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch)
+        if count != 0:
+            loss_options["normalizer"] = num_items_in_batch
+        elif index.numel():  # HF passes 0 for a step with no label token: then no row may be in the loss
+            raise ValueError(f"num_items_in_batch is 0 but {index.numel()} tokens of this batch are in the loss")
     return fused_linear_t3s_loss(rows, weight, targets, token_weights=weights, ignore_index=ignore_index,
                                  **loss_options)

@@ -11,6 +11,11 @@
     highest / lowest base confidence; ``entropy``: the highest base entropy;
     ``random``: a seeded random ``budget`` fraction.
 Budgets are fractions of all scored tokens of the dataset.
+
+Every selection records its *use*, which trainers check: ``"keep"`` (an AR keep-mask: the
+``t3s_weights`` column, True keeps a token in the loss) or ``"force_mask"`` (a masked-diffusion
+force set: the ``t3s_force_mask`` column). ``ar`` and ``inverse`` are keep-masks, ``dllm`` a force
+set; a budget baseline is either, as asked (keep by default).
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ from .store import ScoreSet, StoreError, atomic_write_bytes
 
 RULES = ("ar", "dllm", "inverse", "confidence_high", "confidence_low", "entropy", "random")
 TRAJECTORY_RULES = ("ar", "dllm", "inverse")
+USES = ("keep", "force_mask")
+# The dataset column each use travels in (one name per meaning; trainers refuse the other).
+COLUMNS = {"keep": "t3s_weights", "force_mask": "t3s_force_mask"}
+_USE_OF_RULE = {"ar": "keep", "inverse": "keep", "dllm": "force_mask"}
 
 
 @dataclass
@@ -35,6 +44,7 @@ class Selection:
     offsets: torch.Tensor
     ids: list[str]
     params: dict
+    use: str = "keep"  # "keep" (AR keep-mask) or "force_mask" (masked-diffusion force set)
 
     def example(self, i: int) -> torch.Tensor:
         return self.mask[self.offsets[i]:self.offsets[i + 1]]
@@ -48,7 +58,8 @@ class Selection:
                                 "fraction": float(m.sum()) / max(int(s.sum()), 1)})
         total_scored = int(scored.sum())
         selected = int(self.mask.sum())
-        return {"rule": self.rule, **self.params, "scored_tokens": total_scored, "selected_tokens": selected,
+        return {"rule": self.rule, "use": self.use, **self.params, "scored_tokens": total_scored,
+                "selected_tokens": selected,
                 "fraction_selected": selected / max(total_scored, 1), "per_example": per_example}
 
 
@@ -68,11 +79,22 @@ def _top_fraction(values: torch.Tensor, scored: torch.Tensor, budget: float, lar
     return mask
 
 
+def _use_for(rule: str, use: Optional[str]) -> str:
+    if use is not None and use not in USES:
+        raise ValueError(f"use must be one of {USES}; got {use!r}")
+    fixed = _USE_OF_RULE.get(rule)
+    if fixed is not None and use not in (None, fixed):
+        raise ValueError(f"rule '{rule}' makes a {fixed!r} mask; use={use!r} contradicts it")
+    return fixed or use or "keep"
+
+
 def select(rule: str, base: ScoreSet, bottleneck: Optional[ScoreSet] = None, *, tau: float = 0.2,
-           budget: Optional[float] = None, seed: int = 0) -> Selection:
-    """The mask of rule ``rule``. Trajectory rules need the bottleneck score set; budget rules a budget."""
+           budget: Optional[float] = None, seed: int = 0, use: Optional[str] = None) -> Selection:
+    """The mask of rule ``rule``. Trajectory rules need the bottleneck score set; budget rules a budget.
+    ``use`` (see the module docstring) is fixed by the trajectory rules; a baseline's defaults to "keep"."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+    use = _use_for(rule, use)
     scored = base.values["scored"]
     params: dict = {}
     if rule in TRAJECTORY_RULES:
@@ -104,7 +126,7 @@ def select(rule: str, base: ScoreSet, bottleneck: Optional[ScoreSet] = None, *, 
             mask = _top_fraction(base.values["entropy"], scored, budget, largest=True)
         else:
             mask = _top_fraction(base.values["logprob"], scored, budget, largest=rule == "confidence_high")
-    return Selection(rule=rule, mask=mask, offsets=base.offsets, ids=base.ids, params=params)
+    return Selection(rule=rule, mask=mask, offsets=base.offsets, ids=base.ids, params=params, use=use)
 
 
 def trajectory(sets: Sequence[ScoreSet], anchors: torch.Tensor) -> dict:
@@ -125,7 +147,7 @@ def save_selection(sel: Selection, out_dir: str, scored: torch.Tensor) -> dict:
     from safetensors.torch import save
 
     out = Path(out_dir)
-    meta = {"rule": sel.rule, "params": json.dumps(sel.params), "ids": json.dumps(sel.ids)}
+    meta = {"rule": sel.rule, "use": sel.use, "params": json.dumps(sel.params), "ids": json.dumps(sel.ids)}
     atomic_write_bytes(out / "mask.safetensors", save({"mask": sel.mask, "offsets": sel.offsets}, metadata=meta))
     summary = sel.summary(scored)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
@@ -139,13 +161,19 @@ def load_selection(path: str) -> Selection:
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata()
         mask, offsets = f.get_tensor("mask"), f.get_tensor("offsets")
+    use = meta.get("use") or _USE_OF_RULE.get(meta["rule"])  # files from before "use" was recorded
+    if use not in USES:
+        raise StoreError(f"{file}: a {meta['rule']!r} mask that does not record its use (keep or force_mask); "
+                         "select it again")
     return Selection(rule=meta["rule"], mask=mask, offsets=offsets, ids=json.loads(meta["ids"]),
-                     params=json.loads(meta["params"]))
+                     params=json.loads(meta["params"]), use=use)
 
 
-def attach_mask(examples: list[dict], selection: Selection, column: str = "t3s_weights") -> list[dict]:
+def attach_mask(examples: list[dict], selection: Selection) -> list[dict]:
     """Examples (dicts with ``id`` and ``input_ids``) with the selection as a per-token column, matched
-    by id; refuses examples the selection does not know or whose length differs."""
+    by id: ``t3s_weights`` for a keep-mask, ``t3s_force_mask`` for a force set (``COLUMNS``); refuses
+    examples the selection does not know or whose length differs."""
+    column = COLUMNS[selection.use]
     index = {ex_id: i for i, ex_id in enumerate(selection.ids)}
     out = []
     for ex in examples:

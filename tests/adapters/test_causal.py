@@ -56,3 +56,17 @@ def test_float_weights_and_bad_selection():
         causal.causal_lm_loss(hidden, weight, labels, selection=sel.long())
     with pytest.raises(ValueError, match="exactly one of labels"):
         causal.causal_lm_loss(hidden, weight)
+
+
+def test_num_items_zero_gives_a_zero_loss_when_nothing_is_kept():
+    """HF Trainer passes num_items_in_batch=0 for a step whose tokens are all dropped: loss 0, zero grads."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    out = causal.causal_lm_loss(hidden, weight, labels, selection=torch.zeros(2, 5, dtype=torch.bool),
+                                num_items_in_batch=torch.tensor(0), backend="torch")
+    out.loss.backward()
+    assert out.loss.item() == 0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="num_items_in_batch is 0 but"):
+        causal.causal_lm_loss(hidden, weight, labels, num_items_in_batch=0, backend="torch")
