@@ -456,7 +456,7 @@ def test_masked_diffusion_loss_takes_the_prompt_from_the_labels(monkeypatch):
     monkeypatch.setattr(tu, "noise", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     for seed in range(5):
         tu.masked_diffusion_compute_loss(model, dict(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
-                                                     t3s_weights=force), mask_token_id=MASK_ID,
+                                                     t3s_force_mask=force), mask_token_id=MASK_ID,
                                          generator=torch.Generator().manual_seed(seed))
     for nb in seen:
         assert not nb.masked[:, :11].any()

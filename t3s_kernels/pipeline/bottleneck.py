@@ -5,14 +5,16 @@ earliest, on ties). Online: ``BottleneckCallback`` evaluates training accuracy e
 steps through a function you supply, has the trainer save a checkpoint at each evaluation,
 and confirms the trough under this rule:
 
-    the minimum so far is confirmed once ``patience`` later evaluations have all been at
-    least ``min_rise`` above it.
+    the minimum so far, taken after the base evaluation, is confirmed once it lies at least
+    ``min_dip`` below the base's accuracy and ``patience`` later evaluations have all been at
+    least ``min_rise`` above it (``min_rise`` > 0; ``min_dip`` defaults to ``min_rise``).
 
-What the rule assumes (the paper gives none): the accuracy curve dips once and recovers
-(the imitation shock); evaluation noise is smaller than ``min_rise`` (set it from the
-spread of repeated evaluations); evaluations are frequent enough that the trough is
-sampled. A noisy plateau can confirm too early; a curve that never recovers is never
-confirmed (``bottleneck`` then stays None and ``candidate`` holds the current minimum).
+The base is ``base_accuracy`` when given, else the first evaluation. A monotonic rise, a
+plateau and a decline are never confirmed: ``bottleneck`` stays None, ``candidate`` holds the
+current minimum and ``verdict()`` says "no trough found". What the rule assumes (the paper gives
+none): the accuracy curve dips once and recovers (the imitation shock); evaluation noise is
+smaller than both margins (set them from the spread of repeated evaluations); evaluations are
+frequent enough that the trough is sampled.
 """
 
 from __future__ import annotations
@@ -83,27 +85,55 @@ class TroughDetector:
     """The confirmation rule, separate from any trainer (unit-testable on a scripted curve)."""
 
     patience: int = 2
-    min_rise: float = 0.0
+    min_rise: float = 0.02
+    min_dip: Optional[float] = None
+    base_accuracy: Optional[float] = None
     history: list = field(default_factory=list)  # (step, accuracy)
     bottleneck: Optional[tuple[int, float]] = None
 
+    def __post_init__(self):
+        if not self.min_rise > 0:
+            raise ValueError(f"min_rise must be > 0 (a recovery by a stated margin); got {self.min_rise}")
+        if self.min_dip is None:
+            self.min_dip = self.min_rise
+        if not self.min_dip > 0:
+            raise ValueError(f"min_dip must be > 0; got {self.min_dip}")
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1; got {self.patience}")
+
+    @property
+    def base(self) -> Optional[float]:
+        if self.base_accuracy is not None:
+            return float(self.base_accuracy)
+        return self.history[0][1] if self.history else None
+
     @property
     def candidate(self) -> Optional[tuple[int, float]]:
-        if not self.history:
+        """The lowest evaluation after the base (the earliest, on ties)."""
+        after_base = self.history if self.base_accuracy is not None else self.history[1:]
+        if not after_base:
             return None
-        return min(self.history, key=lambda h: (h[1], h[0]))
+        return min(after_base, key=lambda h: (h[1], h[0]))
 
     def update(self, step: int, accuracy: float) -> bool:
         """Add an evaluation; True when this one confirms the trough."""
         self.history.append((step, float(accuracy)))
-        if self.bottleneck is not None:
+        if self.bottleneck is not None or self.candidate is None:
             return False
         low_step, low = self.candidate
+        if not low <= self.base - self.min_dip:
+            return False
         after = [a for s, a in self.history if s > low_step]
         if len(after) >= self.patience and all(a >= low + self.min_rise for a in after[-self.patience:]):
             self.bottleneck = (low_step, low)
             return True
         return False
+
+    def verdict(self) -> str:
+        if self.bottleneck is not None:
+            return f"trough confirmed at step {self.bottleneck[0]} (accuracy {self.bottleneck[1]:.3f})"
+        return (f"no trough found: no evaluation dipped {self.min_dip} below the base ({self.base}) and recovered "
+                f"by {self.min_rise} for {self.patience} evaluations")
 
 
 def _callback_base():
@@ -119,13 +149,15 @@ class BottleneckCallback(_callback_base()):
     """Evaluate ``eval_fn(model, step) -> accuracy`` every ``every_steps``; save a checkpoint each
     time; confirm the trough under ``TroughDetector``'s rule; optionally stop training then."""
 
-    def __init__(self, eval_fn: Callable, every_steps: int, *, patience: int = 2, min_rise: float = 0.0,
+    def __init__(self, eval_fn: Callable, every_steps: int, *, patience: int = 2, min_rise: float = 0.02,
+                 min_dip: Optional[float] = None, base_accuracy: Optional[float] = None,
                  stop_on_trough: bool = False, history_path: Optional[str] = None):
         if every_steps < 1:
             raise ValueError(f"every_steps must be >= 1; got {every_steps}")
         self.eval_fn = eval_fn
         self.every_steps = every_steps
-        self.detector = TroughDetector(patience=patience, min_rise=min_rise)
+        self.detector = TroughDetector(patience=patience, min_rise=min_rise, min_dip=min_dip,
+                                       base_accuracy=base_accuracy)
         self.stop_on_trough = stop_on_trough
         self.history_path = history_path
 
@@ -149,4 +181,9 @@ class BottleneckCallback(_callback_base()):
                   f"(training accuracy {self.bottleneck[1]:.3f})")
             if self.stop_on_trough:
                 control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bottleneck is None:
+            print(f"[t3s] {self.detector.verdict()}")
         return control

@@ -101,6 +101,10 @@ def select(rule: str, base: ScoreSet, bottleneck: Optional[ScoreSet] = None, *, 
         if bottleneck is None:
             raise ValueError(f"rule '{rule}' needs the bottleneck checkpoint's score set")
         check_aligned(base, bottleneck)
+        if bottleneck.name == base.name or torch.equal(base.values["logprob"], bottleneck.values["logprob"]):
+            raise ValueError(f"the bottleneck '{bottleneck.name}' is the base checkpoint '{base.name}' itself (dc = 0 "
+                             "for every token: the AR rule would keep everything and the dLLM rule select nothing); "
+                             "T3S needs the checkpoint at the dip of training accuracy, after the base")
         if not torch.equal(scored, bottleneck.values["scored"]):
             raise StoreError(f"score sets '{base.name}' and '{bottleneck.name}' scored different tokens")
         dc = bottleneck.values["logprob"] - base.values["logprob"]

@@ -48,3 +48,22 @@ def test_callback_on_a_scripted_run(tmp_path):
     assert (tmp_path / "h.json").exists()
     with pytest.raises(ValueError, match="every_steps"):
         BottleneckCallback(lambda m, s: 0, every_steps=0)
+
+
+@pytest.mark.parametrize("curve", [
+    [0.2, 0.3, 0.4, 0.5, 0.6, 0.7],  # a monotonic rise: the base is the minimum
+    [0.5, 0.5, 0.5, 0.5, 0.5, 0.5],  # a plateau
+    [0.9, 0.8, 0.7, 0.6, 0.5, 0.4],  # a decline: never recovers
+    [0.5, 0.49, 0.6, 0.7, 0.8, 0.9],  # a dip smaller than the margin
+], ids=["rise", "plateau", "decline", "shallow"])
+def test_no_trough_without_a_dip_below_the_base_and_a_recovery(curve):
+    d = TroughDetector(patience=2, min_rise=0.05)
+    assert not any(d.update(10 * i, a) for i, a in enumerate(curve))
+    assert d.bottleneck is None and d.verdict().startswith("no trough found")
+
+
+def test_detector_margins_are_stated_and_positive():
+    with pytest.raises(ValueError, match="min_rise must be > 0"):
+        TroughDetector(min_rise=0.0)
+    d = TroughDetector(patience=1, min_rise=0.05, base_accuracy=0.9)  # the base evaluated elsewhere
+    assert [d.update(s, a) for s, a in [(10, 0.5), (20, 0.6)]] == [False, True] and d.bottleneck == (10, 0.5)

@@ -76,3 +76,24 @@ def test_save_load_attach_and_trajectory(tmp_path):
     traj = trajectory([BASE_SET, BOTT_SET], ~sel.mask & SCORED)
     assert traj["checkpoints"] == ["base", "step-30"]
     assert traj["anchors"][1] > traj["anchors"][0]
+
+
+def test_selection_refuses_the_base_as_its_own_bottleneck():
+    with pytest.raises(ValueError, match="is the base checkpoint 'base' itself"):
+        select("ar", BASE_SET, BASE_SET)
+    with pytest.raises(ValueError, match="is the base checkpoint"):
+        select("dllm", BASE_SET, score_set("step-0", BASE.clone()))  # another name, the same scores
+
+
+def test_a_selection_records_its_use_and_attaches_to_its_own_column(tmp_path):
+    sel = select("dllm", BASE_SET, BOTT_SET)
+    assert sel.use == "force_mask"
+    save_selection(sel, str(tmp_path), SCORED)
+    back = load_selection(str(tmp_path))
+    assert back.use == "force_mask"
+    rows = attach_mask([{"id": "x", "input_ids": [1, 2, 3, 4, 5]}], back)
+    assert "t3s_force_mask" in rows[0] and "t3s_weights" not in rows[0]
+    assert select("random", BASE_SET, budget=0.5, use="force_mask").use == "force_mask"
+    assert select("random", BASE_SET, budget=0.5).use == "keep"
+    with pytest.raises(ValueError, match="rule 'ar' makes a 'keep' mask"):
+        select("ar", BASE_SET, BOTT_SET, use="force_mask")
