@@ -77,6 +77,37 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accuracy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pipeline.accuracy import generation_accuracy, natural_key
+    from .pipeline.data import load_examples
+    from .pipeline.scoring import load_local_model
+    from .pipeline.store import atomic_write_bytes
+
+    examples = load_examples(args.data, args.tokenizer)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    rows = []
+    for path in sorted(args.checkpoints, key=lambda p: natural_key(Path(p).name)):
+        model = load_local_model(path, args.dtype, args.device, args.trust_remote_code)
+        eos = args.eos_token_id if args.eos_token_id is not None else model.config.eos_token_id
+        pad = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+        result = generation_accuracy(model, examples, verifier=args.verifier, tokenizer=tokenizer, eos_token_id=eos,
+                                     pad_token_id=pad, batch_size=args.batch_size, slack=args.slack,
+                                     progress=not args.quiet)
+        rows.append((Path(path).name, result.accuracy))
+        print(f"{Path(path).name}: accuracy {result.accuracy:.4f} ({sum(result.correct.values())}/{len(examples)})")
+        del model
+    text = "checkpoint,accuracy\n" + "".join(f"{name},{acc:.6f}\n" for name, acc in rows)
+    atomic_write_bytes(Path(args.out), text.encode())
+    print(f"wrote {args.out}; next: t3s bottleneck {args.out}")
+    return 0
+
+
 def _bottleneck(args: argparse.Namespace) -> int:
     from .pipeline.bottleneck import find_bottleneck, plot_accuracy, read_accuracy_table
 
@@ -152,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--plot", action="store_true", help="dc histogram and the bifurcation picture")
     sel.add_argument("--checkpoints", nargs="+", help="score sets, in training order, for the bifurcation plot")
     sel.set_defaults(func=_select)
+
+    acc = sub.add_parser("accuracy", help="training accuracy of the model's own answers at each checkpoint")
+    acc.add_argument("--checkpoints", nargs="+", required=True,
+                     help="local checkpoint folders (ordered naturally: checkpoint-20 before checkpoint-100)")
+    acc.add_argument("--data", required=True, help="the training traces (prompt, then the reference answer)")
+    acc.add_argument("--tokenizer", help="local tokenizer folder (text examples; verifiers compare text)")
+    acc.add_argument("--verifier", default="exact", help="exact | regex:PATTERN | python:FILE.py:FUNCTION")
+    acc.add_argument("--out", required=True, help="the table to write: CSV 'checkpoint,accuracy'")
+    acc.add_argument("--batch-size", type=int, default=16)
+    acc.add_argument("--slack", type=int, default=8, help="new tokens beyond the reference answer's length")
+    acc.add_argument("--eos-token-id", type=int, help="default: the model config's")
+    acc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    acc.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    acc.add_argument("--trust-remote-code", action="store_true")
+    acc.add_argument("--quiet", action="store_true")
+    acc.set_defaults(func=_accuracy)
 
     bott = sub.add_parser("bottleneck", help="the checkpoint of lowest training accuracy, from a table")
     bott.add_argument("table", help="CSV 'checkpoint,accuracy' or JSON {checkpoint: accuracy}")

@@ -1,0 +1,145 @@
+"""Training accuracy as the method defines it: the model's own answers to the training prompts,
+judged by a verifier, at each checkpoint. This is the curve whose trough is the imitation
+bottleneck (``t3s bottleneck`` reads the table written here). Teacher-forced token accuracy is
+not a substitute: it rises monotonically from the first step.
+
+Generation is greedy by default (``do_sample=False``), batched with left padding, up to the
+reference answer's length plus ``slack`` new tokens, stopping at the end-of-sequence token.
+Verifiers compare the generated answer with the reference answer (the example's labelled
+tokens, up to the end-of-sequence token):
+
+* ``"exact"``: the same tokens (with a tokenizer: the same text, stripped);
+* ``"regex:PATTERN"``: the last match of PATTERN (its first group, if it has one) in both texts
+  is the same, and exists (without a tokenizer the text is the token ids, space-separated);
+* ``"python:FILE.py:FUNCTION"``: ``FUNCTION(prediction: str, reference: str, example_id: str) -> bool``.
+
+Causal (autoregressive) students only: a masked-diffusion student generates by iterative
+unmasking, which this module does not implement.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .data import IGNORE, Example
+
+
+@dataclass
+class AccuracyResult:
+    accuracy: float
+    correct: dict[str, bool]  # per example id
+    predictions: dict[str, list[int]]  # generated answer tokens per example id
+
+
+def _text(tokens: Sequence[int], tokenizer) -> str:
+    if tokenizer is None:
+        return " ".join(map(str, tokens))
+    return tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+
+def _load_python_verifier(spec: str) -> Callable[[str, str, str], bool]:
+    path, _, name = spec.rpartition(":")
+    if not path or not name or not Path(path).is_file():
+        raise ValueError(f"verifier 'python:{spec}': expected python:FILE.py:FUNCTION with an existing FILE")
+    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"verifier 'python:{spec}': {path} has no function {name!r}")
+    return fn
+
+
+def make_verifier(spec: str, tokenizer=None) -> Callable[[list[int], list[int], str], bool]:
+    """A function (predicted tokens, reference tokens, example id) -> bool; see the module docstring."""
+    if spec == "exact":
+        if tokenizer is None:
+            return lambda pred, ref, _id: list(pred) == list(ref)
+        return lambda pred, ref, _id: _text(pred, tokenizer).strip() == _text(ref, tokenizer).strip()
+    if spec.startswith("regex:"):
+        try:
+            pattern = re.compile(spec[len("regex:"):])
+        except re.error as e:
+            raise ValueError(f"verifier {spec!r}: not a valid regular expression ({e})") from e
+
+        def extract(text: str) -> Optional[str]:
+            found = list(pattern.finditer(text))
+            if not found:
+                return None
+            last = found[-1]
+            return last.group(1) if pattern.groups else last.group(0)
+
+        def by_regex(pred, ref, _id):
+            want = extract(_text(ref, tokenizer))
+            return want is not None and extract(_text(pred, tokenizer)) == want
+
+        return by_regex
+    if spec.startswith("python:"):
+        fn = _load_python_verifier(spec[len("python:"):])
+        return lambda pred, ref, ex_id: bool(fn(_text(pred, tokenizer), _text(ref, tokenizer), ex_id))
+    raise ValueError(f"verifier must be 'exact', 'regex:PATTERN' or 'python:FILE.py:FUNCTION'; got {spec!r}")
+
+
+def _split(ex: Example, eos_id: Optional[int]) -> tuple[list[int], list[int]]:
+    """(prompt tokens, reference answer tokens without the end-of-sequence token)."""
+    k = ex.prompt_length
+    answer = [t for t, y in zip(ex.input_ids[k:], ex.labels[k:]) if y != IGNORE]
+    if eos_id is not None and eos_id in answer:
+        answer = answer[:answer.index(eos_id)]
+    if k == 0:
+        raise ValueError(f"example '{ex.id}' has no prompt (its first token is labelled); nothing to answer")
+    return ex.input_ids[:k], answer
+
+
+@torch.no_grad()
+def generation_accuracy(model, examples: Sequence[Example], *, verifier: str = "exact", tokenizer=None,
+                        eos_token_id: Optional[int] = None, pad_token_id: int = 0, batch_size: int = 16,
+                        slack: int = 8, do_sample: bool = False, progress: bool = True) -> AccuracyResult:
+    """The fraction of ``examples`` whose generated answer the verifier accepts."""
+    if not examples:
+        raise ValueError("generation_accuracy got no examples")
+    if batch_size < 1 or slack < 0:
+        raise ValueError(f"batch_size must be >= 1 and slack >= 0; got {batch_size}, {slack}")
+    from tqdm import tqdm
+
+    check = make_verifier(verifier, tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, predictions = {}, {}
+    try:
+        bar = tqdm(total=len(examples), desc="answers", disable=not progress)
+        for start in range(0, len(examples), batch_size):
+            chunk = list(examples[start:start + batch_size])
+            pairs = [_split(ex, eos_token_id) for ex in chunk]
+            longest = max(len(p) for p, _ in pairs)
+            ids = torch.full((len(chunk), longest), pad_token_id, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for r, (prompt, _) in enumerate(pairs):  # left padding: every prompt ends where generation starts
+                ids[r, longest - len(prompt):] = torch.tensor(prompt)
+                attn[r, longest - len(prompt):] = 1
+            new = max(len(ref) for _, ref in pairs) + slack
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=new,
+                                 do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            for r, (ex, (_, ref)) in enumerate(zip(chunk, pairs)):
+                pred = out[r, longest:].tolist()
+                if eos_token_id is not None and eos_token_id in pred:
+                    pred = pred[:pred.index(eos_token_id)]
+                predictions[ex.id] = pred
+                correct[ex.id] = bool(check(pred, ref, ex.id))
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        model.train(was_training)
+    return AccuracyResult(accuracy=sum(correct.values()) / len(correct), correct=correct, predictions=predictions)
+
+
+def natural_key(name: str) -> list:
+    """checkpoint-20 before checkpoint-100."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
