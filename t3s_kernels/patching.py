@@ -113,6 +113,18 @@ def final_softcap(config) -> Optional[float]:
     return None
 
 
+def _is_plain_linear(module) -> bool:
+    """Exactly ``nn.Linear``, or FSDP2's wrapper class of exactly ``nn.Linear`` (``fully_shard`` swaps the class)."""
+    cls = type(module)
+    if cls is torch.nn.Linear:
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return issubclass(cls, FSDPModule) and [b for b in cls.__bases__ if b is not FSDPModule] == [torch.nn.Linear]
+
+
 def lm_head(model) -> torch.nn.Linear:
     """The model's LM head: the module whose output is the logits (``get_output_embeddings()``)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -121,7 +133,7 @@ def lm_head(model) -> torch.nn.Linear:
     if head is None:
         raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: it has no LM head "
                         "(get_output_embeddings() / lm_head), as HuggingFace causal LMs have")
-    if type(head) is not torch.nn.Linear:
+    if not _is_plain_linear(head):
         raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: its LM head is a {type(head).__name__}, "
                         "not exactly torch.nn.Linear, so its forward may scale or transform the logits in ways the "
                         "fused op does not reproduce")
@@ -142,22 +154,53 @@ def _probe_row(vocab: int, device: torch.device) -> torch.Tensor:
     return (torch.rand(vocab, generator=g) * 8 - 4).view(1, 1, vocab).to(device)
 
 
-class _HeadCapture:
-    """Within the context, ``head(x)`` records ``x`` and returns the probe row."""
+class _Capture(torch.nn.Module):
+    """Stands in for the LM head: records its input and returns a copy of the probe row. Other
+    attributes (``weight``, for a model that reads the head's dtype) come from the head."""
 
     def __init__(self, head: torch.nn.Linear):
-        self.head, self.inputs = head, []
+        super().__init__()
+        self.out_features, self.inputs = head.out_features, []
+        self.__dict__["_head"] = head  # not registered as a submodule
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_head"], name)
+
+    def forward(self, x):
+        self.inputs.append(x)
+        return _probe_row(self.out_features, x.device).clone()  # the model may write into it
+
+
+class _HeadCapture:
+    """Within the context, the model's LM head module is replaced in its parent by a :class:`_Capture`.
+
+    The head module itself is not called, so hooks on it (FSDP2's unshard / reshard, for a head
+    sharded in a group of its own or with the final norm) do not run: its parameters stay as the
+    rest of the forward left them, for the fused op to use."""
+
+    def __init__(self, model, head: torch.nn.Linear):
+        for name, module in model.named_modules():
+            if module is head and name:
+                parent_name, _, self.attr = name.rpartition(".")
+                self.parent = model.get_submodule(parent_name) if parent_name else model
+                break
+        else:
+            raise ValueError(f"apply_t3s: {type(model).__name__}'s LM head is not one of its submodules")
+        self.head, self.stand_in = head, _Capture(head)
+
+    @property
+    def inputs(self) -> list:
+        return self.stand_in.inputs
 
     def __enter__(self):
-        def capture(x):
-            self.inputs.append(x)
-            return _probe_row(self.head.out_features, x.device).clone()  # the model may write into it
-
-        self.head.forward = capture
+        setattr(self.parent, self.attr, self.stand_in)
         return self
 
     def __exit__(self, *exc):
-        del self.head.forward  # the instance attribute; the class's forward shows through again
+        setattr(self.parent, self.attr, self.head)
         return False
 
 
@@ -189,7 +232,7 @@ def run_with_head_captured(model, forward, *args, **kwargs) -> HeadInputs:
     name = type(model).__name__
     head = lm_head(model)
     math_ = head_math(model)
-    with _HeadCapture(head) as capture:
+    with _HeadCapture(model, head) as capture:
         outputs = forward(*args, **kwargs)
     if len(capture.inputs) != 1:
         raise ValueError(f"apply_t3s: {name} called its LM head {len(capture.inputs)} times in one forward; the "
@@ -221,6 +264,14 @@ def model_head_inputs(model, **forward_kwargs) -> HeadInputs:
     if _accepts(forward, "use_cache"):
         forward_kwargs.setdefault("use_cache", False)
     return run_with_head_captured(model, forward, **forward_kwargs)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _aux_loss_coef(model) -> float:
@@ -331,6 +382,10 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
     if num_items_in_batch is not None and _accepts(original, "num_items_in_batch"):
         call["num_items_in_batch"] = num_items_in_batch
     head_in = run_with_head_captured(model, original, *args, labels=None, **call)
+    if _is_dtensor(head_in.weight):
+        raise ValueError(f"{name}'s LM head weight is a sharded DTensor when the loss needs it (FSDP2 with lm_head in "
+                         "a group of its own, or a tensor-parallel head): not supported yet. Shard lm_head with the "
+                         "root module or together with the final norm: fully_shard([model.model.norm, model.lm_head])")
     hidden, options = head_in.hidden, dict(loss.options)
     options.update(softcap=head_in.math.softcap, logit_scale=head_in.math.logit_scale)
     options.update({k: v for k, v in teacher.items() if v is not None})
