@@ -89,7 +89,9 @@ class FusedLinearT3SFunction(torch.autograd.Function):
         # index None means "all n rows", which skips a gather of the hidden states.
         contrib_idx = None if n_contrib == n else contributing.nonzero().squeeze(1)
         if cfg.normalizer is not None:
-            divisor = cfg.normalizer
+            if cfg.normalizer == 0 and n_contrib:  # 0 is HF's count for a step without label tokens
+                raise ValueError(f"normalizer is 0 but {n_contrib} tokens contribute to the loss")
+            divisor = cfg.normalizer if cfg.normalizer != 0 else 1.0
         elif cfg.reduction == "mean":
             divisor = float(max(n_contrib, 1))
         else:

@@ -111,7 +111,7 @@ def check_options(*, backend: str, strategy: str, softcap, label_smoothing, z_lo
         if isinstance(normalizer, torch.Tensor) and normalizer.numel() != 1:
             raise ValueError(f"normalizer must be a number or a 0-d tensor; got a tensor of shape "
                              f"{tuple(normalizer.shape)}")
-        check_number("normalizer", value, low=0, low_open=True)
+        check_number("normalizer", value, low=0)  # 0: HF's count for a step without label tokens
 
 
 def check_kd_options(*, kd_weight=0.0, kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0,

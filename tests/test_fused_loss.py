@@ -116,3 +116,15 @@ def test_autocast_runs_head_in_autocast_dtype():
     ref, _ = t3s.reference_t3s_loss(inputs["hidden"].bfloat16().double(), inputs["weight"].bfloat16().double(),
                                     inputs["labels"])
     assert_close(out.loss, ref, 2e-5, "loss")
+
+
+def test_zero_normalizer_without_contributing_tokens_gives_zero_loss_and_grads():
+    """HF Trainer passes num_items_in_batch=0 for a step without label tokens."""
+    inputs = make_inputs(weights="all_zero")
+    x = inputs["hidden"].clone().requires_grad_()
+    out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], token_weights=inputs["token_weights"],
+                                    normalizer=0, backend="torch")
+    out.loss.backward()
+    assert out.loss.item() == 0 and x.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="normalizer is 0 but 37 tokens contribute"):
+        t3s.fused_linear_t3s_loss(**{**inputs, "token_weights": None}, normalizer=0, backend="torch")

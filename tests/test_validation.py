@@ -38,7 +38,7 @@ def call(**changes):
     (dict(softcap=0.0), ValueError, r"softcap must be > 0"),
     (dict(softcap=float("inf")), TypeError, r"softcap must be a finite real number"),
     (dict(ce_weight="1"), TypeError, r"ce_weight must be a finite real number"),
-    (dict(normalizer=0), ValueError, r"normalizer must be > 0"),
+    (dict(normalizer=-1), ValueError, r"normalizer must be >= 0"),
     (dict(normalizer=torch.ones(2)), ValueError, r"normalizer must be a number or a 0-d tensor"),
     (dict(normalizer=3, reduction="none"), ValueError, r"normalizer .* cannot be used with reduction='none'"),
     (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),

@@ -97,11 +97,7 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[
                 raise ValueError(f"{name} must be aligned with hidden: shape {tuple(hidden.shape[:-1])} + (...,); "
                                  f"got {tuple(t.shape)}")
             loss_options[name] = t.reshape(-1, t.shape[-1]).index_select(0, index)
-    if num_items_in_batch is not None:
-        count = float(num_items_in_batch.item() if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch)
-        if count != 0:
-            loss_options["normalizer"] = num_items_in_batch
-        elif index.numel():  # HF passes 0 for a step with no label token: then no row may be in the loss
-            raise ValueError(f"num_items_in_batch is 0 but {index.numel()} tokens of this batch are in the loss")
+    if num_items_in_batch is not None:  # 0 (HF's count for a step without label tokens) gives a zero loss
+        loss_options["normalizer"] = num_items_in_batch
     return fused_linear_t3s_loss(rows, weight, targets, token_weights=weights, ignore_index=ignore_index,
                                  **loss_options)

@@ -68,5 +68,5 @@ def test_num_items_zero_gives_a_zero_loss_when_nothing_is_kept():
                                 num_items_in_batch=torch.tensor(0), backend="torch")
     out.loss.backward()
     assert out.loss.item() == 0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
-    with pytest.raises(ValueError, match="num_items_in_batch is 0 but"):
+    with pytest.raises(ValueError, match="normalizer is 0 but"):
         causal.causal_lm_loss(hidden, weight, labels, num_items_in_batch=0, backend="torch")
