@@ -14,6 +14,7 @@ with about 1/rounds of the answer masked alongside it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Optional
 
@@ -22,7 +23,7 @@ import torch
 from ..api import token_stats
 from ..patching import HeadInputs, model_head_inputs
 from .data import IGNORE, Example
-from .store import ScoreStore, iter_batches
+from .store import ScoreStore, iter_batches, token_hash
 
 PROTOCOLS = ("causal", "masked_diffusion")
 
@@ -103,6 +104,29 @@ def dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+@torch.no_grad()
+def weights_fingerprint(model, samples: int = 4096) -> str:
+    """A hash of every parameter's name, shape, dtype and a strided sample of its values (cheap at
+    any size; two checkpoints of one run differ in it)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        h.update(flat[::step].double().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def scoring_producer(model, protocol: str, **params) -> dict:
+    """What produced a score set: recorded with it, and compared when it is resumed."""
+    from .. import __version__
+
+    dtype = next(model.parameters()).dtype
+    return {"model": str(getattr(model.config, "_name_or_path", "")), "model_type": model.config.model_type,
+            "weights": weights_fingerprint(model), "dtype": str(dtype), "protocol": protocol,
+            **{k: v for k, v in params.items()}, "library": __version__}
+
+
 def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, *, protocol: str = "causal",
                   max_tokens: int = 16384, max_batch: int = 64, mask_token_id: Optional[int] = None,
                   rounds: int = 2, seed: int = 0, pad_id: int = 0, rank: Optional[int] = None,
@@ -117,23 +141,29 @@ def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, 
         raise ValueError("protocol='masked_diffusion' needs mask_token_id")
     if rank is None or world_size is None:
         rank, world_size = dist_rank_world()
-    store.bind([e.id for e in examples], [len(e.input_ids) for e in examples])
-    done = store.done(name)
-    todo = [i for i in range(len(examples)) if i % world_size == rank and i not in done]
-    todo.sort(key=lambda i: len(examples[i].input_ids))
-    lengths = [len(e.input_ids) for e in examples]
-    model.eval()
-    bar = tqdm(total=len(todo), desc=f"scoring '{name}'", unit="ex", disable=not progress)
-    for batch in iter_batches(todo, lengths, max_tokens, max_batch):
-        chunk = [examples[i] for i in batch]
-        if protocol == "causal":
-            stats = score_batch_causal(model, chunk, pad_id=pad_id)
-        else:
-            stats = score_batch_masked_diffusion(model, chunk, batch, mask_token_id=mask_token_id, rounds=rounds,
-                                                 seed=seed, pad_id=pad_id)
-        store.write_shard(name, rank, batch, stats)
-        bar.update(len(batch))
-    bar.close()
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1; got {rounds}")
+    store.bind([e.id for e in examples], [len(e.input_ids) for e in examples],
+               [token_hash(e.input_ids) for e in examples])
+    params = dict(rounds=rounds, seed=seed, mask_token_id=mask_token_id) if protocol == "masked_diffusion" else {}
+    producer = scoring_producer(model, protocol, **params)
+    with store.writing(name, rank, producer):
+        done = store.done(name)
+        todo = [i for i in range(len(examples)) if i % world_size == rank and i not in done]
+        todo.sort(key=lambda i: len(examples[i].input_ids))
+        lengths = [len(e.input_ids) for e in examples]
+        model.eval()
+        bar = tqdm(total=len(todo), desc=f"scoring '{name}'", unit="ex", disable=not progress)
+        for batch in iter_batches(todo, lengths, max_tokens, max_batch):
+            chunk = [examples[i] for i in batch]
+            if protocol == "causal":
+                stats = score_batch_causal(model, chunk, pad_id=pad_id)
+            else:
+                stats = score_batch_masked_diffusion(model, chunk, batch, mask_token_id=mask_token_id, rounds=rounds,
+                                                     seed=seed, pad_id=pad_id)
+            store.write_shard(name, rank, batch, stats)
+            bar.update(len(batch))
+        bar.close()
     return len(todo)
 
 

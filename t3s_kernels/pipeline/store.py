@@ -7,16 +7,34 @@ A shard holds the per-token statistics of a batch of examples, flattened, with t
 dataset indices and lengths (safetensors: no pickles, memory-mapped reads). Shards are
 written to a temporary file and renamed, so a shard is either complete or absent: a run
 killed at any point resumes from the examples its shards hold, never duplicating or losing
-one. Each process of a ``torchrun`` launch writes its own shards (rank in the name); reads
-merge them. A shard that cannot be read (truncated, corrupt) is reported, never skipped.
+one; the temporary files a killed run leaves are removed by the next writer of that rank.
+Each process of a ``torchrun`` launch writes its own shards (rank in the name); reads merge them.
+
+What is checked, so that nothing stored is mixed or silently wrong:
+  * the manifest records each example's id, length and a hash of its token ids: another
+    dataset, or the same one tokenized otherwise, is refused;
+  * a writer holds a lock per score set and rank (``.lock-r<rank>``: pid, host, start time); a
+    second writer is refused, naming the holder; a lock left by a process of this host that is
+    no longer running (a killed run) is reported and taken over, one of another host never;
+  * each shard records its score set, its examples' ids and a SHA-256 per tensor; a read
+    checks all three and the ranges (log-probabilities <= 0, entropies >= 0, finite): a
+    corrupt, misplaced or foreign shard is reported, never skipped or used;
+  * a score set records what produced it (``producer.json``: model, weights fingerprint,
+    dtype, protocol and its parameters, library version); resuming it with another producer
+    is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import socket
+import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -30,6 +48,25 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 class StoreError(ValueError):
     """A store, score set or shard that does not match what was asked for."""
+
+
+def token_hash(tokens: Sequence[int]) -> str:
+    """A hash of one example's token ids (what the manifest records per example)."""
+    return hashlib.sha256(json.dumps([int(t) for t in tokens]).encode()).hexdigest()[:32]
+
+
+def _tensor_hash(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -76,15 +113,22 @@ class ScoreStore:
             return None
         return json.loads(self.manifest_path.read_text())
 
-    def bind(self, ids: Sequence[str], lengths: Sequence[int]) -> None:
-        """Record the dataset (first use) or check that it is the recorded one."""
+    def bind(self, ids: Sequence[str], lengths: Sequence[int], hashes: Optional[Sequence[str]] = None) -> None:
+        """Record the dataset (first use) or check that it is the recorded one: ids, lengths and, when
+        given, each example's ``token_hash``."""
         ids, lengths = [str(i) for i in ids], [int(n) for n in lengths]
+        if not ids:
+            raise StoreError("the dataset has no examples; nothing to score")
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise StoreError(f"example ids must be unique; '{dup}' appears more than once")
         current = self.manifest()
         if current is None:
-            atomic_write_bytes(self.manifest_path, json.dumps({"ids": ids, "lengths": lengths}).encode())
+            record = {"ids": ids, "lengths": lengths}
+            if hashes is not None:
+                record["token_hashes"] = list(hashes)
+                record["dataset_hash"] = hashlib.sha256("".join(hashes).encode()).hexdigest()[:32]
+            atomic_write_bytes(self.manifest_path, json.dumps(record).encode())
             return
         if current["ids"] != ids:
             raise StoreError(f"the dataset's ids do not match the store {self.root} (it holds {len(current['ids'])} "
@@ -93,6 +137,11 @@ class ScoreStore:
             bad = next(i for i, (a, b) in enumerate(zip(current["lengths"], lengths)) if a != b)
             raise StoreError(f"example '{ids[bad]}' has {lengths[bad]} tokens but the store recorded "
                              f"{current['lengths'][bad]}: the dataset (or its tokenization) changed")
+        recorded = current.get("token_hashes")
+        if hashes is not None and recorded is not None and list(hashes) != recorded:
+            bad = next(i for i, (a, b) in enumerate(zip(recorded, hashes)) if a != b)
+            raise StoreError(f"example '{ids[bad]}' has other tokens than the store {self.root} recorded (same id and "
+                             "length): another dataset, or another tokenization; use a new store folder")
 
     # -- writing ---------------------------------------------------------------------------
     def _set_dir(self, name: str) -> Path:
@@ -105,6 +154,63 @@ class ScoreStore:
         if not folder.exists():
             return []
         return sorted(p for p in folder.iterdir() if _SHARD.search(p.name))
+
+    @contextmanager
+    def writing(self, name: str, rank: int = 0, producer: Optional[dict] = None):
+        """Hold the write lock of score set ``name`` for ``rank``; check (or record) its producer;
+        remove temporary files a killed writer of this rank left."""
+        folder = self._set_dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = folder / f".lock-r{rank}"
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
+                and not _pid_alive(holder["pid"])
+            where = f"{lock} names pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
+            if not stale:
+                raise StoreError(f"score set '{name}' (rank {rank}) is being written: {where}. Wait for that writer, "
+                                 "or score into another --name (a lock from another host is never taken over; "
+                                 "remove the file if you know its writer is gone)") from None
+            # The holder ran on this host and its process is gone (a killed run): said, then taken over.
+            print(f"[t3s] taking over a stale lock of score set '{name}' (rank {rank}): {where}, not running",
+                  file=sys.stderr)
+            lock.unlink()
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        try:
+            for tmp in folder.glob(f".shard-r{rank}-*.tmp"):
+                tmp.unlink()
+            if producer is not None:
+                self._check_producer(name, producer)
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _check_producer(self, name: str, producer: dict) -> None:
+        path = self._set_dir(name) / "producer.json"
+        producer = json.loads(json.dumps(producer))  # as it will read back
+        if path.exists():
+            recorded = json.loads(path.read_text())
+            if recorded != producer:
+                diff = sorted(k for k in set(recorded) | set(producer) if recorded.get(k) != producer.get(k))
+                raise StoreError(f"score set '{name}' was produced by another model or setting (differs in {diff}); "
+                                 "score into another --name, or delete the set to redo it")
+        elif self.shards(name):
+            raise StoreError(f"score set '{name}' has shards but no producer.json: its origin is unknown; delete it "
+                             "to redo it")
+        else:
+            atomic_write_bytes(path, json.dumps(producer, indent=1).encode())
+
+    def producer(self, name: str) -> Optional[dict]:
+        path = self._set_dir(name) / "producer.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def write_shard(self, name: str, rank: int, indices: Sequence[int], stats: Sequence[dict]) -> Path:
         """One shard: examples ``indices`` (dataset positions) with their per-token ``stats``."""
@@ -128,28 +234,51 @@ class ScoreStore:
         existing = [int(_SHARD.search(p.name).group(2)) for p in self.shards(name)
                     if int(_SHARD.search(p.name).group(1)) == rank]
         path = self._set_dir(name) / f"shard-r{rank}-{max(existing, default=-1) + 1:06d}.safetensors"
-        atomic_write_bytes(path, save(tensors, metadata={"score_set": name}))
+        meta = {"score_set": name, "ids": json.dumps([manifest["ids"][i] for i in indices]),
+                "sha256": json.dumps({k: _tensor_hash(v) for k, v in tensors.items()})}
+        atomic_write_bytes(path, save(tensors, metadata=meta))
         return path
 
     # -- reading ---------------------------------------------------------------------------
-    def _read_shard(self, path: Path) -> dict[str, torch.Tensor]:
+    def _read_shard(self, path: Path, name: str) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import safe_open
 
+        redo = "Delete it and re-run scoring to redo its examples"
         try:
             with safe_open(str(path), framework="pt") as f:
                 data = {k: f.get_tensor(k) for k in f.keys()}
+                meta = f.metadata() or {}
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise StoreError(f"corrupt shard {path}: {e}. Delete it and re-run scoring to redo its examples") from e
+            raise StoreError(f"corrupt shard {path}: {e}. {redo}") from e
+        if meta.get("score_set") != name:
+            raise StoreError(f"shard {path} belongs to score set {meta.get('score_set')!r}, not '{name}'. {redo}")
+        sums = json.loads(meta.get("sha256", "null"))
+        if sums is None:
+            raise StoreError(f"shard {path} has no checksums (written by an older version). {redo}")
+        bad = sorted(k for k, v in data.items() if sums.get(k) != _tensor_hash(v)) or sorted(set(sums) ^ set(data))
+        if bad:
+            raise StoreError(f"corrupt shard {path}: checksum mismatch in {bad}. {redo}")
         if int(data["lengths"].sum()) != data["logprob"].numel() or data["indices"].numel() != data["lengths"].numel():
-            raise StoreError(f"corrupt shard {path}: its lengths do not add up to its token count")
+            raise StoreError(f"corrupt shard {path}: its lengths do not add up to its token count. {redo}")
+        lp, ent = data["logprob"], data["entropy"]
+        if not bool(torch.isfinite(lp).all() & torch.isfinite(ent).all()) or bool((lp > 1e-4).any()) \
+                or bool((ent < -1e-4).any()):
+            raise StoreError(f"shard {path} holds values out of range (log-probabilities must be <= 0, entropies >= 0, "
+                             f"all finite). {redo}")
+        manifest = self.manifest() or {}
+        ids = manifest.get("ids", [])
+        shard_ids = json.loads(meta.get("ids", "[]"))
+        if shard_ids != [ids[i] if 0 <= i < len(ids) else None for i in data["indices"].tolist()]:
+            raise StoreError(f"shard {path} holds examples whose ids do not match the manifest's at its positions: "
+                             f"it was written for another dataset. {redo}")
         return data
 
     def done(self, name: str) -> set[int]:
         """Dataset positions already scored under ``name`` (reads every shard, so corruption surfaces)."""
         seen: set[int] = set()
         for path in self.shards(name):
-            for i in self._read_shard(path)["indices"].tolist():
+            for i in self._read_shard(path, name)["indices"].tolist():
                 if i in seen:
                     raise StoreError(f"example {i} is in two shards of score set '{name}' ({path})")
                 seen.add(i)
@@ -167,7 +296,7 @@ class ScoreStore:
         ids, lengths = manifest["ids"], manifest["lengths"]
         per_example: dict[int, dict[str, torch.Tensor]] = {}
         for path in self.shards(name):
-            data = self._read_shard(path)
+            data = self._read_shard(path, name)
             starts = torch.cumsum(data["lengths"], 0) - data["lengths"]
             for j, (i, n) in enumerate(zip(data["indices"].tolist(), data["lengths"].tolist())):
                 if i in per_example:
@@ -176,6 +305,9 @@ class ScoreStore:
                     raise StoreError(f"shard {path} holds an example that does not match the manifest")
                 s = int(starts[j])
                 per_example[i] = {k: data[k][s:s + n] for k in (*STAT_KEYS, "scored")}
+        if not self._set_dir(name).exists():
+            known = self.names()
+            raise StoreError(f"{self.root} has no score set '{name}'" + (f"; it has {known}" if known else ""))
         missing = [ids[i] for i in range(len(ids)) if i not in per_example]
         if missing:
             raise StoreError(f"score set '{name}' is incomplete: {len(missing)} of {len(ids)} examples missing "

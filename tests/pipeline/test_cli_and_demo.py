@@ -15,7 +15,7 @@ def fake_store(root):
         stats = []
         for n, seed in ((4, 0), (3, 1)):
             g = torch.Generator().manual_seed(seed)
-            lp = -torch.rand(n, generator=g) * 2
+            lp = -torch.rand(n, generator=g) * 2 - 0.5  # log-probabilities stay <= 0 after the shift
             lp = lp + shift * torch.tensor([1.0, -1.0, 1.0, -1.0][:n])
             stats.append({"logprob": lp, "entropy": torch.rand(n, generator=g), "correct": lp > -0.5,
                           "scored": torch.tensor([False] + [True] * (n - 1))})
@@ -40,7 +40,7 @@ def test_commands_report_bad_input_in_one_line(tmp_path, capsys):
     assert code == 2 and "t3s select: error: tau must be >= 0" in capsys.readouterr().err
     code = main(["select", "--store", str(tmp_path / "store"), "--rule", "ar", "--bottleneck", "step-99",
                  "--out", str(tmp_path / "x")])
-    assert code == 2 and "score set 'step-99' is incomplete" in capsys.readouterr().err
+    assert code == 2 and "has no score set 'step-99'; it has ['base', 'step-10']" in capsys.readouterr().err
 
 
 def test_bottleneck_command(tmp_path, capsys):

@@ -124,6 +124,7 @@ def test_killed_scoring_run_resumes_with_every_example_exactly_once(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"scored {200 - len(partial)} examples" in done.stdout
     assert "scoring 'base'" in done.stderr  # the progress bar
+    assert "taking over a stale lock of score set 'base'" in done.stderr  # the killed run's, said aloud
     scores = store.load("base")  # complete, each example once (load refuses duplicates)
     assert scores.ids == [t["id"] for t in traces] and int(scores.offsets[-1]) == 200 * 512
 

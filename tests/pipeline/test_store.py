@@ -69,3 +69,108 @@ def test_iter_batches_respects_token_budget():
     assert sum(batches, []) == [0, 1, 2, 3, 4]
     for b in batches:
         assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 18
+
+
+def _bound(tmp_path, ids=("a", "b"), lengths=(3, 2), tokens=((5, 6, 7), (8, 9))):
+    from t3s_kernels.pipeline.store import token_hash
+
+    store = ScoreStore(tmp_path)
+    store.bind(list(ids), list(lengths), [token_hash(t) for t in tokens])
+    return store
+
+
+def test_one_writer_per_score_set_and_rank(tmp_path):
+    import json
+    import socket
+
+    store = _bound(tmp_path)
+    with store.writing("base", 0):
+        with pytest.raises(StoreError, match=r"score set 'base' \(rank 0\) is being written: .* names pid"):
+            with store.writing("base", 0):
+                pass
+        with store.writing("base", 1):  # ranks of one launch write disjoint shards side by side
+            pass
+    lock = tmp_path / "scores" / "base" / ".lock-r0"
+    assert not lock.exists()  # released
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "yesterday"}))
+    with pytest.raises(StoreError, match="never taken over"):
+        with store.writing("base", 0):
+            pass
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "yesterday"}))
+    with store.writing("base", 0):  # a dead process of this host: reported and taken over
+        pass
+
+
+def test_resume_with_another_producer_is_refused(tmp_path):
+    store = _bound(tmp_path)
+    with store.writing("base", 0, {"model": "m", "weights": "abc"}):
+        store.write_shard("base", 0, [0], [stats(3)])
+    with pytest.raises(StoreError, match=r"produced by another model or setting \(differs in \['weights'\]\)"):
+        with store.writing("base", 0, {"model": "m", "weights": "xyz"}):
+            pass
+    with store.writing("base", 0, {"model": "m", "weights": "abc"}):
+        store.write_shard("base", 0, [1], [stats(2)])
+    assert store.load("base").ids == ["a", "b"]
+
+
+def test_same_ids_and_lengths_but_other_tokens_are_refused(tmp_path):
+    from t3s_kernels.pipeline.store import token_hash
+
+    store = _bound(tmp_path)
+    with pytest.raises(StoreError, match="example 'b' has other tokens than the store"):
+        store.bind(["a", "b"], [3, 2], [token_hash((5, 6, 7)), token_hash((8, 10))])
+    with pytest.raises(StoreError, match="no examples"):
+        ScoreStore(tmp_path / "empty").bind([], [])
+
+
+def test_bit_flips_foreign_shards_and_bad_values_are_refused(tmp_path):
+    import shutil
+
+    store = _bound(tmp_path)
+    path = store.write_shard("base", 0, [0, 1], [stats(3), stats(2)])
+    good = path.read_bytes()
+    flipped = bytearray(good)
+    flipped[-3] ^= 0x10  # inside the last tensor's data
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        store.load("base")
+    path.write_bytes(good)
+    assert store.load("base").ids == ["a", "b"]
+    other = tmp_path / "scores" / "step" / path.name
+    other.parent.mkdir(parents=True)
+    shutil.copy(path, other)  # a shard of 'base' placed in 'step'
+    with pytest.raises(StoreError, match="belongs to score set 'base', not 'step'"):
+        store.load("step")
+    bad = stats(3)
+    bad["logprob"][1] = 1.7e38
+    store.write_shard("high", 0, [0, 1], [bad, stats(2)])
+    with pytest.raises(StoreError, match="out of range"):
+        store.load("high")
+
+
+def test_shards_are_keyed_by_example_ids_not_positions(tmp_path):
+    store = _bound(tmp_path)
+    store.write_shard("base", 0, [0, 1], [stats(3), stats(2)])
+    (tmp_path / "manifest.json").unlink()  # lost manifest, then another dataset of the same shape
+    store.bind(["c", "d"], [3, 2])
+    with pytest.raises(StoreError, match="ids do not match the manifest's at its positions"):
+        store.load("base")
+
+
+def test_a_killed_writers_temporary_files_are_removed(tmp_path):
+    store = _bound(tmp_path)
+    folder = tmp_path / "scores" / "base"
+    folder.mkdir(parents=True)
+    (folder / ".shard-r0-000000.safetensors.abc.tmp").write_bytes(b"partial")
+    (folder / ".shard-r1-000000.safetensors.abc.tmp").write_bytes(b"another rank's, maybe in flight")
+    with store.writing("base", 0):
+        pass
+    assert [p.name for p in folder.glob("*.tmp")] == [".shard-r1-000000.safetensors.abc.tmp"]
+
+
+def test_a_mistyped_score_set_name_is_named(tmp_path):
+    store = ScoreStore(tmp_path)
+    store.bind(["a"], [2])
+    store.write_shard("base", 0, [0], [stats(2)])
+    with pytest.raises(StoreError, match=r"has no score set 'bsae'; it has \['base'\]"):
+        store.load("bsae")
