@@ -137,6 +137,9 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                                 teacher_bias=teacher_bias, teacher_topk_ids=teacher_topk_ids,
                                 teacher_topk_logprobs=teacher_topk_logprobs, kd_weight=kd_weight, kd_loss=kd_loss,
                                 jsd_beta=jsd_beta, temperature=temperature, sparse_tail=sparse_tail)
+    if token_weights is not None and token_weights.requires_grad and torch.is_grad_enabled():
+        raise ValueError("token_weights require grad, but the fused op gives them no gradient; pass "
+                         "token_weights.detach() (or compute weights that need a gradient outside the op)")
     lead = labels.shape
     x = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long().contiguous()  # kernels index labels densely

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .backends.base import Engine, HeadGrads, RowStats, per_token_loss
 from .options import GradRequest, HeadOptions
@@ -71,6 +72,7 @@ class FusedLinearT3SFunction(torch.autograd.Function):
             return FusedLinearT3SFunction._forward(ctx, x, weight, bias, labels, token_weights, cfg, teacher)
 
     @staticmethod
+    @once_differentiable  # a gradient of the gradient would be silently wrong: PyTorch raises instead
     def backward(ctx, grad_loss, *_unused_stat_grads):
         with no_autocast(grad_loss.device):
             return FusedLinearT3SFunction._backward(ctx, grad_loss)
@@ -129,8 +131,12 @@ class FusedLinearT3SFunction(torch.autograd.Function):
         # Shapes of the inputs, for the all-zero gradients of a batch with no contributing token.
         ctx.input_meta = [(t.shape, t.dtype, t.device) if t is not None else None for t in (x, weight, bias)]
         if eager_grads:
-            # Keep dW in the weight's dtype between forward and backward: half the memory.
-            ctx.head_grads = head_grads.cast(weight.dtype, None if bias is None else bias.dtype)
+            # Keep dW in the weight's dtype between forward and backward: half the memory. Saved as
+            # tensors for backward, so PyTorch frees them after it (unless retain_graph) and refuses
+            # a second backward as it does for any graph.
+            cast = head_grads.cast(weight.dtype, None if bias is None else bias.dtype)
+            ctx.head_grad_present = [g is not None for g in (cast.hidden, cast.weight, cast.bias)]
+            ctx.save_for_backward(*(g for g in (cast.hidden, cast.weight, cast.bias) if g is not None))
         elif grads.any and n_contrib:
             lse_c = stats_parts[0].lse
             ctx.save_for_backward(x_c, weight, bias, y_c, lse_c, row_w)
@@ -144,7 +150,8 @@ class FusedLinearT3SFunction(torch.autograd.Function):
         if ctx.n_contrib == 0:
             hg = None
         elif ctx.eager:
-            hg = ctx.head_grads.scaled(grad_loss)
+            saved = iter(ctx.saved_tensors)
+            hg = HeadGrads(*(next(saved) if present else None for present in ctx.head_grad_present)).scaled(grad_loss)
         else:
             x_c, weight, bias, y_c, lse_c, row_w = ctx.saved_tensors
             if cfg.reduction == "none":

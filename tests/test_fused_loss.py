@@ -128,3 +128,26 @@ def test_zero_normalizer_without_contributing_tokens_gives_zero_loss_and_grads()
     assert out.loss.item() == 0 and x.grad.abs().sum() == 0
     with pytest.raises(ValueError, match="normalizer is 0 but 37 tokens contribute"):
         t3s.fused_linear_t3s_loss(**{**inputs, "token_weights": None}, normalizer=0, backend="torch")
+
+
+@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked")])
+def test_graph_semantics_match_eager(backend, strategy):
+    """A second backward without retain_graph raises (the gradients are freed after the first), with
+    retain_graph it gives the same gradients again; create_graph raises rather than returning a
+    gradient that cannot be differentiated; weights that require grad are refused."""
+    inputs = make_inputs(n=9, h=16, v=31, weights="random")
+    x = inputs["hidden"].clone().requires_grad_()
+    kw = dict(token_weights=inputs["token_weights"], backend=backend, strategy=strategy)
+    out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], **kw)
+    (g1,) = torch.autograd.grad(out.loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(out.loss, x)
+    assert torch.equal(g1, g2)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(out.loss, x)
+    out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], **kw)
+    (g,) = torch.autograd.grad(out.loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()
+    with pytest.raises(ValueError, match="token_weights require grad"):
+        t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"],
+                                  token_weights=inputs["token_weights"].clone().requires_grad_(), backend=backend)
