@@ -163,7 +163,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                          kd_loss=kd_loss, jsd_beta=float(jsd_beta), kd_temperature=float(temperature),
                          kd_t2_scaling=bool(kd_t2_scaling), sparse_tail=sparse_tail),
         ignore_index=ignore_index, reduction=reduction,
-        normalizer=None if normalizer is None else float(normalizer))
+        normalizer=None if normalizer is None else float(normalizer), grad_enabled=torch.is_grad_enabled())
     loss, logprob, entropy, correct, lse, kd = FusedLinearT3SFunction.apply(x, weight, bias, y, w, cfg, teacher)
     if reduction == "none":
         loss = loss.view(lead)

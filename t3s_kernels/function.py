@@ -31,6 +31,7 @@ class LossConfig:
     ignore_index: int
     reduction: str
     normalizer: Optional[float]
+    grad_enabled: bool = True  # grad mode where the op was called: without it, no gradient is computed
 
 
 def _scatter_rows(values: torch.Tensor, index: Optional[torch.Tensor], n: int) -> torch.Tensor:
@@ -82,8 +83,9 @@ class FusedLinearT3SFunction(torch.autograd.Function):
         n = x.shape[0]
         # The teacher's rows follow the student's through every compaction; it gets no gradient.
         teacher_kw = (lambda index: {} if teacher is None else {"teacher": teacher.rows(index)})  # noqa: E731
-        grads = GradRequest(hidden=ctx.needs_input_grad[0], weight=ctx.needs_input_grad[1],
-                            bias=bias is not None and ctx.needs_input_grad[2])
+        on = cfg.grad_enabled
+        grads = GradRequest(hidden=on and ctx.needs_input_grad[0], weight=on and ctx.needs_input_grad[1],
+                            bias=on and bias is not None and ctx.needs_input_grad[2])
         valid = labels != cfg.ignore_index
         contributing = valid if token_weights is None else valid & (token_weights != 0)
         n_contrib = int(contributing.sum())

@@ -156,6 +156,9 @@ def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, t
                             f"and {teacher_weight.dtype}")
         if teacher_bias is not None and tuple(teacher_bias.shape) != (vocab,):
             raise ValueError(f"teacher_bias must have shape (V,) = ({vocab},); got {tuple(teacher_bias.shape)}")
+        if teacher_bias is not None and teacher_bias.dtype != teacher_weight.dtype:
+            raise TypeError(f"teacher_bias must have teacher_weight's dtype {teacher_weight.dtype}; "
+                            f"got {teacher_bias.dtype}")
         tensors = (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                    ("teacher_bias", teacher_bias))
     else:
@@ -173,9 +176,19 @@ def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, t
             raise TypeError("teacher_topk_logprobs must be floating point")
         if teacher_topk_ids.numel() and bool(((teacher_topk_ids < 0) | (teacher_topk_ids >= vocab)).any()):
             raise ValueError(f"teacher_topk_ids must lie in [0, V) = [0, {vocab})")
+        if teacher_topk_ids.shape[-1] == 0:
+            raise ValueError("teacher_topk_ids must hold K >= 1 tokens per position; got K = 0")
         lp = teacher_topk_logprobs
         if lp.numel() and (not bool(torch.isfinite(lp).all()) or bool((lp > 1e-6).any())):
             raise ValueError("teacher_topk_logprobs must be finite log-probabilities (<= 0)")
+        if teacher_topk_ids.numel():
+            ordered = teacher_topk_ids.sort(-1).values
+            if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+                raise ValueError("teacher_topk_ids repeats a token within a position; each of the K ids must differ")
+            mass = lp.double().exp().sum(-1)
+            if bool((mass > 1 + 1e-4).any()):
+                raise ValueError(f"teacher_topk_logprobs sum to more than probability 1 at some position "
+                                 f"(up to {float(mass.max()):.6f}); they must be log-probabilities of distinct tokens")
         tensors = (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs))
     for name, t in tensors:
         if t is not None and t.device != hidden.device:

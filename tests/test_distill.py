@@ -186,8 +186,8 @@ def test_distillation_never_holds_full_logits(backend, strategy, n, h, v):
     (dict(temperature=0.0), ValueError, r"temperature must be > 0"),
     (dict(sparse_tail="drop"), ValueError, r"sparse_tail must be one of"),
     (dict(backend="triton", strategy="tile", teacher_hidden=None, teacher_weight=None,
-          teacher_topk_ids=torch.zeros(37, 4, dtype=torch.long, device=DEVICE),
-          teacher_topk_logprobs=torch.zeros(37, 4, device=DEVICE) - 1),
+          teacher_topk_ids=torch.arange(4, device=DEVICE).repeat(37, 1),
+          teacher_topk_logprobs=torch.full((37, 4), math.log(0.2), device=DEVICE)),
      ValueError, r"a sparse \(top-k\) teacher runs on the chunked strategies"),
     (dict(teacher_topk_ids=torch.zeros(37, 4, dtype=torch.long, device=DEVICE),
           teacher_topk_logprobs=torch.zeros(37, 4, device=DEVICE)), ValueError, "not both"),
@@ -204,6 +204,9 @@ def test_dense_teacher_refusals(changes, error, pattern):
     (torch.full((37, 4), 203), torch.zeros(37, 4) - 1, r"teacher_topk_ids must lie in \[0, V\) = \[0, 203\)"),
     (torch.zeros(37, 4, dtype=torch.long), torch.full((37, 4), 0.5), r"must be finite log-probabilities \(<= 0\)"),
     (torch.zeros(36, 4, dtype=torch.long), torch.zeros(36, 4), r"teacher_topk_ids must have shape"),
+    (torch.zeros(37, 0, dtype=torch.long), torch.zeros(37, 0), r"K >= 1 tokens per position; got K = 0"),
+    (torch.tensor([[1, 2, 1, 3]] * 37), torch.full((37, 4), -2.0), r"repeats a token within a position"),
+    (torch.tensor([[1, 2, 3, 4]] * 37), torch.full((37, 4), -0.5), r"sum to more than probability 1"),
 ])
 def test_sparse_teacher_refusals(ids, lps, pattern):
     inputs = make_inputs()
@@ -238,3 +241,12 @@ def test_student_logit_scale_with_a_teacher(backend, strategy, kd_loss):
     assert_close(out.loss, ref, 1e-5, "loss")
     for got, want in zip(torch.autograd.grad(out.loss, (x, w)), torch.autograd.grad(ref, (xd, wd))):
         assert_close(got, want, 1e-5, "grad")
+
+
+def test_teacher_bias_dtype_is_checked():
+    inputs = make_inputs()
+    th, tw_ = teacher()
+    with pytest.raises(TypeError, match="teacher_bias must have teacher_weight's dtype"):
+        t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], inputs["labels"], teacher_hidden=th,
+                                  teacher_weight=tw_, teacher_bias=torch.zeros(203, dtype=torch.float64, device=DEVICE),
+                                  kd_weight=1.0)

@@ -151,3 +151,23 @@ def test_graph_semantics_match_eager(backend, strategy):
     with pytest.raises(ValueError, match="token_weights require grad"):
         t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"],
                                   token_weights=inputs["token_weights"].clone().requires_grad_(), backend=backend)
+
+
+@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked")])
+def test_no_grad_forward_computes_no_gradient(backend, strategy, monkeypatch):
+    """Under torch.no_grad, inputs that require grad get a forward only (no dX / dW computed)."""
+    inputs = make_inputs(n=9, h=16, v=31)
+    x, w = inputs["hidden"].clone().requires_grad_(), inputs["weight"].clone().requires_grad_()
+    seen = []
+    real = t3s.api.make_engine
+
+    def recording(*a, **k):
+        engine = real(*a, **k)
+        forward = engine.forward
+        engine.forward = lambda *fa, grads=None, **fk: seen.append(grads) or forward(*fa, grads=grads, **fk)
+        return engine
+
+    monkeypatch.setattr(t3s.api, "make_engine", recording)
+    with torch.no_grad():
+        out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], backend=backend, strategy=strategy)
+    assert not out.loss.requires_grad and seen and not any(g is not None and g.any for g in seen)
