@@ -8,6 +8,28 @@ import sys
 import tempfile
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {value}")
+    return value
+
+
+def _device(requested: str) -> str:
+    """The device to run on; under torchrun a bare "cuda" is this process's LOCAL_RANK GPU."""
+    import torch
+
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+        if requested == "cuda" and "LOCAL_RANK" in os.environ:
+            return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return requested
+
+
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -48,7 +70,7 @@ def _score(args: argparse.Namespace) -> int:
     from .pipeline.store import ScoreStore
 
     examples = load_examples(args.data, args.tokenizer)
-    model = load_local_model(args.model, args.dtype, args.device, args.trust_remote_code)
+    model = load_local_model(args.model, args.dtype, _device(args.device), args.trust_remote_code)
     pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
     n = score_dataset(model, examples, ScoreStore(args.store), args.name, protocol=args.protocol,
                       max_tokens=args.max_tokens, max_batch=args.max_batch, mask_token_id=args.mask_token_id,
@@ -93,7 +115,7 @@ def _accuracy(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
     rows = []
     for path in sorted(args.checkpoints, key=lambda p: natural_key(Path(p).name)):
-        model = load_local_model(path, args.dtype, args.device, args.trust_remote_code)
+        model = load_local_model(path, args.dtype, _device(args.device), args.trust_remote_code)
         eos = args.eos_token_id if args.eos_token_id is not None else model.config.eos_token_id
         pad = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
         result = generation_accuracy(model, examples, verifier=args.verifier, tokenizer=tokenizer, eos_token_id=eos,
@@ -133,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time, memory and error of the fused loss against eager and peers",
                            description="Defaults: on a GPU, Qwen3-8B's head (N=16384, H=4096, V=151936, bf16); "
                                        "on a CPU, N=2048, H=256, V=65536, fp32.")
-    bench.add_argument("--tokens", type=int, help="N, the number of tokens")
-    bench.add_argument("--hidden", type=int, help="H, the hidden size")
-    bench.add_argument("--vocab", type=int, help="V, the vocabulary size")
+    bench.add_argument("--tokens", type=_positive_int, help="N, the number of tokens")
+    bench.add_argument("--hidden", type=_positive_int, help="H, the hidden size")
+    bench.add_argument("--vocab", type=_positive_int, help="V, the vocabulary size")
     bench.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
     bench.add_argument("--select", type=float, default=1.0,
                        help="fraction of tokens in the loss (the rest get weight 0 / an ignored label)")
@@ -143,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="subset of: eager compile liger cce t3s-torch t3s-triton-chunked "
                             "t3s-triton-tile t3s-token-stats")
     bench.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
-    bench.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (median)")
+    bench.add_argument("--repeat", type=_positive_int, default=3, help="timed runs per measurement (median)")
     bench.add_argument("--no-error", action="store_true", help="skip the float64 reference")
     bench.add_argument("--json", metavar="PATH", help="also write the report as JSON (- for stdout)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -157,12 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--tokenizer", help="local tokenizer folder, for text examples")
     score.add_argument("--protocol", choices=["causal", "masked_diffusion"], default="causal")
     score.add_argument("--mask-token-id", type=int, help="for --protocol masked_diffusion")
-    score.add_argument("--rounds", type=int, default=2, help="masking rounds of the masked-diffusion protocol")
+    score.add_argument("--rounds", type=_positive_int, default=2,
+                       help="masking rounds of the masked-diffusion protocol")
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     score.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    score.add_argument("--max-tokens", type=int, default=16384, help="padded tokens per batch")
-    score.add_argument("--max-batch", type=int, default=64)
+    score.add_argument("--max-tokens", type=_positive_int, default=16384, help="padded tokens per batch")
+    score.add_argument("--max-batch", type=_positive_int, default=64)
     score.add_argument("--trust-remote-code", action="store_true")
     score.add_argument("--quiet", action="store_true")
     score.set_defaults(func=_score)
@@ -191,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--tokenizer", help="local tokenizer folder (text examples; verifiers compare text)")
     acc.add_argument("--verifier", default="exact", help="exact | regex:PATTERN | python:FILE.py:FUNCTION")
     acc.add_argument("--out", required=True, help="the table to write: CSV 'checkpoint,accuracy'")
-    acc.add_argument("--batch-size", type=int, default=16)
+    acc.add_argument("--batch-size", type=_positive_int, default=16)
     acc.add_argument("--slack", type=int, default=8, help="new tokens beyond the reference answer's length")
     acc.add_argument("--eos-token-id", type=int, help="default: the model config's")
     acc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -233,6 +256,10 @@ def main(argv=None) -> int:
         return args.func(args)
     except ValueError as e:  # bad input the library named: one line, not a traceback
         print(f"t3s {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder that is missing, unreadable or of the wrong kind
+        where = f": {e.filename}" if e.filename else ""
+        print(f"t3s {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

@@ -57,3 +57,21 @@ def test_demo_quick_writes_report_and_plots(tmp_path, capsys):
     assert report["verdict"] and (tmp_path / "report.md").exists()
     for plot in ("dc_hist.png", "bifurcation.png", "training_accuracy.png"):
         assert (tmp_path / plot).exists()
+
+
+def test_cli_errors_are_one_line_naming_the_argument_or_file(tmp_path, capsys):
+    import pytest
+
+    for argv, message in [
+        (["bench", "--tokens", "-3"], "argument --tokens: expected a whole number >= 1; got -3"),
+        (["score", "--model", "m", "--data", "d", "--store", "s", "--name", "n", "--rounds", "0"],
+         "argument --rounds: expected a whole number >= 1; got 0"),
+    ]:
+        with pytest.raises(SystemExit):  # argparse: usage line + one error line
+            main(argv)
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    missing = tmp_path / "nope.jsonl"
+    code = main(["score", "--model", str(tmp_path), "--data", str(missing), "--store", str(tmp_path / "s"),
+                 "--name", "n"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"t3s score: error: No such file or directory: {missing}"]
