@@ -250,3 +250,16 @@ def test_teacher_bias_dtype_is_checked():
         t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], inputs["labels"], teacher_hidden=th,
                                   teacher_weight=tw_, teacher_bias=torch.zeros(203, dtype=torch.float64, device=DEVICE),
                                   kd_weight=1.0)
+
+
+@pytest.mark.parametrize("kd_loss", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked")])
+def test_a_nan_teacher_gives_a_nan_loss_as_eager_does(backend, strategy, kd_loss):
+    inputs = make_inputs()
+    th, tw_ = teacher()
+    th = th.clone()
+    th[3] = float("nan")
+    out = t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], inputs["labels"], teacher_hidden=th,
+                                    teacher_weight=tw_, kd_weight=0.5, kd_loss=kd_loss, backend=backend,
+                                    strategy=strategy, return_stats=True)
+    assert math.isnan(out.loss.item()) and math.isnan(out.kd[3].item())

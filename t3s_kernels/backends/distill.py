@@ -55,9 +55,9 @@ class TeacherRows:
 
 
 def _xlogy_diff(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """sum_j a_j (log a_j - log b_j), 0 where a_j = 0."""
+    """sum_j a_j (log a_j - log b_j), 0 where a_j = 0 (and NaN where a is NaN, as eager propagates it)."""
     term = a * (log_a - log_b)
-    return torch.where(a > 0, term, torch.zeros_like(term)).sum(-1)
+    return torch.where(a == 0, torch.zeros_like(term), term).sum(-1)
 
 
 def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kd_loss: str, beta: float) -> torch.Tensor:
