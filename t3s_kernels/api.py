@@ -132,6 +132,8 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                   z_loss=z_loss, ce_weight=ce_weight, temperature=1.0, reduction=reduction,
                   normalizer=normalizer, chunk_budget_bytes=chunk_budget_bytes, logit_scale=logit_scale)
     hidden, weight, bias = _autocast(hidden, weight, bias)
+    if teacher_hidden is not None and teacher_weight is not None:  # the teacher's head is cast as the student's
+        teacher_hidden, teacher_weight, teacher_bias = _autocast(teacher_hidden, teacher_weight, teacher_bias)
     check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index)
     has_teacher = check_teacher(hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                                 teacher_bias=teacher_bias, teacher_topk_ids=teacher_topk_ids,

@@ -263,3 +263,19 @@ def test_a_nan_teacher_gives_a_nan_loss_as_eager_does(backend, strategy, kd_loss
                                     teacher_weight=tw_, kd_weight=0.5, kd_loss=kd_loss, backend=backend,
                                     strategy=strategy, return_stats=True)
     assert math.isnan(out.loss.item()) and math.isnan(out.kd[3].item())
+
+
+def test_teacher_head_is_cast_under_autocast_like_the_students():
+    """Under torch.autocast the teacher's hidden states come out in the autocast dtype while its head is
+    float32: the head runs in the autocast dtype, as F.linear would, for the teacher as for the student."""
+    inputs = make_inputs()
+    th, tw_ = teacher()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], inputs["labels"],
+                                        teacher_hidden=th.bfloat16(), teacher_weight=tw_, kd_weight=0.5,
+                                        backend="torch")
+        ref = t3s.fused_linear_t3s_loss(inputs["hidden"].bfloat16(), inputs["weight"].bfloat16(), inputs["labels"],
+                                        teacher_hidden=th.bfloat16(), teacher_weight=tw_.bfloat16(), kd_weight=0.5,
+                                        backend="torch")
+    assert math.isfinite(out.loss.item())
+    assert_close(out.loss, ref.loss, 1e-6, "loss")
