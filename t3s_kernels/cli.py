@@ -108,11 +108,9 @@ def _accuracy(args: argparse.Namespace) -> int:
     from .pipeline.store import atomic_write_bytes
 
     examples = load_examples(args.data, args.tokenizer)
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
+    from .pipeline.data import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     rows = []
     for path in sorted(args.checkpoints, key=lambda p: natural_key(Path(p).name)):
         model = load_local_model(path, args.dtype, _device(args.device), args.trust_remote_code)

@@ -60,13 +60,30 @@ def _example(record: dict, where: str, tokenizer=None) -> Example:
     return Example(ex_id, ids, labels)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def load_tokenizer(path: str):
+    """A tokenizer from a local folder; refused when the folder holds no tokenizer (a model folder
+    saved without one would otherwise load an empty tokenizer and turn every text into nothing)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"tokenizer must be a local folder; {path!r} is not one")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); pass --tokenizer "
+                         "with the folder that has it")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if len(tokenizer) < 2:
+        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} tokens; it cannot be the model's")
+    return tokenizer
+
+
 def load_examples(path: str, tokenizer_path: Optional[str] = None) -> list[Example]:
     """Examples from a JSONL file or a ``datasets.save_to_disk`` folder, in file order."""
-    tokenizer = None
-    if tokenizer_path is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+    tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path)
     p = Path(path)
     if p.is_dir():
         from datasets import load_from_disk

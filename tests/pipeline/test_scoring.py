@@ -93,6 +93,10 @@ def test_text_examples_with_a_local_tokenizer(tmp_path):
     data.write_text(json.dumps({"id": "q1", "prompt": "t5 t6", "response": "t7 t8"}) + "\n")
     (ex,) = load_examples(str(data), str(tmp_path / "tok"))
     assert ex.input_ids == [5, 6, 7, 8, 1] and ex.labels == [-100, -100, 7, 8, 1]
+    (tmp_path / "model_only").mkdir()
+    (tmp_path / "model_only" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        load_examples(str(data), str(tmp_path / "model_only"))
 
 
 def test_killed_scoring_run_resumes_with_every_example_exactly_once(tmp_path):
