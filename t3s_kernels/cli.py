@@ -69,7 +69,7 @@ def _score(args: argparse.Namespace) -> int:
     from .pipeline.scoring import load_local_model, score_dataset
     from .pipeline.store import ScoreStore
 
-    examples = load_examples(args.data, args.tokenizer)
+    examples = load_examples(args.data, args.tokenizer or args.model)  # text examples: the model's tokenizer
     model = load_local_model(args.model, args.dtype, _device(args.device), args.trust_remote_code)
     pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
     n = score_dataset(model, examples, ScoreStore(args.store), args.name, protocol=args.protocol,
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--data", required=True, help="JSONL or datasets folder of traces with ids")
     score.add_argument("--store", required=True, help="the dataset's score store folder")
     score.add_argument("--name", required=True, help="score set name, e.g. base or step-50")
-    score.add_argument("--tokenizer", help="local tokenizer folder, for text examples")
+    score.add_argument("--tokenizer", help="local tokenizer folder, for text examples (default: the model folder)")
     score.add_argument("--protocol", choices=["causal", "masked_diffusion"], default="causal")
     score.add_argument("--mask-token-id", type=int, help="for --protocol masked_diffusion")
     score.add_argument("--rounds", type=_positive_int, default=2,

@@ -27,7 +27,7 @@ class Example:
         return next((i for i, y in enumerate(self.labels) if y != IGNORE), len(self.labels))
 
 
-def _example(record: dict, where: str, tokenizer=None) -> Example:
+def _example(record: dict, where: str, get_tokenizer=lambda: None) -> Example:
     if "id" not in record or record["id"] in (None, ""):
         raise ValueError(f"{where}: every example needs an 'id'")
     ex_id = str(record["id"])
@@ -45,6 +45,7 @@ def _example(record: dict, where: str, tokenizer=None) -> Example:
         else:
             raise ValueError(f"{where} (id {ex_id}): a pre-tokenized example needs 'prompt_length' or 'labels'")
     elif "prompt" in record and "response" in record:
+        tokenizer = get_tokenizer()
         if tokenizer is None:
             raise ValueError(f"{where} (id {ex_id}): text examples need a tokenizer folder (--tokenizer)")
         prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
@@ -82,8 +83,15 @@ def load_tokenizer(path: str):
 
 
 def load_examples(path: str, tokenizer_path: Optional[str] = None) -> list[Example]:
-    """Examples from a JSONL file or a ``datasets.save_to_disk`` folder, in file order."""
-    tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path)
+    """Examples from a JSONL file or a ``datasets.save_to_disk`` folder, in file order. The tokenizer
+    (``tokenizer_path``) is loaded when the first text example needs it."""
+    loaded: dict = {}
+
+    def get_tokenizer():
+        if tokenizer_path is not None and "tokenizer" not in loaded:
+            loaded["tokenizer"] = load_tokenizer(tokenizer_path)
+        return loaded.get("tokenizer")
+
     p = Path(path)
     if p.is_dir():
         from datasets import load_from_disk
@@ -98,7 +106,7 @@ def load_examples(path: str, tokenizer_path: Optional[str] = None) -> list[Examp
                         records.append((f"{path}:{n}", json.loads(line)))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-    examples = [_example(r, where, tokenizer) for where, r in records]
+    examples = [_example(r, where, get_tokenizer) for where, r in records]
     seen = set()
     for ex in examples:
         if ex.id in seen:

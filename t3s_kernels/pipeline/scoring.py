@@ -127,6 +127,20 @@ def scoring_producer(model, protocol: str, **params) -> dict:
             **{k: v for k, v in params.items()}, "library": __version__}
 
 
+def _check_fits(model, examples: list[Example]) -> None:
+    """Token ids inside the model's vocabulary and lengths within its positions, or a refusal naming the example."""
+    head = model.get_output_embeddings()
+    vocab = head.out_features if head is not None else model.config.get_text_config().vocab_size
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    for e in examples:
+        bad = next((t for t in e.input_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"example '{e.id}' has token id {bad}, outside the model's vocabulary [0, {vocab})")
+        if positions is not None and len(e.input_ids) > positions:
+            raise ValueError(f"example '{e.id}' has {len(e.input_ids)} tokens, more than the model's "
+                             f"max_position_embeddings = {positions}; shorten it or leave it out")
+
+
 def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, *, protocol: str = "causal",
                   max_tokens: int = 16384, max_batch: int = 64, mask_token_id: Optional[int] = None,
                   rounds: int = 2, seed: int = 0, pad_id: int = 0, rank: Optional[int] = None,
@@ -143,6 +157,7 @@ def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, 
         rank, world_size = dist_rank_world()
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1; got {rounds}")
+    _check_fits(model, examples)
     store.bind([e.id for e in examples], [len(e.input_ids) for e in examples],
                [token_hash(e.input_ids) for e in examples])
     params = dict(rounds=rounds, seed=seed, mask_token_id=mask_token_id) if protocol == "masked_diffusion" else {}

@@ -144,3 +144,21 @@ def test_torchrun_ranks_write_their_own_shards_and_reads_merge(tmp_path):
     single = ScoreStore(tmp_path / "single")
     score_dataset(model, exs, single, "base", progress=False)
     assert torch.allclose(store.load("base").values["logprob"], single.load("base").values["logprob"], atol=1e-6)
+
+
+def test_examples_the_model_cannot_score_are_refused_by_name(tmp_path):
+    model = tiny_causal_lm("qwen3", max_position_embeddings=16)
+    store = ScoreStore(tmp_path / "store")
+    with pytest.raises(ValueError, match=r"example 'big' has token id 9999, outside the model's vocabulary"):
+        score_dataset(model, [Example("big", [5, 9999, 7], [-100, 9999, 7])], store, "base", progress=False)
+    with pytest.raises(ValueError, match=r"example 'long' has 20 tokens, more than the model's max_position_emb"):
+        score_dataset(model, [Example("long", [5] * 20, [-100] + [5] * 19)], store, "base", progress=False)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        score_dataset(model, [Example("a", [5, 6], [-100, 6])], store, "base", rounds=0, progress=False)
+
+
+def test_pre_tokenized_data_needs_no_tokenizer_even_when_a_folder_is_named(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "a", "input_ids": [5, 6, 7], "prompt_length": 1}) + "\n")
+    (ex,) = load_examples(str(data), str(tmp_path / "no-tokenizer-here"))  # never loaded: no text example
+    assert ex.labels == [-100, 6, 7]
