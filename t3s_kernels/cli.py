@@ -30,6 +30,12 @@ def _device(requested: str) -> str:
     return requested
 
 
+def _pad_id(model) -> int:
+    """The model's padding id (0 where its config names none)."""
+    pad = getattr(model.config, "pad_token_id", None)
+    return pad if pad is not None else 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -71,7 +77,7 @@ def _score(args: argparse.Namespace) -> int:
 
     examples = load_examples(args.data, args.tokenizer or args.model)  # text examples: the model's tokenizer
     model = load_local_model(args.model, args.dtype, _device(args.device), args.trust_remote_code)
-    pad_id = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+    pad_id = _pad_id(model)
     n = score_dataset(model, examples, ScoreStore(args.store), args.name, protocol=args.protocol,
                       max_tokens=args.max_tokens, max_batch=args.max_batch, mask_token_id=args.mask_token_id,
                       rounds=args.rounds, seed=args.seed, pad_id=pad_id, progress=not args.quiet)
@@ -115,7 +121,7 @@ def _accuracy(args: argparse.Namespace) -> int:
     for path in sorted(args.checkpoints, key=lambda p: natural_key(Path(p).name)):
         model = load_local_model(path, args.dtype, _device(args.device), args.trust_remote_code)
         eos = args.eos_token_id if args.eos_token_id is not None else model.config.eos_token_id
-        pad = model.config.pad_token_id if getattr(model.config, "pad_token_id", None) is not None else 0
+        pad = _pad_id(model)
         result = generation_accuracy(model, examples, verifier=args.verifier, tokenizer=tokenizer, eos_token_id=eos,
                                      pad_token_id=pad, batch_size=args.batch_size, slack=args.slack,
                                      progress=not args.quiet)

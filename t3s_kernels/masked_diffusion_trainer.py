@@ -58,12 +58,15 @@ class MaskedDiffusionTrainer(Trainer):
             self._generators[key] = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + rank)
         return self._generators[key]
 
+    def _noise(self, inputs):
+        return noise_inputs(inputs, mask_token_id=self.mask_token_id, rate_range=self.rate_range, eps=self.eps,
+                            generator=self._generator(inputs["input_ids"].device))
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         noised = []
         for b in batches:
-            nb = noise_inputs(b, mask_token_id=self.mask_token_id, rate_range=self.rate_range, eps=self.eps,
-                              generator=self._generator(b["input_ids"].device))
+            nb = self._noise(b)
             b.update(pack_noised(nb))
             noised.append(nb)
         total = torch.tensor(step_normalizer(noised, self.normalization), device=device)
@@ -75,8 +78,7 @@ class MaskedDiffusionTrainer(Trainer):
         if NOISED_KEYS[0] in inputs:  # a training micro-batch, noised with its step
             noised = unpack_noised(inputs)
         else:  # evaluation: noised here, normalized on its own
-            noised = noise_inputs(inputs, mask_token_id=self.mask_token_id, rate_range=self.rate_range, eps=self.eps,
-                                  generator=self._generator(inputs["input_ids"].device))
+            noised = self._noise(inputs)
             num_items_in_batch = None
         loss = masked_diffusion_compute_loss(model, inputs, mask_token_id=self.mask_token_id,
                                              normalization=self.normalization, weighting=self.weighting,

@@ -8,11 +8,10 @@ from typing import Any, Optional
 import torch
 
 from .adapters.masked_diffusion import NoisedBatch, loss_weights, noise
-from .patching import is_t3s_patched
+from .patching import ANCHORS, is_t3s_patched
 from .pipeline.selection import COLUMNS
 
 KEEP_COLUMN, FORCE_COLUMN = COLUMNS["keep"], COLUMNS["force_mask"]
-ANCHORS = ("ignore", "count")
 
 
 def train_and_report(trainer) -> list[float]:
@@ -26,7 +25,7 @@ def train_and_report(trainer) -> list[float]:
 def _column_dtype(features: list[dict[str, Any]], key: str) -> torch.dtype:
     """bool when every example's entries are bool, float32 when every example's are numbers; mixed refused."""
     kinds = set()
-    for i, f in enumerate(features):
+    for f in features:
         t = torch.as_tensor(f[key])
         if t.numel():
             kinds.add("bool" if t.dtype == torch.bool else "number")

@@ -124,7 +124,7 @@ def scoring_producer(model, protocol: str, **params) -> dict:
     dtype = next(model.parameters()).dtype
     return {"model": str(getattr(model.config, "_name_or_path", "")), "model_type": model.config.model_type,
             "weights": weights_fingerprint(model), "dtype": str(dtype), "protocol": protocol,
-            **{k: v for k, v in params.items()}, "library": __version__}
+            **params, "library": __version__}
 
 
 def _check_fits(model, examples: list[Example]) -> None:

@@ -240,7 +240,8 @@ class ScoreStore:
         return path
 
     # -- reading ---------------------------------------------------------------------------
-    def _read_shard(self, path: Path, name: str) -> dict[str, torch.Tensor]:
+    def _read_shard(self, path: Path, name: str, ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """A shard's tensors, after every check in the module docstring (``ids``: the manifest's)."""
         from safetensors import SafetensorError
         from safetensors.torch import safe_open
 
@@ -266,8 +267,6 @@ class ScoreStore:
                 or bool((ent < -1e-4).any()):
             raise StoreError(f"shard {path} holds values out of range (log-probabilities must be <= 0, entropies >= 0, "
                              f"all finite). {redo}")
-        manifest = self.manifest() or {}
-        ids = manifest.get("ids", [])
         shard_ids = json.loads(meta.get("ids", "[]"))
         if shard_ids != [ids[i] if 0 <= i < len(ids) else None for i in data["indices"].tolist()]:
             raise StoreError(f"shard {path} holds examples whose ids do not match the manifest's at its positions: "
@@ -277,8 +276,9 @@ class ScoreStore:
     def done(self, name: str) -> set[int]:
         """Dataset positions already scored under ``name`` (reads every shard, so corruption surfaces)."""
         seen: set[int] = set()
+        ids = (self.manifest() or {}).get("ids", [])
         for path in self.shards(name):
-            for i in self._read_shard(path, name)["indices"].tolist():
+            for i in self._read_shard(path, name, ids)["indices"].tolist():
                 if i in seen:
                     raise StoreError(f"example {i} is in two shards of score set '{name}' ({path})")
                 seen.add(i)
@@ -296,7 +296,7 @@ class ScoreStore:
         ids, lengths = manifest["ids"], manifest["lengths"]
         per_example: dict[int, dict[str, torch.Tensor]] = {}
         for path in self.shards(name):
-            data = self._read_shard(path, name)
+            data = self._read_shard(path, name, ids)
             starts = torch.cumsum(data["lengths"], 0) - data["lengths"]
             for j, (i, n) in enumerate(zip(data["indices"].tolist(), data["lengths"].tolist())):
                 if i in per_example:
