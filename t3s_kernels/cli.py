@@ -148,7 +148,7 @@ def _bottleneck(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, size="full" if args.full else "quick" if args.quick else "default", seeds=args.seeds)
     return 0
 
 
@@ -232,10 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     bott.add_argument("--plot", help="write the accuracy curve to this PNG")
     bott.set_defaults(func=_bottleneck)
 
-    demo = sub.add_parser("demo", help="the whole T3S pipeline on a tiny model and a synthetic task, on CPU")
-    demo.add_argument("--out", default="t3s-demo", help="folder for the report and plots")
-    demo.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, about a minute)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the whole T3S pipeline on a toy where imitation shock can appear: five "
+                          "arms over seeds, on CPU (about a minute; --full longer)")
+    demo.add_argument("--out", default="t3s-demo", help="folder for the report, plots and score stores")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help="10 seeds, longer pilot runs (several minutes)")
+    size.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, few steps (seconds)")
+    demo.add_argument("--seeds", type=_positive_int, help="the number of seeds (default: 5; 10 with --full)")
     demo.set_defaults(func=_demo)
 
     report = sub.add_parser("compile-report", help="compile every kernel for sm_90/sm_80; smem, registers, spills")

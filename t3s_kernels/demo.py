@@ -1,15 +1,44 @@
-"""``t3s demo``: the whole T3S pipeline, end to end, on CPU in a few minutes.
+"""``t3s demo``: the whole T3S pipeline on a toy where imitation shock can appear, over seeds,
+against the baselines, on CPU.
 
-The toy: a tiny Qwen3 learns two-number addition. Its *base* (theta_0) is trained on a
-direct answer style, ``Q a b ans c <eos>``. The *teacher's traces* spell out a longer
-style, ``Q a b so a then b thus ans c <eos>``, for 200 training prompts. Then, as the paper
-does: a pilot SFT on the traces with checkpoints and training accuracy (greedy decoding,
-exact answer) at each; the bottleneck (argmin); scoring of every training trace under
-theta_0 and the bottleneck (the fused forward); the AR rule (drop tokens whose confidence
-rose, dc > 0); a retrain from theta_0 with that mask; held-out accuracy of base, plain SFT
-and T3S. Everything is written to the output folder: report.md, report.json, plots, the
-score store and the mask. Whether the toy reproduces the paper's effect is reported as
-measured, not assumed.
+The task: a running sum mod 10. A prompt ``Q d1 .. d5 ANS`` (five digits) is answered by the five
+running sums ``s1 .. s5`` (``s_i = d1 + .. + d_i mod 10``) and ``<eos>``; the final answer is ``s5``.
+
+* The **base** student (theta_0, a tiny Qwen3) is trained in its own style, where a filler token
+  ``F`` (think "wait") follows a step now and then (5% of the gaps between sums). It solves the
+  task almost perfectly and, decoding greedily, never emits the filler.
+* The **teacher's traces** (200 training prompts, never seen by the base) are correct and put the
+  filler in half of the gaps: a style shift made of a token the base already knows.
+* **Held-out** prompts (200 per seed) are disjoint from everything the base and the pilot saw.
+
+Why the mechanism can appear here. The filler is an *imitation anchor* by construction: its
+confidence starts low (about log 0.05) and rises fast, since it only needs "a filler is likely
+here", and at theta_0 its gradient is large (1 - p is about 0.95 against about 0.01 for a sum the base
+already predicts). It points against the sums' gradient: raising p(F) after a sum lowers p(next
+sum) at the same kind of position. The sums that follow a filler are the *yet-to-learn* tokens:
+computing ``s_i`` after a filler needs the step count, not the position, which the base rarely
+needed. Once greedy decoding starts emitting fillers, its answers break until that is learned:
+a dip in the model's own accuracy, although every training token is correct. T3S drops the
+tokens whose confidence rose by the dip (mostly the fillers) from the loss, keeping them as
+context, so the student learns from the sums inside the teacher's traces without taking on the
+filler habit. Whether this happens, and whether it helps on held-out prompts, is measured below.
+
+Per seed (the training prompts, the filler placement and the data order change; the base is one
+model, as in the paper): the pilot is plain SFT on the traces with a checkpoint every ``every``
+steps and the training accuracy (greedy answers, final-answer verifier) at each; the bottleneck
+is the argmin; every checkpoint's traces are scored with the fused forward; then five arms train
+the same steps from theta_0, on the same data order, with the loss divided by the kept count
+(anchors as if labelled -100):
+
+* ``plain_sft``: every answer token (the pilot run itself);
+* ``t3s``: the AR rule (drop tokens with dc > 0);
+* ``random``: a random keep-mask of T3S's kept fraction;
+* ``inverse``: the anchors only (the paper's collapsing control);
+* ``static_confidence``: keep the T3S kept fraction of tokens with the highest *base* confidence
+  (a selection from theta_0 alone, no trajectory).
+
+And at theta_0: the gradients of the mean loss over the anchors and over the other tokens (all
+training traces in one batch): the ratio of their norms and their cosine.
 """
 
 from __future__ import annotations
@@ -17,57 +46,105 @@ from __future__ import annotations
 import copy
 import json
 import random
+import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from .patching import apply_t3s
-from .pipeline.bottleneck import find_bottleneck, plot_accuracy
+from .pipeline.accuracy import generation_accuracy
+from .pipeline.bottleneck import TroughDetector, find_bottleneck, plot_accuracy
 from .pipeline.data import IGNORE, Example
 from .pipeline.scoring import score_dataset
-from .pipeline.selection import plot_selection, save_selection, select
+from .pipeline.selection import plot_selection, select
 from .pipeline.store import ScoreStore, atomic_write_bytes
 
-PAD, EOS, Q, ANS, SO, THEN, THUS = 0, 1, 3, 4, 5, 6, 7
-NUM0, MAX_OPERAND = 10, 19  # number n is token NUM0 + n; operands 0..19, sums 0..38
-VOCAB = 64
+PAD, EOS, Q, ANS, FILLER, DIGIT0 = 0, 1, 2, 3, 4, 10  # digit d is token DIGIT0 + d
+VOCAB, DIGITS = 24, 5
+BASE_FILLER_RATE, TEACHER_FILLER_RATE = 0.05, 0.5
+FINAL_ANSWER = r"regex:\b(1\d)\b"  # the last digit token of the answer (token ids as text)
+BASE_TARGET = 0.95
+ARMS = ("plain_sft", "t3s", "random", "inverse", "static_confidence")
 
 
-def direct(a: int, b: int) -> list[int]:
-    return [Q, NUM0 + a, NUM0 + b, ANS, NUM0 + a + b, EOS]
+@dataclass(frozen=True)
+class DemoConfig:
+    seeds: int
+    base_steps: int  # at most; the base trains until BASE_TARGET of its answers are right
+    pilot_steps: int  # also every arm's steps (at batch 64 over 200 traces, 3 steps are about an epoch)
+    every: int  # checkpoint interval of the pilot
+    prompts: int = 200
+    heldout: int = 200
+    batch_size: int = 64
+    base_lr: float = 3e-3
+    lr: float = 3e-4
+    hidden_size: int = 64
+    layers: int = 2
 
 
-def verbose(a: int, b: int) -> list[int]:
-    return [Q, NUM0 + a, NUM0 + b, SO, NUM0 + a, THEN, NUM0 + b, THUS, ANS, NUM0 + a + b, EOS]
+CONFIGS = {
+    "quick": DemoConfig(seeds=2, base_steps=100, pilot_steps=12, every=3, prompts=64, heldout=64),  # a smoke run
+    "default": DemoConfig(seeds=5, base_steps=800, pilot_steps=48, every=3),  # about 16 epochs, as in the paper
+    "full": DemoConfig(seeds=10, base_steps=800, pilot_steps=150, every=5),
+}
 
 
-def _batches(seqs: list[list[int]], weights, batch_size: int, rng: random.Random):
-    order = list(range(len(seqs)))
+class _Done(Exception):
+    """Stops a training loop from its step callback."""
+
+
+def running_sums(digits) -> list[int]:
+    out, s = [], 0
+    for d in digits:
+        s = (s + d) % 10
+        out.append(s)
+    return out
+
+
+def trace(ex_id: str, digits, filler_rate: float, rng: random.Random) -> Example:
+    """``Q d1..d5 ANS s1 [F] s2 [F] .. s5 <eos>``, a filler in each gap with probability ``filler_rate``."""
+    prompt = [Q] + [DIGIT0 + d for d in digits] + [ANS]
+    answer = []
+    for i, s in enumerate(running_sums(digits)):
+        if i and rng.random() < filler_rate:
+            answer.append(FILLER)
+        answer.append(DIGIT0 + s)
+    answer.append(EOS)
+    return Example(ex_id, prompt + answer, [IGNORE] * len(prompt) + answer)
+
+
+def _batches(examples: list[Example], keep: Optional[list[list[bool]]], batch_size: int, rng: random.Random):
+    order = list(range(len(examples)))
     while True:
         rng.shuffle(order)
-        for k in range(0, len(order) - batch_size + 1, batch_size):
+        for k in range(0, len(order), batch_size):
             idx = order[k:k + batch_size]
-            longest = max(len(seqs[i]) for i in idx)
+            if len(idx) < batch_size:  # a full batch each step: wrap around into the next epoch
+                idx += order[:batch_size - len(idx)]
+            longest = max(len(examples[i].input_ids) for i in idx)
             ids = torch.full((batch_size, longest), PAD)
             labels = torch.full((batch_size, longest), IGNORE)
-            w = torch.zeros(batch_size, longest, dtype=torch.bool)
+            weights = torch.zeros(batch_size, longest, dtype=torch.bool)
             for r, i in enumerate(idx):
-                s = torch.tensor(seqs[i])
-                ids[r, :len(s)] = s
-                labels[r, 3:len(s)] = s[3:]  # the prompt (Q a b) is never a target
-                w[r, :len(s)] = True if weights is None else torch.tensor(weights[i])
-            yield ids, labels, w
+                n = len(examples[i].input_ids)
+                ids[r, :n] = torch.tensor(examples[i].input_ids)
+                labels[r, :n] = torch.tensor(examples[i].labels)
+                weights[r, :n] = True if keep is None else torch.tensor(keep[i])
+            yield ids, labels, (weights if keep is not None else None)
 
 
-def train(model, seqs, steps: int, *, weights=None, lr: float = 3e-3, batch_size: int = 32, seed: int = 0,
-          on_step=None):
+def train(model, examples: list[Example], steps: int, *, lr: float, batch_size: int, seed: int,
+          keep: Optional[list[list[bool]]] = None, on_step=None):
+    """AdamW on the patched model's loss: the sum over kept labelled tokens / their count."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    data = _batches(seqs, weights, batch_size, random.Random(seed))
+    data = _batches(examples, keep, batch_size, random.Random(seed))
     model.train()
     for step in range(1, steps + 1):
-        ids, labels, w = next(data)
-        loss = model(input_ids=ids, labels=labels, t3s_weights=w if weights is not None else None).loss
+        ids, labels, weights = next(data)
+        loss = model(input_ids=ids, labels=labels, t3s_weights=weights).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,123 +153,312 @@ def train(model, seqs, steps: int, *, weights=None, lr: float = 3e-3, batch_size
     return model
 
 
-@torch.no_grad()
-def accuracy(model, pairs: list[tuple[int, int]], max_new: int = 10) -> float:
-    """Greedy-decode each prompt; correct when the token after the first ``ans`` is the sum."""
-    model.eval()
-    ids = torch.tensor([[Q, NUM0 + a, NUM0 + b] for a, b in pairs])
-    for _ in range(max_new):
-        nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], 1)
-    correct = 0
-    for row, (a, b) in zip(ids[:, 3:].tolist(), pairs):
-        if ANS in row and row.index(ANS) + 1 < len(row) and row[row.index(ANS) + 1] == NUM0 + a + b:
-            correct += 1
-    model.train()
-    return correct / len(pairs)
+def answer_accuracy(model, examples: list[Example]) -> tuple[float, float]:
+    """(share of greedy answers whose final digit is right, fillers emitted per answer)."""
+    result = generation_accuracy(model, examples, verifier=FINAL_ANSWER, eos_token_id=EOS, pad_token_id=PAD,
+                                 batch_size=len(examples), slack=DIGITS, progress=False)
+    fillers = sum(p.count(FILLER) for p in result.predictions.values()) / len(examples)
+    return result.accuracy, fillers
 
 
-def run_demo(out_dir: str = "t3s-demo", *, quick: bool = False, seed: int = 0) -> dict:
+def gradient_conflict(model, examples: list[Example], anchors: list[list[bool]]) -> dict:
+    """At the model's parameters: g_A, g_O = gradients of the mean loss over the anchors / the other
+    labelled tokens (every example in one batch). Returns |g_A| / |g_O| and cos(g_A, g_O)."""
+    others = [[y != IGNORE and not a for y, a in zip(ex.labels, m)] for ex, m in zip(examples, anchors)]
+    grads = []
+    for keep in (anchors, others):
+        ids, labels, weights = next(_batches(examples, keep, len(examples), random.Random(0)))
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=labels, t3s_weights=weights).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        model.zero_grad(set_to_none=True)
+    g_a, g_o = grads
+    return {"norm_ratio": float(g_a.norm() / g_o.norm()),
+            "cosine": float(torch.nn.functional.cosine_similarity(g_a, g_o, dim=0))}
+
+
+def _fresh(base, state):
+    model = copy.deepcopy(base)
+    model.load_state_dict(state)
+    return model
+
+
+def run_seed(base, base_state, pool: list[tuple[int, ...]], seed: int, cfg: DemoConfig, out: Path) -> dict:
+    rng = random.Random(seed)
+    problems = rng.sample(pool, cfg.prompts + cfg.heldout)
+    traces = [trace(f"s{seed}-train-{i}", p, TEACHER_FILLER_RATE, rng)
+              for i, p in enumerate(problems[:cfg.prompts])]
+    heldout = [trace(f"s{seed}-heldout-{i}", p, 0.0, rng) for i, p in enumerate(problems[cfg.prompts:])]
+    base_model = _fresh(base, base_state)
+    base_acc, base_fillers = answer_accuracy(base_model, traces)
+
+    # Pilot: plain SFT on the traces, a checkpoint (and the model's own training accuracy) every `every` steps.
+    checkpoints = {"base": base_state}
+    table = [("base", base_acc)]
+    fillers = [base_fillers]
+    detector = TroughDetector(patience=2, min_rise=0.05, min_dip=0.05, base_accuracy=base_acc)
+
+    def checkpoint(step, model):
+        if step % cfg.every == 0:
+            name = f"step-{step}"
+            checkpoints[name] = copy.deepcopy(model.state_dict())
+            acc, n_fill = answer_accuracy(model, traces)
+            table.append((name, acc))
+            fillers.append(n_fill)
+            detector.update(step, acc)
+
+    pilot = train(_fresh(base, base_state), traces, cfg.pilot_steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                  seed=seed, on_step=checkpoint)
+    bottleneck, bottleneck_acc = find_bottleneck(table)
+    result = {"seed": seed, "training_accuracy": table, "fillers_per_answer": fillers, "bottleneck": bottleneck,
+              "trough": detector.verdict()}
+    heldout_acc = {"base": answer_accuracy(base_model, heldout)[0], "plain_sft": answer_accuracy(pilot, heldout)[0]}
+    result["heldout_accuracy"] = heldout_acc
+    if bottleneck == "base":
+        result["no_selection"] = ("training accuracy never fell below the base's: there is no bottleneck, so "
+                                  "T3S and its controls do not apply to this seed")
+        return result
+
+    # Score every checkpoint (the fused forward: one log-probability per token, no logits).
+    store = ScoreStore(out / f"store-seed{seed}")
+    scorer = _fresh(base, base_state)
+    for name, state in checkpoints.items():
+        scorer.load_state_dict(state)
+        score_dataset(scorer, traces, store, name, progress=False)
+    base_set, bottleneck_set = store.load("base"), store.load(bottleneck)
+    t3s_sel = select("ar", base_set, bottleneck_set)
+    keep_fraction = t3s_sel.summary(base_set.values["scored"])["fraction_selected"]
+    selections = {
+        "t3s": t3s_sel,
+        "random": select("random", base_set, budget=keep_fraction, seed=seed),
+        "inverse": select("inverse", base_set, bottleneck_set),
+        "static_confidence": select("confidence_high", base_set, budget=keep_fraction),
+    }
+    scored = base_set.values["scored"]
+    anchors = scored & ~t3s_sel.mask
+    anchor_masks = [anchors[t3s_sel.offsets[i]:t3s_sel.offsets[i + 1]].tolist() for i in range(len(traces))]
+    tokens = torch.cat([torch.tensor(ex.input_ids) for ex in traces])
+    anchor_tokens = tokens[anchors]
+    static_dropped = tokens[scored & ~selections["static_confidence"].mask]
+    result.update(
+        kept_fraction=keep_fraction,
+        anchors={"share_of_labelled": float(anchors.sum() / scored.sum()),
+                 "fillers": int((anchor_tokens == FILLER).sum()), "digits": int((anchor_tokens >= DIGIT0).sum()),
+                 "eos": int((anchor_tokens == EOS).sum()),
+                 "fillers_among_anchors": float((anchor_tokens == FILLER).float().mean()) if anchor_tokens.numel()
+                 else 0.0},
+        fillers_among_static_drops=float((static_dropped == FILLER).float().mean()) if static_dropped.numel()
+        else 0.0,
+        gradients_at_base=gradient_conflict(_fresh(base, base_state), traces, anchor_masks))
+
+    t3s_curve = [("base", base_acc)]
+    for arm, sel in selections.items():
+        keep = [sel.example(i).tolist() for i in range(len(traces))]
+        on_step = None
+        if arm == "t3s":
+            def on_step(step, model):
+                if step % cfg.every == 0:
+                    t3s_curve.append((f"step-{step}", answer_accuracy(model, traces)[0]))
+        model = train(_fresh(base, base_state), traces, cfg.pilot_steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                      seed=seed, keep=keep, on_step=on_step)
+        heldout_acc[arm] = answer_accuracy(model, heldout)[0]
+    result["t3s_training_accuracy"] = t3s_curve
+    if seed == 0 or not (out / "dc_hist.png").exists():
+        result["plots"] = _plot_seed(base_set, bottleneck_set, [store.load(n) for n in checkpoints], anchors,
+                                     table, bottleneck, out)
+    return result
+
+
+def _plot_seed(base_set, bottleneck_set, sets, anchors, table, bottleneck, out: Path) -> list[str]:
+    try:
+        paths = plot_selection(base_set, bottleneck_set, sets, anchors, str(out))
+        paths.append(plot_accuracy(table, str(out / "training_accuracy.png"), bottleneck))
+    except ImportError:
+        return []
+    return paths
+
+
+def _plot_arms(seeds: list[dict], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    arms = ("base",) + ARMS
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k, arm in enumerate(arms):
+        values = [s["heldout_accuracy"][arm] for s in seeds if arm in s["heldout_accuracy"]]
+        left.scatter([k] * len(values), values, alpha=0.6)
+        if values:
+            left.plot([k - 0.3, k + 0.3], [statistics.mean(values)] * 2, "k-")
+    left.set_xticks(range(len(arms)), arms, rotation=30, fontsize=8)
+    left.set_ylabel("held-out accuracy")
+    left.set_title("each dot a seed, bar the mean", fontsize=9)
+    for s in seeds:
+        steps = [0] + [int(n.split("-")[1]) for n, _ in s["training_accuracy"][1:]]
+        right.plot(steps, [a for _, a in s["training_accuracy"]], "-", color="tab:red", alpha=0.5)
+        if s.get("t3s_training_accuracy"):
+            right.plot(steps, [a for _, a in s["t3s_training_accuracy"]], "-", color="tab:blue", alpha=0.5)
+    right.plot([], [], color="tab:red", label="plain SFT (the pilot)")
+    right.plot([], [], color="tab:blue", label="T3S retrain")
+    right.set_xlabel("step")
+    right.set_ylabel("training accuracy (own answers)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "arms.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [str(path)]
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _verdict(seeds: list[dict]) -> list[str]:
+    n = len(seeds)
+    dips = [s["training_accuracy"][0][1] - dict(s["training_accuracy"])[s["bottleneck"]] for s in seeds]
+    lines = [f"- Imitation dip: the pilot's training accuracy fell by ≥ 0.05 below the base's in "
+             f"{sum(d >= 0.05 for d in dips)} of {n} seeds (mean fall {statistics.mean(dips):.3f}); "
+             f"a trough confirmed (dip, then a rise by 0.05 for two evaluations) in "
+             f"{sum(s['trough'].startswith('trough confirmed') for s in seeds)} of {n}."]
+    with_sel = [s for s in seeds if "t3s" in s["heldout_accuracy"]]
+    if not with_sel:
+        return lines + ["- No seed had a bottleneck after the base, so T3S could not be applied: no verdict on it."]
+    lines.append(f"- What T3S drops: fillers are {_mean_sd([s['anchors']['fillers_among_anchors'] for s in with_sel])} "
+                 f"of the anchors (dc > 0); of the tokens the static-confidence rule drops (lowest base confidence, "
+                 f"same count) {_mean_sd([s['fillers_among_static_drops'] for s in with_sel])} are fillers.")
+    grads = [s["gradients_at_base"] for s in with_sel]
+    ratio = statistics.mean(g["norm_ratio"] for g in grads)
+    cosine = statistics.mean(g["cosine"] for g in grads)
+    lines.append(f"- Gradients at theta_0: anchors/others norm ratio {ratio:.1f} on average, cosine {cosine:+.2f} "
+                 + ("(larger and opposed, as the paper reports)." if ratio > 1 and cosine < 0 else
+                    "(not the paper's picture of larger, opposed anchor gradients)."))
+    for other in ("plain_sft", "base", "random", "inverse", "static_confidence"):
+        diffs = [s["heldout_accuracy"]["t3s"] - s["heldout_accuracy"][other] for s in with_sel]
+        wins = sum(d > 0 for d in diffs)
+        losses = sum(d < 0 for d in diffs)
+        word = ("beats" if wins == len(diffs) and statistics.mean(diffs) > 0 else
+                "loses to" if losses == len(diffs) and statistics.mean(diffs) < 0 else "does not reliably beat")
+        lines.append(f"- T3S {word} {other} on held-out prompts: better in {wins}, worse in {losses} of "
+                     f"{len(diffs)} seeds, mean difference {statistics.mean(diffs):+.3f}.")
+    return lines
+
+
+def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optional[int] = None) -> dict:
+    """Run the demo at ``size`` ("quick", "default", "full"); write report.md / report.json / plots."""
+    from tqdm.auto import tqdm
+
     from .toy import tiny_causal_lm
 
+    if size not in CONFIGS:
+        raise ValueError(f"size must be one of {sorted(CONFIGS)}; got {size!r}")
+    cfg = CONFIGS[size]
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1; got {seeds}")
+        cfg = DemoConfig(**{**asdict(cfg), "seeds": seeds})
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    steps = dict(base=400, pilot=150, every=10, retrain=300) if not quick else \
-        dict(base=150, pilot=40, every=10, retrain=40)
-    rng = random.Random(seed)
-    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
-    rng.shuffle(pairs)
-    train_pairs, heldout = pairs[:200], pairs[200:300]
+    torch.manual_seed(0)
+    # Problems the base never sees: the pool every seed draws its training and held-out prompts from.
+    pool_rng = random.Random(12345)
+    pool = sorted({tuple(pool_rng.randrange(10) for _ in range(DIGITS)) for _ in range(4000)})
 
-    print("[1/6] base student theta_0: the direct answer style, all operand pairs")
-    base = apply_t3s(tiny_causal_lm("qwen3", seed=seed, vocab_size=VOCAB, num_hidden_layers=2, hidden_size=64))
-    train(base, [direct(a, b) for a, b in pairs], steps["base"], seed=seed)
+    print(f"[t3s demo] base student theta_0: its own style (fillers in {BASE_FILLER_RATE:.0%} of gaps), trained "
+          f"until {BASE_TARGET:.0%} of its answers are right (at most {cfg.base_steps} steps)")
+    # Running sums are learned in a sudden transition whose time varies with the initialisation;
+    # the base is trained to a stated accuracy, not for a fixed number of steps.
+    base = apply_t3s(tiny_causal_lm("qwen3", seed=1, vocab_size=VOCAB, hidden_size=cfg.hidden_size,
+                                    num_hidden_layers=cfg.layers, intermediate_size=2 * cfg.hidden_size))
+    reserved = set(pool)
+    base_rng = random.Random(0)
+    base_data = []
+    while len(base_data) < cfg.base_steps * cfg.batch_size + 200:
+        digits = tuple(base_rng.randrange(10) for _ in range(DIGITS))
+        if digits not in reserved:
+            base_data.append(trace(f"base-{len(base_data)}", digits, BASE_FILLER_RATE, base_rng))
+    base_check, base_data = base_data[:200], base_data[200:]
+    base_log = []
+    bar = tqdm(total=cfg.base_steps, desc="base", leave=False)
+
+    def until_target(step, model):
+        bar.update(1)
+        if step % 50 == 0:
+            base_log.append((step, answer_accuracy(model, base_check)[0]))
+            if base_log[-1][1] >= BASE_TARGET:
+                raise _Done
+
+    try:
+        train(base, base_data, cfg.base_steps, lr=cfg.base_lr, batch_size=cfg.batch_size, seed=0,
+              on_step=until_target)
+    except _Done:
+        pass
+    bar.close()
     base_state = copy.deepcopy(base.state_dict())
 
-    print(f"[2/6] pilot SFT on the teacher's traces, a checkpoint every {steps['every']} steps")
-    traces = [verbose(a, b) for a, b in train_pairs]
-    checkpoints = {"base": copy.deepcopy(base_state)}
-    table = [("base", accuracy(base, train_pairs))]
-
-    def keep(step, model):
-        if step % steps["every"] == 0:
-            checkpoints[f"step-{step}"] = copy.deepcopy(model.state_dict())
-            table.append((f"step-{step}", accuracy(model, train_pairs)))
-
-    pilot = copy.deepcopy(base)
-    train(pilot, traces, steps["pilot"], seed=seed + 1, on_step=keep)
-    bottleneck, bottleneck_acc = find_bottleneck(table)
-    print("      training accuracy: " + ", ".join(f"{n} {a:.2f}" for n, a in table))
-    print(f"      bottleneck: {bottleneck} ({bottleneck_acc:.2f})")
-
-    print("[3/6] scoring every trace under each checkpoint (fused forward, no logits)")
-    store = ScoreStore(out / "store")
-    examples = [Example(f"train-{i}", s, [IGNORE] * 3 + s[3:]) for i, s in enumerate(traces)]
-    scorer = copy.deepcopy(base)
-    for name, state in checkpoints.items():
-        scorer.load_state_dict(state)
-        score_dataset(scorer, examples, store, name, progress=False)
-
-    print("[4/6] selection: the AR rule (drop imitation anchors, dc > 0)")
-    base_set, bott_set = store.load("base"), store.load(bottleneck)
-    sel = select("ar", base_set, bott_set)
-    summary = save_selection(sel, str(out / "selection"), base_set.values["scored"])
-    anchors = base_set.values["scored"] & ~sel.mask
-    plots = plot_selection(base_set, bott_set, [store.load(n) for n in checkpoints], anchors, str(out))
-    plots.append(plot_accuracy(table, str(out / "training_accuracy.png"), bottleneck))
-    kinds = {SO: "so", THEN: "then", THUS: "thus", ANS: "ans", EOS: "<eos>"}
-    anchor_tokens: dict[str, int] = {}
-    for i, ex in enumerate(examples):
-        a = anchors[sel.offsets[i]:sel.offsets[i + 1]]
-        for t, is_anchor in zip(ex.input_ids, a.tolist()):
-            if is_anchor:
-                key = kinds.get(t, "number")
-                anchor_tokens[key] = anchor_tokens.get(key, 0) + 1
-
-    print("[5/6] retraining from theta_0 with the mask (T3S); plain SFT for comparison")
-    weights = [sel.example(i).tolist() for i in range(len(examples))]
-    t3s_model = copy.deepcopy(base)
-    t3s_model.load_state_dict(base_state)
-    train(t3s_model, traces, steps["retrain"], weights=weights, seed=seed + 2)
-    sft_model = copy.deepcopy(base)
-    sft_model.load_state_dict(base_state)
-    train(sft_model, traces, steps["retrain"], seed=seed + 2)
-
-    print("[6/6] held-out accuracy")
-    result = {
-        "heldout_accuracy": {"base": accuracy(base, heldout), "plain_sft": accuracy(sft_model, heldout),
-                             "t3s": accuracy(t3s_model, heldout)},
-        "training_accuracy_curve": table, "bottleneck": bottleneck,
-        "selection": {k: v for k, v in summary.items() if k != "per_example"},
-        "anchor_tokens_by_kind": anchor_tokens, "steps": steps, "seed": seed,
-        "plots": [str(Path(p).name) for p in plots], "seconds": round(time.time() - t_start, 1),
-    }
-    acc = result["heldout_accuracy"]
-    dip = table[0][1] - bottleneck_acc
-    verdict = ("the pilot run shows an imitation dip" if dip > 0.05 else
-               "the pilot run shows no clear imitation dip on this toy")
-    effect = ("T3S beats plain SFT on held-out prompts" if acc["t3s"] > acc["plain_sft"] + 0.02 else
-              "T3S does not beat plain SFT here" if acc["t3s"] < acc["plain_sft"] - 0.02 else
-              "T3S and plain SFT are level here")
-    result["verdict"] = f"{verdict} (base {table[0][1]:.2f} -> {bottleneck_acc:.2f} at {bottleneck}); {effect}."
-    report = [
-        "# t3s demo report", "",
-        f"Toy: two-number addition; base style `Q a b ans c`, teacher style `Q a b so a then b thus ans c`; "
-        f"200 training prompts, 100 held out; tiny Qwen3 (2 layers, hidden 64). Steps: {steps}. Seed {seed}.", "",
-        "| model | held-out accuracy |", "|---|---|",
-        f"| base (theta_0) | {acc['base']:.2f} |", f"| plain SFT on the traces | {acc['plain_sft']:.2f} |",
-        f"| T3S (AR rule, retrained from theta_0) | {acc['t3s']:.2f} |", "",
-        "Training accuracy during the pilot SFT: " + ", ".join(f"{n} {a:.2f}" for n, a in table), "",
-        f"Bottleneck: **{bottleneck}**. Tokens kept in the T3S loss: "
-        f"{summary['fraction_selected']:.1%} of {summary['scored_tokens']} labelled tokens; "
-        f"anchors dropped, by kind: {anchor_tokens}.", "",
-        f"**What happened:** {result['verdict']}", "",
-        "Plots: " + ", ".join(f"`{p}`" for p in result["plots"]) + ".", "",
-        f"Ran in {result['seconds']} s.",
-    ]
-    atomic_write_bytes(out / "report.md", "\n".join(report).encode())
+    seed_results = []
+    for seed in tqdm(range(cfg.seeds), desc="seeds (pilot, scoring, 5 arms)"):
+        seed_results.append(run_seed(base, base_state, pool, seed, cfg, out))
+    plots = [p for s in seed_results for p in s.pop("plots", [])] + _plot_arms(seed_results, out)
+    verdict = _verdict(seed_results)
+    result = {"config": {"size": size, **asdict(cfg)}, "base_training": base_log, "seeds": seed_results,
+              "verdict": verdict, "plots": [Path(p).name for p in plots], "seconds": round(time.time() - t_start, 1)}
     atomic_write_bytes(out / "report.json", json.dumps(result, indent=2).encode())
-    print("\n".join(report))
+    report = _report(result)
+    atomic_write_bytes(out / "report.md", report.encode())
+    print(report)
     print(f"\nwrote {out / 'report.md'}")
     return result
+
+
+def _report(result: dict) -> str:
+    cfg, seeds = result["config"], result["seeds"]
+    base_steps, base_acc = result["base_training"][-1] if result["base_training"] else (cfg["base_steps"], "n/a")
+    arms = ("base",) + ARMS
+    lines = [
+        "# t3s demo report", "",
+        f"Task: running sum mod 10 over {DIGITS} digits, final answer judged. Base style: fillers in "
+        f"{BASE_FILLER_RATE:.0%} of gaps (one base, {base_steps} steps, {base_acc} of its answers right on "
+        f"problems of its own distribution); teacher traces: fillers in "
+        f"{TEACHER_FILLER_RATE:.0%} of gaps, {cfg['prompts']} training prompts per seed, {cfg['heldout']} held-out "
+        f"prompts disjoint from the base's and the pilot's. Tiny Qwen3 ({cfg['layers']} layers, hidden "
+        f"{cfg['hidden_size']}); every arm {cfg['pilot_steps']} steps at batch {cfg['batch_size']}, lr {cfg['lr']}, "
+        f"from theta_0; pilot checkpoints every {cfg['every']} steps. {len(seeds)} seeds. The design and why the "
+        "mechanism can appear: `t3s_kernels/demo.py`.", "",
+        "## Held-out accuracy (greedy answers, final digit)", "",
+        "| seed | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|",
+    ]
+    for s in seeds:
+        row = [f"{s['heldout_accuracy'][a]:.3f}" if a in s["heldout_accuracy"] else "—" for a in arms]
+        lines.append(f"| {s['seed']} | " + " | ".join(row) + " |")
+    lines.append("| mean ± sd | " + " | ".join(
+        _mean_sd([s["heldout_accuracy"][a] for s in seeds if a in s["heldout_accuracy"]]) for a in arms) + " |")
+    lines += ["", "## Pilot (plain SFT) and selection, per seed", "",
+              "| seed | base train acc | bottleneck | acc there | trough | fillers/answer there | T3S kept | "
+              "anchors: fillers / digits / eos | grad norm ratio | cosine |", "|---" * 10 + "|"]
+    for s in seeds:
+        names = [n for n, _ in s["training_accuracy"]]
+        at = names.index(s["bottleneck"])
+        if "anchors" in s:
+            a, g = s["anchors"], s["gradients_at_base"]
+            sel = (f"{s['kept_fraction']:.1%} | {a['fillers']} / {a['digits']} / {a['eos']} | "
+                   f"{g['norm_ratio']:.1f} | {g['cosine']:+.2f}")
+        else:
+            sel = "— | — | — | —"
+        lines.append(f"| {s['seed']} | {s['training_accuracy'][0][1]:.3f} | {s['bottleneck']} | "
+                     f"{s['training_accuracy'][at][1]:.3f} | {s['trough']} | {s['fillers_per_answer'][at]:.2f} | "
+                     + sel + " |")
+    lines += ["", "Training accuracy of the pilot (seed by seed): "] + [
+        f"- seed {s['seed']}: " + ", ".join(f"{n} {a:.2f}" for n, a in s["training_accuracy"]) for s in seeds]
+    lines += ["", "## Verdict (what the numbers say)", ""] + result["verdict"] + [
+        "", "Plots: " + (", ".join(f"`{p}`" for p in result["plots"]) or "none (matplotlib is not installed)") + ".",
+        "", f"Ran in {result['seconds']} s."]
+    return "\n".join(lines)

@@ -147,7 +147,11 @@ def _callback_base():
 
 class BottleneckCallback(_callback_base()):
     """Evaluate ``eval_fn(model, step) -> accuracy`` every ``every_steps``; save a checkpoint each
-    time; confirm the trough under ``TroughDetector``'s rule; optionally stop training then."""
+    time; confirm the trough under ``TroughDetector``'s rule; optionally stop training then.
+
+    The base's accuracy (the level a trough must dip below) is ``base_accuracy`` when given;
+    otherwise the callback evaluates the model itself when training begins, at step 0. A run
+    resumed from a checkpoint has no base to evaluate: it needs ``base_accuracy``."""
 
     def __init__(self, eval_fn: Callable, every_steps: int, *, patience: int = 2, min_rise: float = 0.02,
                  min_dip: Optional[float] = None, base_accuracy: Optional[float] = None,
@@ -165,12 +169,27 @@ class BottleneckCallback(_callback_base()):
     def bottleneck(self):
         return self.detector.bottleneck
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.detector.base_accuracy is not None or self.detector.history:
+            return control
+        if state.global_step > 0:
+            raise ValueError(f"BottleneckCallback: training resumes at step {state.global_step}, so the base "
+                             "model cannot be evaluated; pass base_accuracy= (the base checkpoint's accuracy)")
+        self.detector.base_accuracy = self._evaluate(model, 0)
+        print(f"[t3s] base training accuracy {self.detector.base_accuracy:.3f}")
+        return control
+
+    def _evaluate(self, model, step: int) -> float:
+        was_training = model.training
+        try:
+            return float(self.eval_fn(model, step))
+        finally:
+            model.train(was_training)
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every_steps:
             return control
-        was_training = model.training
-        acc = float(self.eval_fn(model, state.global_step))
-        model.train(was_training)
+        acc = self._evaluate(model, state.global_step)
         control.should_save = True  # keep the checkpoint this accuracy belongs to
         confirmed = self.detector.update(state.global_step, acc)
         if self.history_path:

@@ -35,11 +35,13 @@ def test_detector_never_confirms_a_falling_curve():
 
 
 def test_callback_on_a_scripted_run(tmp_path):
-    accs = {5: 0.6, 10: 0.2, 15: 0.25, 20: 0.4, 25: 0.5}
+    accs = {0: 0.7, 5: 0.6, 10: 0.2, 15: 0.25, 20: 0.4, 25: 0.5}
     cb = BottleneckCallback(lambda model, step: accs[step], every_steps=5, patience=2, min_rise=0.1,
                             stop_on_trough=True, history_path=str(tmp_path / "h.json"))
     model = types.SimpleNamespace(training=True, train=lambda flag=True: None)
     control = types.SimpleNamespace(should_save=False, should_training_stop=False)
+    cb.on_train_begin(None, types.SimpleNamespace(global_step=0), control, model=model)
+    assert cb.detector.base == 0.7  # the base itself, evaluated before the first step
     for step in range(1, 26):
         cb.on_step_end(None, types.SimpleNamespace(global_step=step), control, model=model)
         if control.should_training_stop:
@@ -48,6 +50,23 @@ def test_callback_on_a_scripted_run(tmp_path):
     assert (tmp_path / "h.json").exists()
     with pytest.raises(ValueError, match="every_steps"):
         BottleneckCallback(lambda m, s: 0, every_steps=0)
+
+
+def test_callback_without_the_base_evaluates_it_or_refuses_a_resumed_run():
+    model = types.SimpleNamespace(training=True, train=lambda flag=True: None)
+    control = types.SimpleNamespace(should_save=False, should_training_stop=False)
+    # Without step 0, the first evaluation (0.6) would be taken for the base and 0.5 would be no dip.
+    cb = BottleneckCallback(lambda model, step: {0: 0.9, 5: 0.6, 10: 0.5, 15: 0.7, 20: 0.8}[step], every_steps=5,
+                            patience=2, min_rise=0.1)
+    cb.on_train_begin(None, types.SimpleNamespace(global_step=0), control, model=model)
+    for step in range(1, 21):
+        cb.on_step_end(None, types.SimpleNamespace(global_step=step), control, model=model)
+    assert cb.bottleneck == (10, 0.5)
+    resumed = BottleneckCallback(lambda model, step: 0.5, every_steps=5)
+    with pytest.raises(ValueError, match="resumes at step 40.*base_accuracy"):
+        resumed.on_train_begin(None, types.SimpleNamespace(global_step=40), control, model=model)
+    given = BottleneckCallback(lambda model, step: 1 / 0, every_steps=5, base_accuracy=0.8)
+    given.on_train_begin(None, types.SimpleNamespace(global_step=40), control, model=model)  # nothing to evaluate
 
 
 @pytest.mark.parametrize("curve", [
