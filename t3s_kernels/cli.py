@@ -71,17 +71,30 @@ def _compile_report(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .pipeline.data import load_examples
     from .pipeline.scoring import load_local_model, score_dataset
-    from .pipeline.store import ScoreStore
+    from .pipeline.store import ScoreStore, natural_key, writable_folder
 
-    examples = load_examples(args.data, args.tokenizer or args.model)  # text examples: the model's tokenizer
-    model = load_local_model(args.model, args.dtype, _device(args.device), args.trust_remote_code)
-    pad_id = _pad_id(model)
-    n = score_dataset(model, examples, ScoreStore(args.store), args.name, protocol=args.protocol,
-                      max_tokens=args.max_tokens, max_batch=args.max_batch, mask_token_id=args.mask_token_id,
-                      rounds=args.rounds, seed=args.seed, pad_id=pad_id, progress=not args.quiet)
-    print(f"scored {n} examples into '{args.name}' of {args.store}")
+    if args.name is not None and len(args.model) > 1:
+        raise ValueError("--name names one score set; with several --model folders each set takes its folder's "
+                         "name (checkpoint-20, ...)")
+    models = sorted(args.model, key=lambda p: natural_key(Path(p).name))
+    names = [args.name] if args.name is not None else [Path(p).resolve().name for p in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model folders must have distinct names to name their score sets; got {names}")
+    store = ScoreStore(writable_folder(args.store, "--store"))
+    # text examples: the (first) model's tokenizer; loaded once for every checkpoint
+    examples = load_examples(args.data, args.tokenizer or models[0], split=args.split)
+    device = _device(args.device)
+    for path, name in zip(models, names):
+        model = load_local_model(path, args.dtype, device, args.trust_remote_code)
+        n = score_dataset(model, examples, store, name, protocol=args.protocol, max_tokens=args.max_tokens,
+                          max_batch=args.max_batch, mask_token_id=args.mask_token_id, rounds=args.rounds,
+                          seed=args.seed, pad_id=_pad_id(model), progress=not args.quiet)
+        print(f"scored {n} examples into '{name}' of {args.store}")
+        del model
     return 0
 
 
@@ -89,9 +102,10 @@ def _select(args: argparse.Namespace) -> int:
     import json
 
     from .pipeline.selection import plot_selection, save_selection, select
-    from .pipeline.store import ScoreStore
+    from .pipeline.store import ScoreStore, writable_folder
 
     store = ScoreStore(args.store)
+    writable_folder(args.out, "--out")
     base = store.load(args.base)
     bottleneck = store.load(args.bottleneck) if args.bottleneck else None
     sel = select(args.rule, base, bottleneck, tau=args.tau, budget=args.budget, seed=args.seed, use=args.use)
@@ -100,7 +114,8 @@ def _select(args: argparse.Namespace) -> int:
     if args.plot and bottleneck is not None:
         names = args.checkpoints or store.names()
         anchors = base.values["scored"] & (bottleneck.values["logprob"] > base.values["logprob"])
-        for path in plot_selection(base, bottleneck, [store.load(n) for n in names], anchors, args.out):
+        sets = [store.load(n) for n in names]
+        for path in plot_selection(base, bottleneck, sets, anchors, args.out, selection=sel):
             print(f"wrote {path}")
     return 0
 
@@ -108,13 +123,15 @@ def _select(args: argparse.Namespace) -> int:
 def _accuracy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pipeline.accuracy import generation_accuracy, natural_key
-    from .pipeline.data import load_examples
+    from .pipeline.accuracy import generation_accuracy
+    from .pipeline.data import load_examples, load_tokenizer
     from .pipeline.scoring import load_local_model
-    from .pipeline.store import atomic_write_bytes
+    from .pipeline.store import atomic_write_bytes, natural_key, writable_folder
 
-    examples = load_examples(args.data, args.tokenizer)
-    from .pipeline.data import load_tokenizer
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a folder; it must be the CSV file to write")
+    writable_folder(Path(args.out).resolve().parent, "the folder of --out")
+    examples = load_examples(args.data, args.tokenizer, split=args.split)
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     rows = []
@@ -176,10 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     score = sub.add_parser("score", help="store every token's confidence under a checkpoint (forward only)")
-    score.add_argument("--model", required=True, help="local model folder (never downloaded)")
-    score.add_argument("--data", required=True, help="JSONL or datasets folder of traces with ids")
+    score.add_argument("--model", required=True, nargs="+",
+                       help="local model folder(s), never downloaded; several are scored in one process, "
+                            "in natural order, each into the score set named by its folder")
+    score.add_argument("--data", required=True, help="traces: JSONL, Parquet, a datasets folder or a folder of "
+                                                     "Parquet/JSONL files (see pipeline/data.py)")
+    score.add_argument("--split", help="the split of a dataset folder with several")
     score.add_argument("--store", required=True, help="the dataset's score store folder")
-    score.add_argument("--name", required=True, help="score set name, e.g. base or step-50")
+    score.add_argument("--name", help="score set name, e.g. base or step-50 (default: the model folder's name)")
     score.add_argument("--tokenizer", help="local tokenizer folder, for text examples (default: the model folder)")
     score.add_argument("--protocol", choices=["causal", "masked_diffusion"], default="causal")
     score.add_argument("--mask-token-id", type=int, help="for --protocol masked_diffusion")
@@ -215,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--checkpoints", nargs="+", required=True,
                      help="local checkpoint folders (ordered naturally: checkpoint-20 before checkpoint-100)")
     acc.add_argument("--data", required=True, help="the training traces (prompt, then the reference answer)")
+    acc.add_argument("--split", help="the split of a dataset folder with several")
     acc.add_argument("--tokenizer", help="local tokenizer folder (text examples; verifiers compare text)")
     acc.add_argument("--verifier", default="exact", help="exact | regex:PATTERN | python:FILE.py:FUNCTION")
     acc.add_argument("--out", required=True, help="the table to write: CSV 'checkpoint,accuracy'")

@@ -60,7 +60,7 @@ from .pipeline.bottleneck import TroughDetector, find_bottleneck, plot_accuracy
 from .pipeline.data import IGNORE, Example
 from .pipeline.scoring import score_dataset
 from .pipeline.selection import plot_selection, select
-from .pipeline.store import ScoreStore, atomic_write_bytes
+from .pipeline.store import ScoreStore, atomic_write_bytes, writable_folder
 
 PAD, EOS, Q, ANS, FILLER, DIGIT0 = 0, 1, 2, 3, 4, 10  # digit d is token DIGIT0 + d
 VOCAB, DIGITS = 24, 5
@@ -365,8 +365,7 @@ def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optiona
             raise ValueError(f"seeds must be >= 1; got {seeds}")
         cfg = DemoConfig(**{**asdict(cfg), "seeds": seeds})
     t_start = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_folder(out_dir, "--out")
     torch.manual_seed(0)
     # Problems the base never sees: the pool every seed draws its training and held-out prompts from.
     pool_rng = random.Random(12345)

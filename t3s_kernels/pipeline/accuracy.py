@@ -138,8 +138,3 @@ def generation_accuracy(model, examples: Sequence[Example], *, verifier: str = "
     finally:
         model.train(was_training)
     return AccuracyResult(accuracy=sum(correct.values()) / len(correct), correct=correct, predictions=predictions)
-
-
-def natural_key(name: str) -> list:
-    """checkpoint-20 before checkpoint-100."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

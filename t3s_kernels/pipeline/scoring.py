@@ -127,10 +127,13 @@ def scoring_producer(model, protocol: str, **params) -> dict:
             **params, "library": __version__}
 
 
-def _check_fits(model, examples: list[Example]) -> None:
-    """Token ids inside the model's vocabulary and lengths within its positions, or a refusal naming the example."""
+def _check_fits(model, examples: list[Example], mask_token_id: Optional[int] = None) -> None:
+    """Token ids inside the model's vocabulary and lengths within its positions, or a refusal naming the example
+    (or the mask token id)."""
     head = model.get_output_embeddings()
     vocab = head.out_features if head is not None else model.config.get_text_config().vocab_size
+    if mask_token_id is not None and not 0 <= mask_token_id < vocab:
+        raise ValueError(f"mask_token_id {mask_token_id} is outside the model's vocabulary [0, {vocab})")
     positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     for e in examples:
         bad = next((t for t in e.input_ids if not 0 <= t < vocab), None)
@@ -157,7 +160,7 @@ def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, 
         rank, world_size = dist_rank_world()
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1; got {rounds}")
-    _check_fits(model, examples)
+    _check_fits(model, examples, mask_token_id if protocol == "masked_diffusion" else None)
     store.bind([e.id for e in examples], [len(e.input_ids) for e in examples],
                [token_hash(e.input_ids) for e in examples])
     params = dict(rounds=rounds, seed=seed, mask_token_id=mask_token_id) if protocol == "masked_diffusion" else {}

@@ -191,8 +191,9 @@ def attach_mask(examples: list[dict], selection: Selection) -> list[dict]:
 
 
 def plot_selection(base: ScoreSet, bottleneck: ScoreSet, sets: Sequence[ScoreSet], anchors: torch.Tensor,
-                   out_dir: str) -> list[str]:
-    """dc histogram and the bifurcation picture (anchors vs others per checkpoint); needs matplotlib."""
+                   out_dir: str, selection: Optional[Selection] = None) -> list[str]:
+    """dc histogram and the bifurcation picture (anchors vs others per checkpoint); needs matplotlib.
+    With a ``dllm`` selection, both pictures also show tau and the selected (force-masked) set."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,12 +203,18 @@ def plot_selection(base: ScoreSet, bottleneck: ScoreSet, sets: Sequence[ScoreSet
     out.mkdir(parents=True, exist_ok=True)
     scored = base.values["scored"]
     dc = (bottleneck.values["logprob"] - base.values["logprob"])[scored]
+    tau = selection.params.get("tau") if selection is not None and selection.rule == "dllm" else None
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.hist(dc.numpy(), bins=60, color="tab:blue")
     ax.axvline(0, color="k", lw=0.8)
+    title = f"anchors (Δc > 0): {float((dc > 0).float().mean()):.1%} of tokens"
+    if tau is not None:
+        ax.axvline(-tau, color="tab:red", lw=1.2, ls="--", label=f"−τ = {-tau:g}")
+        ax.legend(fontsize=8)
+        title += f"; selected (Δc < −τ): {float(selection.mask[scored].float().mean()):.1%}"
     ax.set_xlabel(f"Δc = c({bottleneck.name}) − c({base.name})")
     ax.set_ylabel("tokens")
-    ax.set_title(f"anchors (Δc > 0): {float((dc > 0).float().mean()):.1%} of tokens")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     paths = [str(out / "dc_hist.png")]
     fig.savefig(paths[0], dpi=120)
@@ -216,6 +223,9 @@ def plot_selection(base: ScoreSet, bottleneck: ScoreSet, sets: Sequence[ScoreSet
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(traj["checkpoints"], traj["anchors"], "o-", label="imitation anchors (Δc > 0)")
     ax.plot(traj["checkpoints"], traj["others"], "s-", label="yet-to-learn (Δc ≤ 0)")
+    if tau is not None:
+        chosen = trajectory(sets, selection.mask)
+        ax.plot(chosen["checkpoints"], chosen["anchors"], "^--", color="tab:red", label=f"selected (Δc < −{tau:g})")
     ax.set_ylabel("mean log-prob of the label")
     ax.set_xlabel("checkpoint")
     ax.legend(fontsize=8)

@@ -84,6 +84,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def natural_key(name: str) -> list:
+    """checkpoint-20 before checkpoint-100."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def writable_folder(path: os.PathLike, what: str) -> Path:
+    """``path`` as a folder this process can write (created if absent), checked before any work:
+    a path that is a file, or a folder without write permission, is refused by name."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a file; it must be a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {str(path)!r} cannot be created ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(path)!r} is not writable by this user")
+    return folder
+
+
 @dataclass
 class ScoreSet:
     """Per-token statistics of every example of a dataset under one checkpoint, in dataset order.
@@ -286,7 +306,9 @@ class ScoreStore:
 
     def names(self) -> list[str]:
         folder = self.root / "scores"
-        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.exists() else []
+        if not folder.exists():
+            return []
+        return sorted((p.name for p in folder.iterdir() if p.is_dir()), key=natural_key)
 
     def load(self, name: str) -> ScoreSet:
         """The complete score set, in dataset order; refuses an incomplete one."""

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from t3s_kernels.pipeline.accuracy import generation_accuracy, make_verifier, natural_key
+from t3s_kernels.pipeline.accuracy import generation_accuracy, make_verifier
 from t3s_kernels.pipeline.bottleneck import read_accuracy_table
 from t3s_kernels.pipeline.data import IGNORE, Example
+from t3s_kernels.pipeline.store import natural_key
 from t3s_kernels.toy import EOS_ID, tiny_causal_lm
 
 pytest.importorskip("transformers")

@@ -70,7 +70,8 @@ def test_masked_diffusion_protocol_scores_each_answer_token_once(tmp_path):
 def test_data_loading_refusals(tmp_path):
     bad = tmp_path / "bad.jsonl"
     for lines, pattern in [
-        ([{"input_ids": [1, 2], "prompt_length": 1}], "needs an 'id'"),
+        ([{"id": "a", "input_ids": [1, 2], "prompt_length": 1}, {"input_ids": [1, 2], "prompt_length": 1}],
+         "needs an 'id'"),  # some ids present, one absent: refused (all absent: the row index)
         ([{"id": "a", "input_ids": [1, 2], "labels": [1]}], "labels has 1 entries but input_ids has 2"),
         ([{"id": "a", "input_ids": [1, 2]}], "needs 'prompt_length' or 'labels'"),
         ([{"id": "a", "input_ids": [1], "prompt_length": 0}, {"id": "a", "input_ids": [2], "prompt_length": 0}],
@@ -153,6 +154,9 @@ def test_examples_the_model_cannot_score_are_refused_by_name(tmp_path):
         score_dataset(model, [Example("big", [5, 9999, 7], [-100, 9999, 7])], store, "base", progress=False)
     with pytest.raises(ValueError, match=r"example 'long' has 20 tokens, more than the model's max_position_emb"):
         score_dataset(model, [Example("long", [5] * 20, [-100] + [5] * 19)], store, "base", progress=False)
+    with pytest.raises(ValueError, match=r"mask_token_id 600 is outside the model's vocabulary \[0, 512\)"):
+        score_dataset(model, [Example("a", [5, 6], [-100, 6])], store, "base", protocol="masked_diffusion",
+                      mask_token_id=600, progress=False)
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         score_dataset(model, [Example("a", [5, 6], [-100, 6])], store, "base", rounds=0, progress=False)
 
