@@ -92,7 +92,7 @@ def _score(args: argparse.Namespace) -> int:
         model = load_local_model(path, args.dtype, device, args.trust_remote_code)
         n = score_dataset(model, examples, store, name, protocol=args.protocol, max_tokens=args.max_tokens,
                           max_batch=args.max_batch, mask_token_id=args.mask_token_id, rounds=args.rounds,
-                          seed=args.seed, pad_id=_pad_id(model), progress=not args.quiet)
+                          seed=args.seed, pad_id=_pad_id(model), progress=not args.quiet, packed=args.packed)
         print(f"scored {n} examples into '{name}' of {args.store}")
         del model
     return 0
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="cuda" if _cuda() else "cpu")
     score.add_argument("--max-tokens", type=_positive_int, default=16384, help="padded tokens per batch")
     score.add_argument("--max-batch", type=_positive_int, default=64)
+    score.add_argument("--packed", action="store_true",
+                       help="run each batch as one padding-free row (causal protocol; flash-attn varlen on GPU)")
     score.add_argument("--trust-remote-code", action="store_true")
     score.add_argument("--quiet", action="store_true")
     score.set_defaults(func=_score)

@@ -40,6 +40,7 @@ import torch
 
 from .adapters.causal import causal_lm_loss
 from .adapters.masked_diffusion import dream_shift
+from .adapters.packing import block_diagonal_mask, is_packed, sequence_starts
 from .api import T3SLoss
 
 MODES = ("causal", "masked_diffusion")
@@ -317,6 +318,11 @@ def is_t3s_patched(model) -> bool:
     return _STATE in vars(model) or _STATE in vars(type(model))
 
 
+def patch_mode(model) -> Optional[str]:
+    """The ``mode`` apply_t3s patched ``model`` with ("causal" or "masked_diffusion"), or None."""
+    return _state(model)["mode"] if is_t3s_patched(model) else None
+
+
 def _state(model) -> dict:
     if _STATE in vars(model):
         return vars(model)[_STATE]
@@ -373,6 +379,9 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
             if k not in ("ignore_index", "num_items_in_batch") or _accepts(original, k)}
     if num_items_in_batch is not None and _accepts(original, "num_items_in_batch"):
         call["num_items_in_batch"] = num_items_in_batch
+    if is_packed(call.get("position_ids"), call.get("attention_mask")):
+        labels, shift_labels = _prepare_packed(model, original, mode, call, labels, shift_labels, ignore_index,
+                                               counted=num_items_in_batch is not None)
     head_in = run_with_head_captured(model, original, *args, labels=None, **call)
     if _is_dtensor(head_in.weight):
         raise ValueError(f"{name}'s LM head weight is a sharded DTensor when the loss needs it (FSDP2 with lm_head in "
@@ -395,6 +404,48 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
     if aux is not None:
         total = total + _aux_loss_coef(model) * aux.to(total.device)
     return _without_logits(head_in.outputs, total)
+
+
+# Attention implementations whose varlen kernels take packed sequences from position_ids.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def _prepare_packed(model, original, mode: str, call: dict, labels, shift_labels, ignore_index: int, *,
+                    counted: bool):
+    """A packed batch (adapters/packing.py): make the model's own forward keep sequences apart, and
+    never let a sequence's last token predict the next one's first (the causal shift across a
+    boundary). Returns the labels with those targets ignored."""
+    name = type(model).__name__
+    position_ids, mask = call["position_ids"], call.get("attention_mask")
+    if mask is not None:
+        if mask.dim() == 2 and bool(mask.bool().all()):
+            call.pop("attention_mask")  # all ones says nothing, and would switch off transformers' packing
+        else:
+            raise ValueError("a packed batch (position_ids restart inside a row) came with an attention_mask: "
+                             "transformers then ignores the packing and lets the sequences attend to each other. "
+                             "Pass position_ids without attention_mask (T3SDataCollator(packed=True) does)")
+    if not _accepts(original, "use_cache"):
+        raise ValueError(f"{name}'s forward takes no use_cache, so a cache may switch off the packed attention "
+                         "mask: packed batches are not supported for it; pad instead")
+    call["use_cache"] = False  # with a cache, transformers' mask builder ignores packed position_ids
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if mode == "masked_diffusion" and implementation not in VARLEN_ATTENTION:
+        call["attention_mask"] = block_diagonal_mask(position_ids, model.dtype)
+    if mode != "causal":
+        return labels, shift_labels
+    starts = sequence_starts(position_ids)
+    if shift_labels is not None:
+        crossing = torch.zeros_like(starts)
+        crossing[:, :-1] = starts[:, 1:]  # shift_labels[t] is the label of token t + 1
+        target = shift_labels
+    else:
+        crossing, target = starts, labels
+    if counted and bool((target[crossing] != ignore_index).any()):
+        raise ValueError("a packed batch labels the first token of a sequence, which the previous sequence's last "
+                         "token would predict; num_items_in_batch counts it. Label each sequence's first token "
+                         "-100 (T3SDataCollator(packed=True) and DataCollatorWithFlattening do)")
+    target = target.masked_fill(crossing, ignore_index)
+    return (labels, target) if shift_labels is not None else (target, shift_labels)
 
 
 def _make_forward(mode: str, shift: Optional[str], loss: T3SLoss):

@@ -8,7 +8,8 @@ from typing import Any, Optional
 import torch
 
 from .adapters.masked_diffusion import NoisedBatch, loss_weights, noise
-from .patching import ANCHORS, is_t3s_patched
+from .adapters.packing import is_packed, segment_ids
+from .patching import ANCHORS, is_t3s_patched, patch_mode
 from .pipeline.selection import COLUMNS
 
 KEEP_COLUMN, FORCE_COLUMN = COLUMNS["keep"], COLUMNS["force_mask"]
@@ -49,16 +50,58 @@ class T3SDataCollator:
 
     Give it the model: a batch with a mask column for a model that is not patched raises, since an
     unpatched model (and HF Trainer's column pruning) would drop the column silently.
+
+    ``packed=True`` flattens the batch into one row without padding (for flash-attn's varlen
+    kernels, or transformers' packed masks on eager/SDPA): ``position_ids`` restart at 0 for each
+    example, no ``attention_mask``, the mask column concatenated alike, and for a causal student
+    each example's first token labelled -100, so that no sequence predicts the next one's first
+    token (HF's ``DataCollatorWithFlattening`` does the same); a masked-diffusion student (the model
+    patched with ``mode="masked_diffusion"``) keeps its labels, since it does not shift.
     """
 
     def __init__(self, pad_token_id: int, model: Optional[torch.nn.Module] = None, ignore_index: int = -100,
-                 anchors: str = "ignore"):
+                 anchors: str = "ignore", packed: bool = False):
         if anchors not in ANCHORS:
             raise ValueError(f"anchors must be one of {ANCHORS}; got {anchors!r}")
         self.pad_token_id = pad_token_id
         self.model = model
         self.ignore_index = ignore_index
         self.anchors = anchors
+        self.packed = bool(packed)
+
+    def _flatten(self, features: list[dict[str, Any]], column: Optional[str]) -> dict[str, torch.Tensor]:
+        if "prompt_length" in features[0]:
+            raise ValueError("'prompt_length' cannot describe a packed row; give 'labels' with -100 on the prompt")
+        for i, f in enumerate(features):
+            if "attention_mask" in f and not all(int(a) == 1 for a in f["attention_mask"]):
+                raise ValueError(f"example {i} has padding in its attention_mask; a packed batch has none")
+
+        def cat(key, dtype):
+            parts = []
+            for f in features:
+                seq = torch.as_tensor(f[key], dtype=dtype)
+                if seq.shape[0] != len(f["input_ids"]):
+                    raise ValueError(f"'{key}' has {seq.shape[0]} entries but input_ids has {len(f['input_ids'])}")
+                parts.append(seq)
+            return torch.cat(parts)[None]
+
+        out = {"input_ids": cat("input_ids", torch.long),
+               "position_ids": torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None]}
+        if "labels" in features[0]:
+            labels = cat("labels", torch.long)
+            if patch_mode(self.model) != "masked_diffusion":  # the causal shift must not cross a boundary
+                starts = torch.tensor([0] + [len(f["input_ids"]) for f in features[:-1]]).cumsum(0)
+                labels[0, starts] = self.ignore_index
+            out["labels"] = labels
+        if column == KEEP_COLUMN:
+            out[column] = cat(column, _column_dtype(features, column))
+            if self.anchors == "ignore" and "labels" in out:
+                out["labels"] = out["labels"].masked_fill(out[column] == 0, self.ignore_index)
+        elif column == FORCE_COLUMN:
+            if _column_dtype(features, column) != torch.bool:
+                raise ValueError(f"'{column}' is a force set: bool per token (True forces a token into the mask)")
+            out[column] = cat(column, torch.bool)
+        return out
 
     def _check_mask_columns(self, features: list[dict[str, Any]]) -> Optional[str]:
         present = [c for c in (KEEP_COLUMN, FORCE_COLUMN) if any(c in f for f in features)]
@@ -83,6 +126,8 @@ class T3SDataCollator:
         if not features:
             raise ValueError("T3SDataCollator got an empty batch")
         column = self._check_mask_columns(features)
+        if self.packed:
+            return self._flatten(features, column)
         longest = max(len(f["input_ids"]) for f in features)
 
         def pad(key, value, dtype):
@@ -114,7 +159,7 @@ class T3SDataCollator:
         return out
 
 
-NOISED_KEYS = ("t3s_noisy_ids", "t3s_masked", "t3s_p_mask", "t3s_answer", "t3s_forced")
+NOISED_KEYS = ("t3s_noisy_ids", "t3s_masked", "t3s_p_mask", "t3s_answer", "t3s_forced", "t3s_segments")
 
 
 def noise_inputs(inputs: dict[str, torch.Tensor], *, mask_token_id: int, rate_range=None, eps: float = 1e-3,
@@ -132,10 +177,12 @@ def noise_inputs(inputs: dict[str, torch.Tensor], *, mask_token_id: int, rate_ra
     attention = inputs.get("attention_mask")
     if force is not None and attention is not None:
         force = force.bool() & attention.bool()
+    position_ids = inputs.get("position_ids")
+    segments = segment_ids(position_ids) if is_packed(position_ids, attention) else None
     return noise(inputs["input_ids"], mask_token_id=mask_token_id, prompt_lengths=prompt_lengths,
                  attention_mask=attention, maskable=None if labels is None else labels != -100,
                  force_mask=None if force is None else force.bool(), rate_range=rate_range, eps=eps,
-                 generator=generator)
+                 segments=segments, generator=generator)
 
 
 def masked_diffusion_compute_loss(model, inputs: dict[str, torch.Tensor], *, mask_token_id: int,
@@ -162,8 +209,9 @@ def masked_diffusion_compute_loss(model, inputs: dict[str, torch.Tensor], *, mas
         normalizer = num_items_in_batch
     ids = inputs["input_ids"]
     labels = torch.where(batch.masked, ids, torch.full_like(ids, -100))
+    extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
     out = model(input_ids=batch.noisy_ids, attention_mask=inputs.get("attention_mask"), labels=labels,
-                t3s_weights=weights, num_items_in_batch=normalizer)
+                t3s_weights=weights, num_items_in_batch=normalizer, **extra)
     return out.loss
 
 
@@ -177,9 +225,11 @@ def step_normalizer(batches: list[NoisedBatch], normalization: str) -> float:
 def pack_noised(batch: NoisedBatch) -> dict[str, torch.Tensor]:
     """A noised batch as plain tensors in the inputs dict (so that a trainer moves them to the device)."""
     forced = batch.forced if batch.forced is not None else torch.zeros_like(batch.masked)
-    return dict(zip(NOISED_KEYS, (batch.noisy_ids, batch.masked, batch.p_mask, batch.answer_mask, forced)))
+    segments = batch.segments if batch.segments is not None else torch.zeros_like(batch.noisy_ids)
+    return dict(zip(NOISED_KEYS, (batch.noisy_ids, batch.masked, batch.p_mask, batch.answer_mask, forced, segments)))
 
 
 def unpack_noised(inputs: dict[str, torch.Tensor]) -> NoisedBatch:
-    noisy, masked, p_mask, answer, forced = (inputs.pop(k) for k in NOISED_KEYS)
-    return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=p_mask, answer_mask=answer, forced=forced)
+    noisy, masked, p_mask, answer, forced, segments = (inputs.pop(k) for k in NOISED_KEYS)
+    return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=p_mask, answer_mask=answer, forced=forced,
+                       segments=segments if bool(segments.any()) else None)

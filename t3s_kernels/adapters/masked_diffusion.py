@@ -48,6 +48,7 @@ class NoisedBatch:
     p_mask: torch.Tensor  # (B, T) float32, each sequence's masking probability (0 on prompts)
     answer_mask: torch.Tensor  # (B, T) bool, positions that may be masked (not prompt, not padding)
     forced: Optional[torch.Tensor] = None  # (B, T) bool, positions masked with probability 1 (T3S's force set)
+    segments: Optional[torch.Tensor] = None  # (B, T) long, each token's sequence within a packed row (None: one)
 
 
 def _answer_mask(input_ids: torch.Tensor, prompt_lengths, attention_mask, maskable=None) -> torch.Tensor:
@@ -75,12 +76,13 @@ def _answer_mask(input_ids: torch.Tensor, prompt_lengths, attention_mask, maskab
 def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[int] = None,
           prompt_lengths=None, attention_mask: Optional[torch.Tensor] = None,
           maskable: Optional[torch.Tensor] = None, force_mask: Optional[torch.Tensor] = None, eps: float = 1e-3,
-          rate_range: Optional[tuple[float, float]] = None,
+          rate_range: Optional[tuple[float, float]] = None, segments: Optional[torch.Tensor] = None,
           generator: Optional[torch.Generator] = None) -> NoisedBatch:
     """The forward process: mask answer tokens with a per-sequence probability, force-mask the
     T3S-selected ones. The answer is what ``prompt_lengths``, ``attention_mask`` and ``maskable``
-    (bool (B, T), e.g. ``labels != -100``) all allow. ``generator`` (on input_ids' device) makes
-    it reproducible."""
+    (bool (B, T), e.g. ``labels != -100``) all allow. ``segments`` (long (B, T), from
+    ``adapters.packing.segment_ids``) marks packed sequences: each draws its own rate, as it would
+    in a row of its own. ``generator`` (on input_ids' device) makes it reproducible."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (B, T); got {tuple(input_ids.shape)}")
     if vocab_size is not None and not 0 <= mask_token_id < vocab_size:
@@ -90,7 +92,14 @@ def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[i
     b, t = input_ids.shape
     device = input_ids.device
     answer = _answer_mask(input_ids, prompt_lengths, attention_mask, maskable)
-    u = torch.rand(b, generator=generator, device=device)
+    if segments is not None:
+        if tuple(segments.shape) != (b, t):
+            raise ValueError(f"segments must have shape (B, T) = {(b, t)}; got {tuple(segments.shape)}")
+        if prompt_lengths is not None:
+            raise ValueError("prompt_lengths describe one sequence per row; a packed row takes maskable (labels)")
+        u = torch.rand(b, t, generator=generator, device=device).gather(1, segments)  # one draw per sequence
+    else:
+        u = torch.rand(b, generator=generator, device=device)[:, None]
     if rate_range is None:
         p = (1.0 - eps) * u + eps
     else:
@@ -98,7 +107,7 @@ def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[i
         if not 0.0 <= low <= high <= 1.0:
             raise ValueError(f"rate_range must satisfy 0 <= low <= high <= 1; got {rate_range}")
         p = low + (high - low) * u
-    masked = (torch.rand(b, t, generator=generator, device=device) < p[:, None]) & answer
+    masked = (torch.rand(b, t, generator=generator, device=device) < p) & answer
     if force_mask is not None:
         if tuple(force_mask.shape) != (b, t) or force_mask.dtype != torch.bool:
             raise ValueError(f"force_mask must be a bool tensor of shape (B, T) = {(b, t)}; "
@@ -107,8 +116,9 @@ def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[i
             raise ValueError("force_mask selects prompt or padding positions, which are never masked")
         masked |= force_mask
     noisy = torch.where(masked, torch.full_like(input_ids, mask_token_id), input_ids)
-    p_mask = torch.where(answer, p[:, None].expand(b, t), torch.zeros(b, t, device=device))
-    return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=p_mask.float(), answer_mask=answer, forced=force_mask)
+    p_mask = torch.where(answer, p.expand(b, t), torch.zeros(b, t, device=device))
+    return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=p_mask.float(), answer_mask=answer, forced=force_mask,
+                       segments=segments)
 
 
 def loss_weights(batch: NoisedBatch, *, weighting: str = "inverse_p",
@@ -125,8 +135,12 @@ def loss_weights(batch: NoisedBatch, *, weighting: str = "inverse_p",
         if weighting == "inverse_p" and batch.forced is not None:
             importance = importance & ~batch.forced  # masked with probability 1: weight 1 (module docstring)
         w = torch.where(importance, 1.0 / batch.p_mask.clamp(min=1e-12), w)
-    if normalization == "llada_sft":
-        return w / batch.answer_mask.sum(1, keepdim=True).clamp(min=1).float(), float(b)
+    if normalization == "llada_sft":  # each sequence's answer length, then the number of sequences
+        if batch.segments is None:
+            return w / batch.answer_mask.sum(1, keepdim=True).clamp(min=1).float(), float(b)
+        seg = batch.segments
+        lengths = torch.zeros(b, t, device=w.device).scatter_add_(1, seg, batch.answer_mask.float())
+        return w / lengths.gather(1, seg).clamp(min=1), float(int((seg.max(1).values + 1).sum()))
     if normalization == "llada_pretrain":
         return w, float(b * t)
     return w, float(max(int(batch.masked.sum()), 1))

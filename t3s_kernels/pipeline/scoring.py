@@ -54,6 +54,27 @@ def _token_stats(head: HeadInputs, hidden: torch.Tensor, targets: torch.Tensor):
 
 
 @torch.no_grad()
+def score_batch_causal_packed(model, examples: list[Example]) -> list[dict[str, torch.Tensor]]:
+    """The examples concatenated in one row (position ids restarting at 0 for each, no padding;
+    adapters/packing.py): the same statistics as padded scoring, without the padding's compute."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([t for e in examples for t in e.input_ids], device=device)[None]
+    positions = torch.cat([torch.arange(len(e.input_ids), device=device) for e in examples])[None]
+    head = model_head_inputs(model, input_ids=ids, position_ids=positions)
+    out, offset = [], 0
+    for e in examples:
+        n = len(e.input_ids)
+        labels = torch.tensor(e.labels, device=device)
+        st = _token_stats(head, head.hidden[0, offset:offset + n - 1], labels[1:])  # within the example only
+        d = _stats_dict(n, device)
+        d["logprob"][1:], d["entropy"][1:], d["correct"][1:] = st.logprob, st.entropy, st.correct
+        d["scored"][1:] = labels[1:] != IGNORE
+        out.append(d)
+        offset += n
+    return out
+
+
+@torch.no_grad()
 def score_batch_causal(model, examples: list[Example], pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
     device = next(model.parameters()).device
     ids, labels, attn = _pad(examples, pad_id, device)
@@ -147,9 +168,10 @@ def _check_fits(model, examples: list[Example], mask_token_id: Optional[int] = N
 def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, *, protocol: str = "causal",
                   max_tokens: int = 16384, max_batch: int = 64, mask_token_id: Optional[int] = None,
                   rounds: int = 2, seed: int = 0, pad_id: int = 0, rank: Optional[int] = None,
-                  world_size: Optional[int] = None, progress: bool = True) -> int:
+                  world_size: Optional[int] = None, progress: bool = True, packed: bool = False) -> int:
     """Score every example not yet in score set ``name`` (this process's share under torchrun);
-    returns the number scored now. Batches by length; one shard per batch."""
+    returns the number scored now. Batches by length; one shard per batch. ``packed`` (causal
+    protocol) runs each batch as one padding-free row (``score_batch_causal_packed``)."""
     from tqdm.auto import tqdm
 
     if protocol not in PROTOCOLS:
@@ -160,6 +182,8 @@ def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, 
         rank, world_size = dist_rank_world()
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1; got {rounds}")
+    if packed and protocol != "causal":
+        raise ValueError("packed scoring is for the causal protocol; score a masked-diffusion student padded")
     _check_fits(model, examples, mask_token_id if protocol == "masked_diffusion" else None)
     store.bind([e.id for e in examples], [len(e.input_ids) for e in examples],
                [token_hash(e.input_ids) for e in examples])
@@ -175,7 +199,8 @@ def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, 
         for batch in iter_batches(todo, lengths, max_tokens, max_batch):
             chunk = [examples[i] for i in batch]
             if protocol == "causal":
-                stats = score_batch_causal(model, chunk, pad_id=pad_id)
+                stats = score_batch_causal_packed(model, chunk) if packed else \
+                    score_batch_causal(model, chunk, pad_id=pad_id)
             else:
                 stats = score_batch_masked_diffusion(model, chunk, batch, mask_token_id=mask_token_id, rounds=rounds,
                                                      seed=seed, pad_id=pad_id)

@@ -41,17 +41,19 @@ def assert_same_step(a, b):
         assert err <= 1e-5 * scale, f"{name}: {err:.3e} > 1e-5 x {scale:.3e}"
 
 
-def test_ar_accumulation_equals_one_large_batch():
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_ar_accumulation_equals_one_large_batch(packed):
+    """Packed micro-batches (one padding-free row each) under accumulation equal one padded batch."""
     rows = [{k: r[k] for k in ("input_ids", "labels", "t3s_weights")} for r in synthetic_traces(8, seed=3)]
 
     def make_model():
-        return t3s.apply_t3s(tiny_causal_lm("qwen3"), backend="torch")
+        return t3s.apply_t3s(tiny_causal_lm("qwen3", attn_implementation="sdpa"), backend="torch")
 
-    def make_trainer(model, args, data):
+    def make_trainer(model, args, data, packed=False):
         return transformers.Trainer(model=model, args=args, train_dataset=data,
-                                    data_collator=tu.T3SDataCollator(pad_token_id=PAD_ID, model=model))
+                                    data_collator=tu.T3SDataCollator(pad_token_id=PAD_ID, model=model, packed=packed))
 
-    accumulated = one_step(make_model, make_trainer, rows, batch_size=2, accumulation=4)
+    accumulated = one_step(make_model, lambda *a: make_trainer(*a, packed=packed), rows, batch_size=2, accumulation=4)
     large = one_step(make_model, make_trainer, rows, batch_size=8, accumulation=1)
     assert_same_step(accumulated, large)
 
@@ -60,11 +62,23 @@ def _rowwise_noise(real):
     """The forward process drawn per example from a generator seeded by its tokens, so that an example
     is noised the same in a micro-batch and in the large batch."""
 
-    def noise(input_ids, *, generator=None, **kw):
+    def noise(input_ids, *, generator=None, segments=None, **kw):
+        if segments is not None:  # a packed row: each sequence noised as a row of its own, then joined again
+            assert input_ids.shape[0] == 1
+            parts = []
+            for k in range(int(segments.max()) + 1):
+                cols = (segments[0] == k).nonzero().squeeze(1)
+                row = {n: (v[:, cols] if isinstance(v, torch.Tensor) else v) for n, v in kw.items()}
+                parts.append(noise(input_ids[:, cols], **row))
+            fields = ("noisy_ids", "masked", "p_mask", "answer_mask")
+            out = {f: torch.cat([getattr(p, f) for p in parts], 1) for f in fields}
+            forced = None if parts[0].forced is None else torch.cat([p.forced for p in parts], 1)
+            return tu.NoisedBatch(**out, forced=forced, segments=segments)
         parts = []
         for i in range(input_ids.shape[0]):
             row = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-            g = torch.Generator().manual_seed(int(input_ids[i].sum()))
+            g = torch.Generator().manual_seed(int(input_ids[i][row["attention_mask"][0].bool()].sum()
+                                                  if row.get("attention_mask") is not None else input_ids[i].sum()))
             parts.append(real(input_ids[i:i + 1], generator=g, **row))
         fields = ("noisy_ids", "masked", "p_mask", "answer_mask")
         out = {f: torch.cat([getattr(p, f) for p in parts]) for f in fields}
@@ -97,5 +111,32 @@ def test_masked_diffusion_accumulation_equals_one_large_batch(monkeypatch, conve
                                       **convention)
 
     accumulated = one_step(make_model, make_trainer, rows, batch_size=2, accumulation=4)
+    large = one_step(make_model, make_trainer, rows, batch_size=8, accumulation=1)
+    assert_same_step(accumulated, large)
+
+
+@pytest.mark.parametrize("convention", [
+    dict(weighting="inverse_p", normalization="llada_sft", rate_range=None),
+    dict(weighting="none", normalization="masked_tokens", rate_range=(0.3, 0.8)),
+])
+def test_masked_diffusion_packed_accumulation_equals_one_padded_batch(monkeypatch, convention):
+    """Packed micro-batches (each example noised as in its own row; the block-diagonal mask; per-sequence
+    normalization) under accumulation 4 equal one padded batch 4x as large."""
+    from t3s_kernels.masked_diffusion_trainer import MaskedDiffusionTrainer
+
+    monkeypatch.setattr(tu, "noise", _rowwise_noise(tu.noise))
+    traces = synthetic_traces(8, select_fraction=0.1, use="force_mask", seed=5)
+    rows = [{k: r[k] for k in ("input_ids", "labels", "t3s_force_mask")} for r in traces]
+
+    def make_model():
+        return t3s.apply_t3s(tiny_bidirectional_lm("llama", attn_implementation="sdpa"), mode="masked_diffusion",
+                             backend="torch")
+
+    def make_trainer(model, args, data, packed=False):
+        return MaskedDiffusionTrainer(model=model, args=args, train_dataset=data, mask_token_id=MASK_ID,
+                                      data_collator=tu.T3SDataCollator(pad_token_id=PAD_ID, model=model, packed=packed),
+                                      **convention)
+
+    accumulated = one_step(make_model, lambda *a: make_trainer(*a, packed=True), rows, batch_size=2, accumulation=4)
     large = one_step(make_model, make_trainer, rows, batch_size=8, accumulation=1)
     assert_same_step(accumulated, large)
