@@ -131,7 +131,11 @@ class ScoreStore:
     def manifest(self) -> Optional[dict]:
         if not self.manifest_path.exists():
             return None
-        return json.loads(self.manifest_path.read_text())
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as e:  # written atomically, so damaged after the fact
+            raise StoreError(f"{self.manifest_path} is damaged (not valid JSON: {e}); restore it from a backup, or "
+                             "score into a new store") from None
 
     def bind(self, ids: Sequence[str], lengths: Sequence[int], hashes: Optional[Sequence[str]] = None) -> None:
         """Record the dataset (first use) or check that it is the recorded one: ids, lengths and, when

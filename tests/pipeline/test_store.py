@@ -174,3 +174,40 @@ def test_a_mistyped_score_set_name_is_named(tmp_path):
     store.write_shard("base", 0, [0], [stats(2)])
     with pytest.raises(StoreError, match=r"has no score set 'bsae'; it has \['base'\]"):
         store.load("bsae")
+
+
+def _race_writer(root, barrier, results):
+    from t3s_kernels.pipeline.store import ScoreStore, StoreError
+
+    barrier.wait()
+    try:
+        with ScoreStore(root).writing("base", 0):
+            barrier.wait()  # hold the lock until the other process has tried
+        results.put("wrote")
+    except StoreError as e:
+        barrier.wait()
+        results.put(f"refused: {e}")
+
+
+def test_two_processes_racing_for_one_score_set_one_wins(tmp_path):
+    """Two processes start writing the same score set and rank at the same instant: the lock is
+    created atomically (O_EXCL), so exactly one writes and the other is refused by name."""
+    import multiprocessing as mp
+
+    _bound(tmp_path)
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_race_writer, args=(str(tmp_path), barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = sorted(results.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert outcomes[1] == "wrote" and outcomes[0].startswith("refused: score set 'base' (rank 0) is being written")
+
+
+def test_damaged_manifest_is_named(tmp_path):
+    store = _bound(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"ids": ["a", "b"], "len')
+    with pytest.raises(StoreError, match=r"manifest.json is damaged \(not valid JSON"):
+        store.load("base")
