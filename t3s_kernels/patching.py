@@ -109,11 +109,11 @@ def _is_plain_linear(module) -> bool:
     cls = type(module)
     if cls is torch.nn.Linear:
         return True
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - older torch
+    if not _is_fsdp_module(module):
         return False
-    return issubclass(cls, FSDPModule) and [b for b in cls.__bases__ if b is not FSDPModule] == [torch.nn.Linear]
+    from torch.distributed.fsdp import FSDPModule
+
+    return [b for b in cls.__bases__ if b is not FSDPModule] == [torch.nn.Linear]
 
 
 def lm_head(model) -> torch.nn.Linear:
@@ -243,11 +243,16 @@ def run_with_head_captured(model, forward, *args, **kwargs) -> HeadInputs:
         raise ValueError(f"apply_t3s: {name} transforms its LM head's output in a way the patch does not model "
                          f"(model_type {model.config.model_type!r}, declared head math {math_}; the probe row "
                          f"differs by {err:.3g}); the fused loss would be silently wrong, so it is refused")
-    vocab = math_.vocab if math_.vocab is not None else head.out_features
-    weight, bias = head.weight, head.bias
-    if vocab < head.out_features:  # the model drops padded vocabulary rows: so does the loss
-        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    weight, bias = vocabulary_rows(head.weight, head.bias, math_.vocab)
     return HeadInputs(capture.inputs[0], weight, bias, math_, outputs)
+
+
+def vocabulary_rows(weight, bias, vocab: Optional[int]):
+    """The head's rows of the real vocabulary: a model that pads its vocabulary drops the extra
+    rows' logits (``HeadMath.vocab``), and so does the loss."""
+    if vocab is not None and weight.shape[0] > vocab:
+        return weight[:vocab], None if bias is None else bias[:vocab]
+    return weight, bias
 
 
 def model_head_inputs(model, **forward_kwargs) -> HeadInputs:
@@ -383,10 +388,10 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
         labels, shift_labels = _prepare_packed(model, original, mode, call, labels, shift_labels, ignore_index,
                                                counted=num_items_in_batch is not None)
     head_in = run_with_head_captured(model, original, *args, labels=None, **call)
-    if _is_dtensor(head_in.weight):
-        raise ValueError(f"{name}'s LM head weight is a sharded DTensor when the loss needs it (FSDP2 with lm_head in "
-                         "a group of its own, or a tensor-parallel head): not supported yet. Shard lm_head with the "
-                         "root module or together with the final norm: fully_shard([model.model.norm, model.lm_head])")
+    through_module = _is_dtensor(head_in.weight)
+    if through_module and not _is_fsdp_module(lm_head(model)):
+        raise ValueError(f"{name}'s LM head weight is a DTensor not managed by FSDP2 (a tensor-parallel head?): not "
+                         "supported. Shard lm_head with FSDP2 (fully_shard), or keep it replicated")
     hidden, options = head_in.hidden, dict(loss.options)
     options.update(softcap=head_in.math.softcap, logit_scale=head_in.math.logit_scale)
     options.update({k: v for k, v in teacher.items() if v is not None})
@@ -397,13 +402,44 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
             hidden = dream_shift(hidden)
     elif shift_labels is not None:
         labels = None
-    out = causal_lm_loss(hidden, head_in.weight, labels, shift_labels=shift_labels, selection=t3s_weights,
-                         num_items_in_batch=num_items_in_batch, bias=head_in.bias, ignore_index=ignore_index, **options)
-    total = out.loss
+
+    def compute(x, weight, bias):
+        weight, bias = vocabulary_rows(weight, bias, head_in.math.vocab)
+        return causal_lm_loss(x, weight, labels, shift_labels=shift_labels, selection=t3s_weights,
+                              num_items_in_batch=num_items_in_batch, bias=bias, ignore_index=ignore_index,
+                              **options).loss
+
+    if through_module:
+        total = _call_through_fsdp_head(lm_head(model), hidden, compute)
+    else:
+        total = compute(hidden, head_in.weight, head_in.bias)
     aux = head_in.outputs.get("aux_loss")
     if aux is not None:
         total = total + _aux_loss_coef(model) * aux.to(total.device)
     return _without_logits(head_in.outputs, total)
+
+
+def _is_fsdp_module(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _call_through_fsdp_head(head, hidden, compute):
+    """The loss computed *inside* a call of the FSDP2-sharded head module, as its forward: FSDP2's
+    hooks around that call all-gather the weight (and cast it and the input under a mixed-precision
+    policy), reshard after, and gather again in backward, exactly as for the Linear it replaces;
+    the gradient reaches the sharded parameter through FSDP2's reduce-scatter."""
+    def forward(x):
+        return compute(x, head.weight, head.bias)
+
+    head.forward = forward  # an instance attribute: the class's forward (and FSDP2's hooks) stay
+    try:
+        return head(hidden)
+    finally:
+        del head.forward
 
 
 # Attention implementations whose varlen kernels take packed sequences from position_ids.

@@ -1,5 +1,5 @@
-"""A patched model under FSDP2 (one process, gloo): exact where the head is sharded with the root or
-with the final norm; a clear refusal where it is sharded alone (a DTensor when the loss needs it)."""
+"""A patched model under FSDP2 (one process, gloo): exact in every grouping of the head: with the
+root, with the final norm, and alone (the loss then runs inside the head module's FSDP2 call)."""
 
 import os
 
@@ -41,7 +41,7 @@ def _step(grouping, patch):
     return out, {n: p.grad.full_tensor() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("grouping", ["root", "norm+head"])
+@pytest.mark.parametrize("grouping", ["root", "norm+head", "head"])
 def test_fsdp2_groupings_are_exact(process_group, grouping):
     ref, ref_grads = _step(grouping, patch=False)
     out, grads = _step(grouping, patch=True)
@@ -51,6 +51,50 @@ def test_fsdp2_groupings_are_exact(process_group, grouping):
         assert_close(grads[name], ref_grads[name], 1e-4, name)
 
 
-def test_fsdp2_head_in_its_own_group_is_refused(process_group):
-    with pytest.raises(ValueError, match="sharded DTensor when the loss needs it"):
-        _step("head", patch=True)
+def _two_rank_worker(rank, port, out_dir, grouping):
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results = {}
+        for patch in (False, True):
+            model = tiny_model("qwen3").train()
+            if patch:
+                t3s.apply_t3s(model, backend="torch")
+            for layer in model.model.layers:
+                fully_shard(layer)
+            if grouping == "head":
+                fully_shard(model.lm_head)
+            else:
+                fully_shard([model.model.norm, model.lm_head])
+            fully_shard(model)
+            ids, labels, keep = batch(seed=1 + rank)  # each rank its own data, as data parallelism has
+            out = model(input_ids=ids, labels=labels, t3s_weights=keep if patch else None) if patch else \
+                model(input_ids=ids, labels=labels.masked_fill(~keep, -100))
+            out.loss.backward()
+            results[patch] = {"loss": out.loss.detach(),
+                              **{n: p.grad.full_tensor() for n, p in model.named_parameters()}}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("grouping", ["head", "norm+head"])
+def test_fsdp2_two_ranks_sharded_head_is_exact(tmp_path, grouping):
+    """Two processes (gloo), the head's weight really split between them: the patched loss (T3S mask as
+    weights) equals the unpatched model's with anchors labelled -100, and every gathered gradient too."""
+    import random
+
+    import torch
+    import torch.multiprocessing as mp
+
+    port = random.randint(30000, 40000)
+    mp.spawn(_two_rank_worker, args=(port, str(tmp_path), grouping), nprocs=2, join=True)
+    for rank in (0, 1):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        ref, got = res[False], res[True]
+        assert_close(got["loss"], ref["loss"], 1e-5, "loss")
+        for name in ref:
+            assert_close(got[name], ref[name], 1e-4, name)
