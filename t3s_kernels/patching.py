@@ -42,6 +42,7 @@ from .adapters.causal import causal_lm_loss
 from .adapters.masked_diffusion import dream_shift
 from .adapters.packing import block_diagonal_mask, is_packed, sequence_starts
 from .api import T3SLoss
+from .validation import is_dtensor
 
 MODES = ("causal", "masked_diffusion")
 _STATE = "_t3s_patch"
@@ -264,14 +265,6 @@ def model_head_inputs(model, **forward_kwargs) -> HeadInputs:
     return run_with_head_captured(model, forward, **forward_kwargs)
 
 
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
 def _aux_loss_coef(model) -> float:
     for owner in (model, *_configs(model)):
         for key in AUX_COEF_NAMES:
@@ -388,7 +381,7 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
         labels, shift_labels = _prepare_packed(model, original, mode, call, labels, shift_labels, ignore_index,
                                                counted=num_items_in_batch is not None)
     head_in = run_with_head_captured(model, original, *args, labels=None, **call)
-    through_module = _is_dtensor(head_in.weight)
+    through_module = is_dtensor(head_in.weight)
     if through_module and not _is_fsdp_module(lm_head(model)):
         raise ValueError(f"{name}'s LM head weight is a DTensor not managed by FSDP2 (a tensor-parallel head?): not "
                          "supported. Shard lm_head with FSDP2 (fully_shard), or keep it replicated")

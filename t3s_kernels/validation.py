@@ -30,9 +30,32 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, high_
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}; got {value!r}")
 
 
+def is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def check_not_distributed(name: str, t: torch.Tensor) -> None:
+    """Refuse the distributed parameter kinds the op cannot read as a plain (V, H) tensor: it would
+    see the global shape of a DTensor but only the local rows (silently wrong), or the empty
+    placeholder of a ZeRO-3 partition."""
+    if is_dtensor(t):
+        raise TypeError(f"{name} is a DTensor (placements {tuple(t.placements)}); the op takes plain tensors. "
+                        "Under FSDP2, call it through the patched model (apply_t3s), whose head runs inside FSDP2's "
+                        "all-gather; a tensor-parallel head: gather it (full_tensor(), differentiable) or replicate it")
+    if hasattr(t, "ds_id") and t.numel() == 0:
+        raise ValueError(f"{name} is a DeepSpeed ZeRO-3 partitioned parameter (ds_id {t.ds_id}, shape "
+                         f"{tuple(t.shape)}): call the op inside the engine's forward, or gather it on every rank with "
+                         f"deepspeed.zero.GatheredParameters([{name}])")
+
+
 def _check_float_tensor(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    check_not_distributed(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16; got {t.dtype}")
 

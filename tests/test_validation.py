@@ -72,3 +72,34 @@ def test_ignored_labels_may_use_any_ignore_index():
     out = t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], labels, ignore_index=11, backend="torch",
                                     return_stats=True)
     assert out.lse[2] == 0 and torch.isfinite(out.loss)
+
+
+def test_distributed_parameter_kinds_are_refused_by_name():
+    """A DTensor reports its global shape but holds local rows; a ZeRO-3 partition is an empty
+    placeholder. Both are refused, naming the argument and the fix, before any compute."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    hidden, weight = torch.randn(4, 8), torch.randn(16, 8)
+    labels = torch.randint(0, 16, (4,))
+    partition = torch.nn.Parameter(torch.empty(0))
+    partition.ds_id = 7  # what DeepSpeed ZeRO-3 leaves outside a gather
+    with pytest.raises(ValueError, match=r"weight is a DeepSpeed ZeRO-3 partitioned parameter \(ds_id 7"):
+        t3s.fused_linear_t3s_loss(hidden, partition, labels)
+    started = not dist.is_initialized()
+    if started:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = "29561"
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        sharded = distribute_tensor(weight, init_device_mesh("cpu", (1,)), [Shard(0)])
+        with pytest.raises(TypeError, match=r"weight is a DTensor \(placements \(Shard\(dim=0\),\)\)"):
+            t3s.fused_linear_t3s_loss(hidden, sharded, labels)
+        with pytest.raises(TypeError, match="weight is a DTensor"):
+            t3s.token_stats(hidden, sharded, labels)
+    finally:
+        if started:
+            dist.destroy_process_group()
