@@ -32,7 +32,7 @@ timeout 100 python3 -m t3s_kernels.cli bench --select 0.5 --repeat 5 --quiet --n
   --providers eager liger cce t3s-triton-chunked t3s-triton-tile \
   --json "$out/bench-select-0.5.json" 2>&1 | tee "$out/bench-select-0.5.txt"
 
-# 3. Distillation (issue 5): a teacher head of the same shape, generalized JSD + CE, against eager,
+# 3. Distillation: a teacher head of the same shape, generalized JSD + CE, against eager,
 #    Liger's fused linear and chunked JSD and TRL's chunked divergence where present. N=8192 keeps
 #    eager's two fp32 logit tensors inside an H100's memory.
 timeout 90 python3 benchmarks/bench_distill.py --tokens 8192 --hidden 4096 --vocab 151936 --dtype bf16 \

@@ -1,4 +1,4 @@
-"""Token selection from confidence trajectories (shared/T3S_METHOD.md), and the baselines.
+"""Token selection from confidence trajectories (docs/method.md), and the baselines.
 
 ``dc_t = c_t(bottleneck) - c_t(base)`` over the scored (labelled) tokens. A mask marks the
 *selected* tokens; how a trainer uses it depends on the student:

@@ -1,5 +1,5 @@
 """The masked-diffusion adapter against a direct eager transcription of each convention
-(shared/T3S_METHOD.md): the forward process, the loss and its gradients."""
+(docs/method.md): the forward process, the loss and its gradients."""
 
 import pytest
 import torch
