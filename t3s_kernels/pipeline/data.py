@@ -200,9 +200,3 @@ def load_examples(path: str, tokenizer_path: Optional[str] = None, split: Option
             raise ValueError(f"{path}: id '{ex.id}' appears more than once")
         seen.add(ex.id)
     return examples
-
-
-def write_jsonl(path: str, examples: list[dict]) -> None:
-    from .store import atomic_write_bytes
-
-    atomic_write_bytes(Path(path), "".join(json.dumps(e) + "\n" for e in examples).encode())
