@@ -22,7 +22,9 @@ def process_group():
     dist.destroy_process_group()
 
 
-def _step(grouping, patch):
+def _sharded(patch, grouping):
+    """A tiny Qwen3, patched or not, under FSDP2: one group per layer, the head in ``grouping``
+    ("root": with the root, "norm+head": with the final norm, "head": alone), then the root."""
     from torch.distributed.fsdp import fully_shard
 
     model = tiny_model("qwen3").train()
@@ -35,6 +37,11 @@ def _step(grouping, patch):
     elif grouping == "head":
         fully_shard(model.lm_head)
     fully_shard(model)
+    return model
+
+
+def _step(grouping, patch):
+    model = _sharded(patch, grouping)
     ids, labels, _ = batch()
     out = model(input_ids=ids, labels=labels)
     out.loss.backward()
@@ -53,23 +60,13 @@ def test_fsdp2_groupings_are_exact(process_group, grouping):
 
 def _two_rank_worker(rank, port, out_dir, grouping):
     import torch
-    from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {}
         for patch in (False, True):
-            model = tiny_model("qwen3").train()
-            if patch:
-                t3s.apply_t3s(model, backend="torch")
-            for layer in model.model.layers:
-                fully_shard(layer)
-            if grouping == "head":
-                fully_shard(model.lm_head)
-            else:
-                fully_shard([model.model.norm, model.lm_head])
-            fully_shard(model)
+            model = _sharded(patch, grouping)
             ids, labels, keep = batch(seed=1 + rank)  # each rank its own data, as data parallelism has
             out = model(input_ids=ids, labels=labels, t3s_weights=keep if patch else None) if patch else \
                 model(input_ids=ids, labels=labels.masked_fill(~keep, -100))
