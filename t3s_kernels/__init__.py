@@ -8,6 +8,7 @@
 from . import adapters
 from .adapters import causal_lm_loss, masked_diffusion_loss
 from .api import T3SLoss, T3SLossOutput, TokenStats, fused_linear_t3s_loss, token_stats
+from .backends.vocab_parallel import VocabShard
 from .patching import apply_t3s, is_t3s_patched, revert_t3s
 from .reference import reference_t3s_loss
 
@@ -19,6 +20,7 @@ __all__ = [
     "T3SLoss",
     "T3SLossOutput",
     "TokenStats",
+    "VocabShard",
     "reference_t3s_loss",
     "adapters",
     "causal_lm_loss",

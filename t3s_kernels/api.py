@@ -11,6 +11,7 @@ import torch
 
 from .backends.chunked import ChunkedEngine, TorchEpilogue
 from .backends.distill import TeacherRows
+from .backends.vocab_parallel import VocabParallelEngine, VocabShard, check_shards
 from .function import FusedLinearT3SFunction, LossConfig, no_autocast, scatter_stats
 from .options import DEFAULT_STRATEGY, GradRequest, HeadOptions
 from .validation import check_head_inputs, check_ignore_index, check_kd_options, check_options, check_teacher
@@ -99,7 +100,8 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           reduction: str = "mean",
                           normalizer: Union[None, float, int, torch.Tensor] = None, return_stats: bool = False,
                           backend: str = "auto", strategy: str = "auto",
-                          chunk_budget_bytes: Optional[int] = None) -> T3SLossOutput:
+                          chunk_budget_bytes: Optional[int] = None,
+                          vocab_parallel: Optional[VocabShard] = None) -> T3SLossOutput:
     """LM head + T3S loss in one pass, never holding the [tokens x vocab] logits.
 
     Per token ``l_i = ce_weight * CE_i (label smoothing) + z_loss * lse_i^2`` on the logits
@@ -118,6 +120,10 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         strategy: Triton training strategy, "chunked" (token chunks, cuBLAS matmuls, fused
             epilogue; default) or "tile" (recomputing tile kernels, least memory).
         chunk_budget_bytes: memory one chunk's [rows x vocab] buffers may use (default 1 GiB on GPU, 256 MiB on CPU).
+        vocab_parallel: a head split over the vocabulary across ranks (tensor parallelism):
+            ``VocabShard(start, vocab_size, group)``; ``weight`` and ``bias`` are this rank's rows, labels
+            index the whole vocabulary, every rank passes the same tokens. Row states merge exactly
+            across ranks; dW stays local, dX is all-reduced (backends/vocab_parallel.py). No teacher.
 
     Distillation (``kd_weight * KD`` added per token; the teacher gets no gradient): a dense teacher
     head (``teacher_hidden`` (..., Ht), ``teacher_weight`` (V, Ht), ``teacher_bias``) or a sparse
@@ -134,7 +140,8 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if teacher_hidden is not None and teacher_weight is not None:  # the teacher's head is cast as the student's
         teacher_hidden, teacher_weight, teacher_bias = _autocast(teacher_hidden, teacher_weight, teacher_bias)
-    check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index)
+    check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index,
+                      label_vocab=None if vocab_parallel is None else vocab_parallel.vocab_size)
     has_teacher = check_teacher(hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                                 teacher_bias=teacher_bias, teacher_topk_ids=teacher_topk_ids,
                                 teacher_topk_logprobs=teacher_topk_logprobs, kd_weight=kd_weight, kd_loss=kd_loss,
@@ -157,9 +164,16 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                               teacher_weight.detach(), bias=None if teacher_bias is None else teacher_bias.detach(),
                               topk_ids=None if teacher_topk_ids is None else flat(teacher_topk_ids).long(),
                               topk_logprobs=flat(teacher_topk_logprobs))
+    engine = make_engine(x.device, backend, strategy, chunk_budget_bytes)
+    if vocab_parallel is not None:
+        if has_teacher:
+            raise ValueError("distillation with a vocabulary-parallel head (vocab_parallel=) is not supported")
+        check_shards(vocab_parallel, weight.shape[0], x.device)
+        engine = VocabParallelEngine(engine, vocab_parallel)
     cfg = LossConfig(
-        engine=make_engine(x.device, backend, strategy, chunk_budget_bytes),
-        opts=HeadOptions(vocab_size=weight.shape[0], softcap=softcap, logit_scale=float(logit_scale),
+        engine=engine,
+        opts=HeadOptions(vocab_size=weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab_size,
+                         softcap=softcap, logit_scale=float(logit_scale),
                          ce_weight=float(ce_weight),
                          label_smoothing=float(label_smoothing), z_loss=float(z_loss), kd_weight=float(kd_weight),
                          kd_loss=kd_loss, jsd_beta=float(jsd_beta), kd_temperature=float(temperature),
@@ -179,7 +193,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, logit_scale: float = 1.0,
                 temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
-                chunk_budget_bytes: Optional[int] = None) -> TokenStats:
+                chunk_budget_bytes: Optional[int] = None, vocab_parallel: Optional[VocabShard] = None) -> TokenStats:
     """Forward only: per-token statistics of
     ``softmax(logit_scale * softcap(hidden @ weight.T + bias) / temperature)`` (``logit_scale`` is the
     model's own logit multiplier, as in :func:`fused_linear_t3s_loss`).
@@ -191,7 +205,8 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
                   ce_weight=1.0, temperature=temperature, chunk_budget_bytes=chunk_budget_bytes,
                   logit_scale=logit_scale)
     hidden, weight, bias = _autocast(hidden, weight, bias)
-    check_head_inputs(hidden, weight, labels, bias, None, ignore_index)
+    check_head_inputs(hidden, weight, labels, bias, None, ignore_index,
+                      label_vocab=None if vocab_parallel is None else vocab_parallel.vocab_size)
     lead = labels.shape
     x = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long().contiguous()  # kernels index labels densely
@@ -199,7 +214,11 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     backend = resolve_backend(device, backend)
     # On Triton, the forward tile kernel: the 1-matmul path.
     engine = make_engine(device, backend, "tile" if backend == "triton" else "auto", chunk_budget_bytes)
-    opts = HeadOptions(vocab_size=weight.shape[0], softcap=softcap, logit_scale=float(logit_scale) / float(temperature))
+    if vocab_parallel is not None:  # the same merge as fused_linear_t3s_loss's (backends/vocab_parallel.py)
+        check_shards(vocab_parallel, weight.shape[0], device)
+        engine = VocabParallelEngine(engine, vocab_parallel)
+    opts = HeadOptions(vocab_size=weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab_size,
+                       softcap=softcap, logit_scale=float(logit_scale) / float(temperature))
     n = y.shape[0]
     idx = (y != ignore_index).nonzero().squeeze(1)
     parts = []

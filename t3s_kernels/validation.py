@@ -60,13 +60,16 @@ def _check_float_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16; got {t.dtype}")
 
 
-def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index: int) -> None:
-    """Shapes, dtypes, devices and label range of the op's tensor arguments."""
+def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index: int,
+                      label_vocab: Optional[int] = None) -> None:
+    """Shapes, dtypes, devices and label range of the op's tensor arguments. ``label_vocab`` is the
+    whole vocabulary where ``weight`` holds a part of it (a vocabulary-parallel head)."""
     _check_float_tensor("hidden", hidden)
     _check_float_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (V, H); got shape {tuple(weight.shape)}")
-    vocab, h = weight.shape
+    rows, h = weight.shape
+    vocab = rows if label_vocab is None else label_vocab
     if hidden.dim() < 1 or hidden.shape[-1] != h:
         raise ValueError(f"hidden must have shape (..., H) with H = weight.shape[1] = {h}; "
                          f"got shape {tuple(hidden.shape)}")
@@ -82,8 +85,8 @@ def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index:
     check_ignore_index(ignore_index)
     if bias is not None:
         _check_float_tensor("bias", bias)
-        if tuple(bias.shape) != (vocab,):
-            raise ValueError(f"bias must have shape (V,) = ({vocab},); got {tuple(bias.shape)}")
+        if tuple(bias.shape) != (rows,):
+            raise ValueError(f"bias must have shape (V,) = ({rows},), the weight's rows; got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias must have the weight's dtype {weight.dtype}; got {bias.dtype}")
     if token_weights is not None:

@@ -1,0 +1,107 @@
+"""A head split over the vocabulary across ranks (tensor parallelism): each rank holds rows
+[start, start + V_local) of the weight and sees every token.
+
+Each rank runs any engine over its own rows, then the row states merge exactly across ranks
+(the online-softmax merge of backends/base.py, as a collective):
+    m = max_r m_r,   d = sum_r e^(m_r - m) d_r,   u = sum_r e^(m_r - m) (u_r + (m_r - m) d_r)
+the label's logit and the smoothing sum are sums (a label lives on one rank; the others add 0),
+``correct`` compares the label's logit with the global max. The gradient then needs only the
+global logsumexp: each rank's dL/dz over its own columns is exact, dW and db stay local, and dX
+is the sum of the ranks' partial products (one all-reduce). Every rank must call with the same
+tokens, labels and weights, as tensor parallelism gives them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..options import GradRequest, HeadOptions
+from .base import HeadGrads, RowStats
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's rows of a vocabulary-parallel head: rows ``[start, start + weight.shape[0])`` of a
+    vocabulary of ``vocab_size``, split across the ranks of ``group`` (None: the default group)."""
+
+    start: int
+    vocab_size: int
+    group: Any = None
+
+
+def check_shards(shard: VocabShard, local_rows: int, device: torch.device) -> None:
+    """The ranks' shards must tile the vocabulary exactly (no gap, no overlap), or be refused."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("vocab_parallel needs an initialized torch.distributed process group")
+    if not (isinstance(shard.start, int) and isinstance(shard.vocab_size, int) and 0 <= shard.start
+            and shard.start + local_rows <= shard.vocab_size):
+        raise ValueError(f"vocab_parallel: this rank's rows [{shard.start}, {shard.start + local_rows}) do not lie in "
+                         f"[0, vocab_size = {shard.vocab_size})")
+    world = dist.get_world_size(shard.group)
+    mine = torch.tensor([shard.start, local_rows, shard.vocab_size], device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine, group=shard.group)
+    spans = sorted((int(t[0]), int(t[1]), int(t[2])) for t in everyone)
+    if any(v != shard.vocab_size for _, _, v in spans):
+        raise ValueError(f"vocab_parallel: the ranks disagree on vocab_size: {[v for _, _, v in spans]}")
+    end = 0
+    for start, rows, _ in spans:
+        if start != end:
+            raise ValueError(f"vocab_parallel: the ranks' rows {[(s, s + r) for s, r, _ in spans]} do not tile "
+                             f"[0, {shard.vocab_size}) exactly")
+        end = start + rows
+    if end != shard.vocab_size:
+        raise ValueError(f"vocab_parallel: the ranks' rows cover [0, {end}), not [0, {shard.vocab_size})")
+
+
+class VocabParallelEngine:
+    """Any engine over this rank's rows, its states merged across the ranks (module docstring)."""
+
+    fuses_backward = True
+
+    def __init__(self, inner, shard: VocabShard):
+        self.inner, self.shard = inner, shard
+
+    def _merge(self, st: RowStats) -> RowStats:
+        import torch.distributed as dist
+
+        group = self.shard.group
+        m_r = st.max_logit
+        d_r = torch.exp(st.lse - m_r)
+        u_r = d_r * (torch.log(d_r) - st.entropy)  # entropy = log d - u / d
+        m = m_r.clone()
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        a = torch.exp(m_r - m)
+        sums = torch.stack([a * d_r, a * (u_r + (m_r - m) * d_r), st.label_logit, st.sum_logits])
+        dist.all_reduce(sums, group=group)
+        d, u, label_logit, sum_logits = sums
+        log_d = torch.log(d)
+        return RowStats(lse=m + log_d, label_logit=label_logit, sum_logits=sum_logits, entropy=log_d - u / d,
+                        max_logit=m)
+
+    def forward(self, x, weight, bias, labels, opts: HeadOptions, row_scale: Optional[torch.Tensor] = None,
+                grads: GradRequest = GradRequest(), teacher=None) -> "tuple[RowStats, Optional[HeadGrads]]":
+        if teacher is not None:
+            raise ValueError("distillation with a vocabulary-parallel head is not supported; gather the heads")
+        local, _ = self.inner.forward(x, weight, bias, labels - self.shard.start, opts,
+                                      grads=GradRequest(False, False, False))
+        stats = self._merge(local)
+        if row_scale is None or not grads.any:
+            return stats, None
+        return stats, self.backward(x, weight, bias, labels, stats.lse, row_scale, opts, grads)
+
+    def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions, grads: GradRequest,
+                 teacher=None) -> HeadGrads:
+        import torch.distributed as dist
+
+        out = self.inner.backward(x, weight, bias, labels - self.shard.start, lse, row_scale, opts, grads)
+        if out.hidden is not None:
+            total = out.hidden.float()  # the ranks' partial dX, summed in float32
+            dist.all_reduce(total, group=self.shard.group)
+            out.hidden = total.to(out.hidden.dtype)
+        return out

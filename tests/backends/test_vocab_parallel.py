@@ -1,0 +1,106 @@
+"""A head split over the vocabulary across two processes (gloo): the loss, every statistic and
+every gradient equal the fp64 reference of the whole head, under every loss option and token
+weights; token_stats too. dX is summed across ranks, dW stays each rank's rows. Tolerances are
+the single-process fp32 ones (helpers.TOLERANCE): the merge adds one exp/log per row."""
+
+import os
+import random
+
+import pytest
+import torch
+from helpers import TOLERANCE, assert_close, make_inputs
+
+import t3s_kernels as t3s
+
+dist = pytest.importorskip("torch.distributed")
+
+RICH = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, logit_scale=0.5)
+# (options, backend, strategy): every option family on the torch backend; both Triton strategies
+# (compiled on a GPU, interpreted here) under the richest options.
+OPTION_SETS = [
+    (dict(), "torch", "auto"),
+    (RICH, "torch", "auto"),
+    (dict(reduction="sum", ce_weight=0.7), "torch", "auto"),
+    (dict(reduction="none"), "torch", "auto"),
+    (RICH, "triton", "chunked"),
+    (RICH, "triton", "tile"),
+]
+SPLIT = 120  # rank 0 holds rows [0, 120) of 203, rank 1 [120, 203): uneven on purpose
+
+
+def _inputs():
+    return make_inputs(n=37, h=48, v=203, bias=True, weights="zeros", ignored=4, device="cpu")
+
+
+def _worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        inputs = _inputs()
+        rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, 203)
+        shard = t3s.VocabShard(start=rows.start, vocab_size=203)
+        results = []
+        for options, backend, strategy in OPTION_SETS:
+            hidden = inputs["hidden"].clone().requires_grad_(True)
+            weight = inputs["weight"][rows].clone().requires_grad_(True)
+            bias = inputs["bias"][rows].clone().requires_grad_(True)
+            out = t3s.fused_linear_t3s_loss(hidden, weight, inputs["labels"], bias=bias,
+                                            token_weights=inputs["token_weights"], return_stats=True,
+                                            backend=backend, strategy=strategy, vocab_parallel=shard, **options)
+            g = torch.linspace(0.5, 1.5, out.loss.numel()).view(out.loss.shape)
+            dx, dw, db = torch.autograd.grad(out.loss, (hidden, weight, bias), g)
+            results.append({"loss": out.loss.detach(), "logprob": out.logprob, "entropy": out.entropy,
+                            "correct": out.correct, "lse": out.lse, "dx": dx, "dw": dw, "db": db})
+        stats = t3s.token_stats(inputs["hidden"], inputs["weight"][rows], inputs["labels"], bias=inputs["bias"][rows],
+                                softcap=4.0, temperature=2.0, backend="torch", vocab_parallel=shard)
+        refused = ""
+        try:  # both ranks claim rows from 0: the shards overlap
+            t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"][rows], inputs["labels"], backend="torch",
+                                      vocab_parallel=t3s.VocabShard(start=0, vocab_size=203))
+        except ValueError as e:
+            refused = str(e)
+        torch.save({"results": results, "stats": stats, "refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_head_equals_the_whole_head(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(random.randint(40000, 50000), str(tmp_path)), nprocs=2, join=True)
+    inputs = _inputs()
+    tol = TOLERANCE[torch.float32]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for k, (options, backend, strategy) in enumerate(OPTION_SETS):
+        options_name = f"{backend}/{strategy} {options}"
+        ref_in = [inputs[n].double().requires_grad_(True) for n in ("hidden", "weight", "bias")]
+        ref, ref_stats = t3s.reference_t3s_loss(ref_in[0], ref_in[1], inputs["labels"], bias=ref_in[2],
+                                                token_weights=inputs["token_weights"], **options)
+        g = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).view(ref.shape)
+        ref_dx, ref_dw, ref_db = torch.autograd.grad(ref, ref_in, g)
+        for rank, rows in ((0, slice(0, SPLIT)), (1, slice(SPLIT, 203))):
+            got = ranks[rank]["results"][k]
+            assert_close(got["loss"], ref, tol["value"], f"{options_name} loss")
+            for key in ("logprob", "entropy", "lse"):
+                assert_close(got[key], ref_stats[key], tol["value"], f"{options_name} {key}")
+            assert torch.equal(got["correct"], ref_stats["correct"]), f"{options_name} correct"
+            assert_close(got["dx"], ref_dx, tol["grad"], f"{options_name} dX")
+            assert_close(got["dw"], ref_dw[rows], tol["grad"], f"{options_name} dW rows {rows}")
+            assert_close(got["db"], ref_db[rows], tol["grad"], f"{options_name} db rows {rows}")
+    whole = t3s.token_stats(inputs["hidden"], inputs["weight"], inputs["labels"], bias=inputs["bias"], softcap=4.0,
+                            temperature=2.0, backend="torch")
+    for rank in (0, 1):
+        part = ranks[rank]["stats"]
+        for key in ("logprob", "entropy", "lse"):
+            assert_close(getattr(part, key), getattr(whole, key), 1e-6, f"token_stats {key}")
+        assert torch.equal(part.correct, whole.correct)
+        assert "do not tile" in ranks[rank]["refused"]
+
+
+def test_vocab_parallel_needs_a_process_group():
+    inputs = _inputs()
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with pytest.raises(ValueError, match="needs an initialized torch.distributed process group"):
+        t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], inputs["labels"],
+                                  vocab_parallel=t3s.VocabShard(start=0, vocab_size=203))
