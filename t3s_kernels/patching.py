@@ -42,6 +42,7 @@ from .adapters.causal import causal_lm_loss
 from .adapters.masked_diffusion import dream_shift
 from .adapters.packing import block_diagonal_mask, is_packed, sequence_starts
 from .api import T3SLoss
+from .backends.vocab_parallel import VocabShard
 from .validation import is_dtensor
 
 MODES = ("causal", "masked_diffusion")
@@ -381,11 +382,14 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
         labels, shift_labels = _prepare_packed(model, original, mode, call, labels, shift_labels, ignore_index,
                                                counted=num_items_in_batch is not None)
     head_in = run_with_head_captured(model, original, *args, labels=None, **call)
-    through_module = is_dtensor(head_in.weight)
-    if through_module and not _is_fsdp_module(lm_head(model)):
-        raise ValueError(f"{name}'s LM head weight is a DTensor not managed by FSDP2 (a tensor-parallel head?): not "
-                         "supported. Shard lm_head with FSDP2 (fully_shard), or keep it replicated")
     hidden, options = head_in.hidden, dict(loss.options)
+    through_module = is_dtensor(head_in.weight) and _is_fsdp_module(lm_head(model))
+    if is_dtensor(head_in.weight) and not through_module:
+        if not _state(model).get("tensor_parallel"):
+            raise ValueError(f"{name}'s LM head weight is a DTensor not managed by FSDP2 (a tensor-parallel head?). "
+                             "Say so explicitly: apply_t3s(model, tensor_parallel=True) computes the loss "
+                             "vocabulary-parallel over its mesh; placements alone are not proof of tensor parallelism")
+        head_in, options["vocab_parallel"] = _local_vocab_shard(name, head_in)
     options.update(softcap=head_in.math.softcap, logit_scale=head_in.math.logit_scale)
     options.update({k: v for k, v in teacher.items() if v is not None})
     if mode == "masked_diffusion":
@@ -418,6 +422,32 @@ def _is_fsdp_module(module) -> bool:
     except ImportError:  # pragma: no cover - torch without distributed
         return False
     return isinstance(module, FSDPModule)
+
+
+def _local_vocab_shard(name: str, head_in: HeadInputs):
+    """This rank's rows of a head sharded over the vocabulary (``Shard(0)`` on a 1-D mesh), and the
+    ``VocabShard`` saying where they sit: the loss then runs vocabulary-parallel (backends/vocab_parallel.py)."""
+    from torch.distributed.tensor import Shard
+
+    weight = head_in.weight
+    mesh = weight.device_mesh
+    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"{name}'s LM head is a DTensor with placements {tuple(weight.placements)} on a "
+                         f"{mesh.ndim}-D mesh; tensor_parallel=True handles a head sharded over the vocabulary "
+                         "(Shard(0)) on a 1-D mesh")
+    if is_dtensor(head_in.hidden):
+        raise ValueError(f"{name}'s LM head input is a DTensor (sequence parallelism?); the vocabulary-parallel "
+                         "loss takes the replicated hidden states")
+    if head_in.math.vocab is not None and head_in.math.vocab < weight.shape[0]:
+        raise ValueError(f"{name} drops padded vocabulary rows; not supported with a tensor-parallel head")
+    local = weight.to_local()  # differentiable: the gradient reaches the sharded parameter as Shard(0)
+    group = mesh.get_group()
+    rows = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(mesh.size())]
+    torch.distributed.all_gather(rows, torch.tensor([local.shape[0]], device=local.device), group=group)
+    start = int(sum(int(r) for r in rows[:mesh.get_local_rank()]))
+    bias = None if head_in.bias is None else (head_in.bias.to_local() if is_dtensor(head_in.bias) else head_in.bias)
+    shard = VocabShard(start=start, vocab_size=int(weight.shape[0]), group=group)
+    return HeadInputs(head_in.hidden, local, bias, head_in.math, head_in.outputs), shard
 
 
 def _call_through_fsdp_head(head, hidden, compute):
@@ -620,7 +650,7 @@ def _on_meta(model) -> bool:
 # apply / revert.
 
 def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch_class: bool = False,
-              check: bool = True, anchors: str = "ignore", **loss_options):
+              check: bool = True, anchors: str = "ignore", tensor_parallel: bool = False, **loss_options):
     """Patch ``model`` (an instance; with ``patch_class=True`` its class, for every instance) so that
     training forwards with labels use the fused loss. ``loss_options`` are ``fused_linear_t3s_loss``'s
     (``label_smoothing``, ``z_loss``, ``backend``, ``strategy``, ...; for distillation
@@ -635,6 +665,11 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
     or by ``num_items_in_batch``, which must then not count anchors (``T3SDataCollator`` gives them
     label -100; a forward that would divide by a count including them raises). ``"count"``: divide
     by ``num_items_in_batch`` as given, anchors included.
+
+    ``tensor_parallel=True`` says the LM head is (or will be) sharded over the vocabulary by tensor
+    parallelism (a ``Shard(0)`` DTensor on a 1-D mesh, as transformers' ``tp_plan`` and
+    ``ColwiseParallel`` make it): the loss then runs vocabulary-parallel over that mesh, exactly.
+    It is never inferred from the placements (FSDP2's parameters look the same).
 
     ``check`` (default True) runs the equivalence check described in the module docstring (two
     forward passes of a 2 x 16 batch; at the first training forward when the parameters are on
@@ -651,8 +686,10 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
         raise TypeError(f"check must be a bool; got {check!r}")
     if anchors not in ANCHORS:
         raise ValueError(f"anchors must be one of {ANCHORS}; got {anchors!r}")
+    if not isinstance(tensor_parallel, bool):
+        raise TypeError(f"tensor_parallel must be a bool; got {tensor_parallel!r}")
     for reserved in ("bias", "token_weights", "normalizer", "softcap", "logit_scale", "ignore_index",
-                     *TEACHER_INPUTS):
+                     "vocab_parallel", *TEACHER_INPUTS):
         if reserved in loss_options:
             raise ValueError(f"{reserved} is set by the patch from the model and the batch; do not pass it "
                              "(ignore_index and teacher inputs go to each forward call)")
@@ -666,7 +703,7 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
     if is_t3s_patched(model):
         raise ValueError(f"{type(model).__name__} is already patched; call revert_t3s first")
     loss = T3SLoss(**loss_options)  # validates the option names and values now, not at the first step
-    state = dict(mode=mode, shift=shift, anchors=anchors, check_pending=False)
+    state = dict(mode=mode, shift=shift, anchors=anchors, tensor_parallel=tensor_parallel, check_pending=False)
     forward = _make_forward(mode, shift, loss)
     if patch_class:
         cls = type(model)
