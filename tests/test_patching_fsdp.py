@@ -22,21 +22,24 @@ def process_group():
     dist.destroy_process_group()
 
 
-def _sharded(patch, grouping):
+def _sharded(patch, grouping, bf16=False):
     """A tiny Qwen3, patched or not, under FSDP2: one group per layer, the head in ``grouping``
-    ("root": with the root, "norm+head": with the final norm, "head": alone), then the root."""
-    from torch.distributed.fsdp import fully_shard
+    ("root": with the root, "norm+head": with the final norm, "head": alone), then the root;
+    ``bf16``: a mixed-precision policy (bf16 parameters in compute, fp32 gradient reduction)."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)) if bf16 else {}
     model = tiny_model("qwen3").train()
     if patch:
         t3s.apply_t3s(model, backend="torch")
     for layer in model.model.layers:
-        fully_shard(layer)
+        fully_shard(layer, **kw)
     if grouping == "norm+head":
-        fully_shard([model.model.norm, model.lm_head])
+        fully_shard([model.model.norm, model.lm_head], **kw)
     elif grouping == "head":
-        fully_shard(model.lm_head)
-    fully_shard(model)
+        fully_shard(model.lm_head, **kw)
+    fully_shard(model, **kw)
     return model
 
 
@@ -95,3 +98,24 @@ def test_fsdp2_two_ranks_sharded_head_is_exact(tmp_path, grouping):
         assert_close(got["loss"], ref["loss"], 1e-5, "loss")
         for name in ref:
             assert_close(got[name], ref[name], 1e-4, name)
+
+
+def test_fsdp2_bf16_policy_with_the_head_alone(process_group):
+    """Under a bf16 policy FSDP2 casts the head's weight and input inside its call, where the loss runs.
+    The unpatched model rounds its logits to bf16 before the loss, the fused op keeps them in fp32:
+    the loss moves by at most about 2 u max|z| (u = 2^-8; |z| < 4 here), and the gradients, through
+    bf16 matmuls on both sides, agree to bf16 resolution (TOLERANCE[bf16] = 1.5e-2 of the largest)."""
+    import torch
+    from helpers import TOLERANCE
+
+    results = []
+    for patch in (False, True):
+        model = _sharded(patch, "head", bf16=True)
+        ids, labels, _ = batch()
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.full_tensor() for n, p in model.named_parameters()}))
+    (ref, ref_grads), (got, grads) = results
+    assert_close(got, ref, 2 * 2 ** -8 * 4 / ref.abs().item(), "loss")
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], TOLERANCE[torch.bfloat16]["grad"], name)
