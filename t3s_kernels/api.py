@@ -9,8 +9,9 @@ from typing import Optional, Union
 
 import torch
 
-from .backends.chunked import ChunkedEngine, TorchEpilogue
+from .backends.chunked import ChunkedEngine
 from .backends.distill import TeacherRows
+from .backends.torch_epilogue import TorchEpilogue
 from .backends.vocab_parallel import VocabParallelEngine, VocabShard, check_shards
 from .function import FusedLinearT3SFunction, LossConfig, no_autocast, scatter_stats
 from .options import DEFAULT_STRATEGY, GradRequest, HeadOptions

@@ -6,7 +6,8 @@ import torch
 from helpers import TOLERANCE, assert_close, make_inputs
 
 import t3s_kernels as t3s
-from t3s_kernels.backends.chunked import ChunkedEngine, TorchEpilogue, plan_chunks
+from t3s_kernels.backends.chunked import ChunkedEngine, plan_chunks
+from t3s_kernels.backends.torch_epilogue import TorchEpilogue
 from t3s_kernels.function import FusedLinearT3SFunction, LossConfig
 from t3s_kernels.options import HeadOptions
 
