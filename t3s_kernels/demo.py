@@ -61,6 +61,7 @@ from .pipeline.data import IGNORE, Example
 from .pipeline.scoring import score_dataset
 from .pipeline.selection import plot_selection, select
 from .pipeline.store import ScoreStore, atomic_write_bytes, writable_folder
+from .trainer_utils import T3SDataCollator
 
 PAD, EOS, Q, ANS, FILLER, DIGIT0 = 0, 1, 2, 3, 4, 10  # digit d is token DIGIT0 + d
 VOCAB, DIGITS = 24, 5
@@ -116,35 +117,30 @@ def trace(ex_id: str, digits, filler_rate: float, rng: random.Random) -> Example
     return Example(ex_id, prompt + answer, [IGNORE] * len(prompt) + answer)
 
 
-def _batches(examples: list[Example], keep: Optional[list[list[bool]]], batch_size: int, rng: random.Random):
+def _batches(model, examples: list[Example], keep: Optional[list[list[bool]]], batch_size: int,
+             rng: random.Random):
+    """Shuffled epochs of full batches (the last one wraps into the next epoch), padded by the
+    library's collator: a dropped token (keep False) gets label -100, as the method's loss means."""
+    collate = T3SDataCollator(PAD, model=model)
     order = list(range(len(examples)))
     while True:
         rng.shuffle(order)
         for k in range(0, len(order), batch_size):
             idx = order[k:k + batch_size]
-            if len(idx) < batch_size:  # a full batch each step: wrap around into the next epoch
+            if len(idx) < batch_size:
                 idx += order[:batch_size - len(idx)]
-            longest = max(len(examples[i].input_ids) for i in idx)
-            ids = torch.full((batch_size, longest), PAD)
-            labels = torch.full((batch_size, longest), IGNORE)
-            weights = torch.zeros(batch_size, longest, dtype=torch.bool)
-            for r, i in enumerate(idx):
-                n = len(examples[i].input_ids)
-                ids[r, :n] = torch.tensor(examples[i].input_ids)
-                labels[r, :n] = torch.tensor(examples[i].labels)
-                weights[r, :n] = True if keep is None else torch.tensor(keep[i])
-            yield ids, labels, (weights if keep is not None else None)
+            yield collate([{"input_ids": examples[i].input_ids, "labels": examples[i].labels,
+                            **({} if keep is None else {"t3s_weights": keep[i]})} for i in idx])
 
 
 def train(model, examples: list[Example], steps: int, *, lr: float, batch_size: int, seed: int,
           keep: Optional[list[list[bool]]] = None, on_step=None):
     """AdamW on the patched model's loss: the sum over kept labelled tokens / their count."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    data = _batches(examples, keep, batch_size, random.Random(seed))
+    data = _batches(model, examples, keep, batch_size, random.Random(seed))
     model.train()
     for step in range(1, steps + 1):
-        ids, labels, weights = next(data)
-        loss = model(input_ids=ids, labels=labels, t3s_weights=weights).loss
+        loss = model(**next(data)).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -167,9 +163,9 @@ def gradient_conflict(model, examples: list[Example], anchors: list[list[bool]])
     others = [[y != IGNORE and not a for y, a in zip(ex.labels, m)] for ex, m in zip(examples, anchors)]
     grads = []
     for keep in (anchors, others):
-        ids, labels, weights = next(_batches(examples, keep, len(examples), random.Random(0)))
+        batch = next(_batches(model, examples, keep, len(examples), random.Random(0)))
         model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=labels, t3s_weights=weights).loss.backward()
+        model(**batch).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         model.zero_grad(set_to_none=True)
     g_a, g_o = grads
