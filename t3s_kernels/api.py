@@ -12,7 +12,7 @@ import torch
 from .backends.chunked import ChunkedEngine
 from .backends.distill import TeacherRows
 from .backends.torch_epilogue import TorchEpilogue
-from .backends.vocab_parallel import VocabParallelEngine, VocabShard, check_shards
+from .backends.vocab_parallel import VocabShard, for_shard
 from .function import FusedLinearT3SFunction, LossConfig, no_autocast, scatter_stats
 from .options import DEFAULT_STRATEGY, GradRequest, HeadOptions
 from .validation import check_head_inputs, check_ignore_index, check_kd_options, check_options, check_teacher
@@ -165,16 +165,13 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                               teacher_weight.detach(), bias=None if teacher_bias is None else teacher_bias.detach(),
                               topk_ids=None if teacher_topk_ids is None else flat(teacher_topk_ids).long(),
                               topk_logprobs=flat(teacher_topk_logprobs))
-    engine = make_engine(x.device, backend, strategy, chunk_budget_bytes)
-    if vocab_parallel is not None:
-        if has_teacher:
-            raise ValueError("distillation with a vocabulary-parallel head (vocab_parallel=) is not supported")
-        check_shards(vocab_parallel, weight.shape[0], x.device)
-        engine = VocabParallelEngine(engine, vocab_parallel)
+    if vocab_parallel is not None and has_teacher:
+        raise ValueError("distillation with a vocabulary-parallel head (vocab_parallel=) is not supported")
+    engine, vocab = for_shard(make_engine(x.device, backend, strategy, chunk_budget_bytes), vocab_parallel,
+                              weight.shape[0], x.device)
     cfg = LossConfig(
         engine=engine,
-        opts=HeadOptions(vocab_size=weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab_size,
-                         softcap=softcap, logit_scale=float(logit_scale),
+        opts=HeadOptions(vocab_size=vocab, softcap=softcap, logit_scale=float(logit_scale),
                          ce_weight=float(ce_weight),
                          label_smoothing=float(label_smoothing), z_loss=float(z_loss), kd_weight=float(kd_weight),
                          kd_loss=kd_loss, jsd_beta=float(jsd_beta), kd_temperature=float(temperature),
@@ -214,12 +211,9 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     device = x.device
     backend = resolve_backend(device, backend)
     # On Triton, the forward tile kernel: the 1-matmul path.
-    engine = make_engine(device, backend, "tile" if backend == "triton" else "auto", chunk_budget_bytes)
-    if vocab_parallel is not None:  # the same merge as fused_linear_t3s_loss's (backends/vocab_parallel.py)
-        check_shards(vocab_parallel, weight.shape[0], device)
-        engine = VocabParallelEngine(engine, vocab_parallel)
-    opts = HeadOptions(vocab_size=weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab_size,
-                       softcap=softcap, logit_scale=float(logit_scale) / float(temperature))
+    engine, vocab = for_shard(make_engine(device, backend, "tile" if backend == "triton" else "auto",
+                                          chunk_budget_bytes), vocab_parallel, weight.shape[0], device)
+    opts = HeadOptions(vocab_size=vocab, softcap=softcap, logit_scale=float(logit_scale) / float(temperature))
     n = y.shape[0]
     idx = (y != ignore_index).nonzero().squeeze(1)
     parts = []

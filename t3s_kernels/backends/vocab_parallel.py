@@ -59,6 +59,15 @@ def check_shards(shard: VocabShard, local_rows: int, device: torch.device) -> No
         raise ValueError(f"vocab_parallel: the ranks' rows cover [0, {end}), not [0, {shard.vocab_size})")
 
 
+def for_shard(engine, shard: Optional[VocabShard], local_rows: int, device: torch.device):
+    """(engine, whole vocabulary size): ``engine`` and its weight's rows as they are, or for a
+    vocabulary-parallel head, the engine merged across ranks after the shards are checked."""
+    if shard is None:
+        return engine, local_rows
+    check_shards(shard, local_rows, device)
+    return VocabParallelEngine(engine, shard), shard.vocab_size
+
+
 class VocabParallelEngine:
     """Any engine over this rank's rows, its states merged across the ranks (module docstring)."""
 
