@@ -69,40 +69,6 @@ class T3SDataCollator:
         self.anchors = anchors
         self.packed = bool(packed)
 
-    def _flatten(self, features: list[dict[str, Any]], column: Optional[str]) -> dict[str, torch.Tensor]:
-        if "prompt_length" in features[0]:
-            raise ValueError("'prompt_length' cannot describe a packed row; give 'labels' with -100 on the prompt")
-        for i, f in enumerate(features):
-            if "attention_mask" in f and not all(int(a) == 1 for a in f["attention_mask"]):
-                raise ValueError(f"example {i} has padding in its attention_mask; a packed batch has none")
-
-        def cat(key, dtype):
-            parts = []
-            for f in features:
-                seq = torch.as_tensor(f[key], dtype=dtype)
-                if seq.shape[0] != len(f["input_ids"]):
-                    raise ValueError(f"'{key}' has {seq.shape[0]} entries but input_ids has {len(f['input_ids'])}")
-                parts.append(seq)
-            return torch.cat(parts)[None]
-
-        out = {"input_ids": cat("input_ids", torch.long),
-               "position_ids": torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None]}
-        if "labels" in features[0]:
-            labels = cat("labels", torch.long)
-            if patch_mode(self.model) != "masked_diffusion":  # the causal shift must not cross a boundary
-                starts = torch.tensor([0] + [len(f["input_ids"]) for f in features[:-1]]).cumsum(0)
-                labels[0, starts] = self.ignore_index
-            out["labels"] = labels
-        if column == KEEP_COLUMN:
-            out[column] = cat(column, _column_dtype(features, column))
-            if self.anchors == "ignore" and "labels" in out:
-                out["labels"] = out["labels"].masked_fill(out[column] == 0, self.ignore_index)
-        elif column == FORCE_COLUMN:
-            if _column_dtype(features, column) != torch.bool:
-                raise ValueError(f"'{column}' is a force set: bool per token (True forces a token into the mask)")
-            out[column] = cat(column, torch.bool)
-        return out
-
     def _check_mask_columns(self, features: list[dict[str, Any]]) -> Optional[str]:
         present = [c for c in (KEEP_COLUMN, FORCE_COLUMN) if any(c in f for f in features)]
         if len(present) > 1:
@@ -127,36 +93,62 @@ class T3SDataCollator:
             raise ValueError("T3SDataCollator got an empty batch")
         column = self._check_mask_columns(features)
         if self.packed:
-            return self._flatten(features, column)
-        longest = max(len(f["input_ids"]) for f in features)
+            _check_packable(features)
+        join = _one_row if self.packed else _padded_rows
 
-        def pad(key, value, dtype):
-            rows = []
-            for f in features:
-                seq = torch.as_tensor(f[key], dtype=dtype)
-                if seq.shape[0] != len(f["input_ids"]):
-                    raise ValueError(f"'{key}' has {seq.shape[0]} entries but input_ids has {len(f['input_ids'])}")
-                rows.append(torch.cat([seq, torch.full((longest - seq.shape[0],), value, dtype=dtype)]))
-            return torch.stack(rows)
+        def gather(key, dtype, fill):
+            return join([_sequence(f, key, dtype) for f in features], fill)
 
-        out = {"input_ids": pad("input_ids", self.pad_token_id, torch.long)}
-        out["attention_mask"] = pad("attention_mask", 0, torch.long) if "attention_mask" in features[0] else \
-            torch.stack([torch.cat([torch.ones(len(f["input_ids"]), dtype=torch.long),
-                                    torch.zeros(longest - len(f["input_ids"]), dtype=torch.long)]) for f in features])
+        lengths = [len(f["input_ids"]) for f in features]
+        out = {"input_ids": gather("input_ids", torch.long, self.pad_token_id)}
+        if self.packed:
+            out["position_ids"] = join([torch.arange(n) for n in lengths], 0)
+        elif "attention_mask" in features[0]:
+            out["attention_mask"] = gather("attention_mask", torch.long, 0)
+        else:
+            out["attention_mask"] = join([torch.ones(n, dtype=torch.long) for n in lengths], 0)
         if "labels" in features[0]:
-            out["labels"] = pad("labels", self.ignore_index, torch.long)
+            out["labels"] = gather("labels", torch.long, self.ignore_index)
+            if self.packed and patch_mode(self.model) != "masked_diffusion":
+                # the causal shift must not cross a boundary: each example's first token is no target
+                out["labels"][0, torch.tensor([0] + lengths[:-1]).cumsum(0)] = self.ignore_index
         if column == KEEP_COLUMN:
-            out[column] = pad(column, 0, _column_dtype(features, column))
+            out[column] = gather(column, _column_dtype(features, column), 0)
             if self.anchors == "ignore" and "labels" in out:
                 out["labels"] = out["labels"].masked_fill(out[column] == 0, self.ignore_index)
         elif column == FORCE_COLUMN:
             if _column_dtype(features, column) != torch.bool:
                 raise ValueError(f"'{column}' is a force set: bool per token (True forces a token into the mask)")
-            out[column] = pad(column, False, torch.bool)
-        for key in ("prompt_length",):
-            if key in features[0]:
-                out[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
+            out[column] = gather(column, torch.bool, False)
+        if "prompt_length" in features[0]:
+            out["prompt_length"] = torch.tensor([f["prompt_length"] for f in features], dtype=torch.long)
         return out
+
+
+def _sequence(feature: dict[str, Any], key: str, dtype: torch.dtype) -> torch.Tensor:
+    """One example's ``key`` as a 1-D tensor, as long as its input_ids."""
+    seq = torch.as_tensor(feature[key], dtype=dtype)
+    if seq.shape[0] != len(feature["input_ids"]):
+        raise ValueError(f"'{key}' has {seq.shape[0]} entries but input_ids has {len(feature['input_ids'])}")
+    return seq
+
+
+def _padded_rows(seqs: list[torch.Tensor], fill) -> torch.Tensor:
+    longest = max(s.shape[0] for s in seqs)
+    return torch.stack([torch.cat([s, torch.full((longest - s.shape[0],), fill, dtype=s.dtype)]) for s in seqs])
+
+
+def _one_row(seqs: list[torch.Tensor], fill) -> torch.Tensor:
+    """The sequences back to back in one row (a packed batch: nothing to fill)."""
+    return torch.cat(seqs)[None]
+
+
+def _check_packable(features: list[dict[str, Any]]) -> None:
+    if "prompt_length" in features[0]:
+        raise ValueError("'prompt_length' cannot describe a packed row; give 'labels' with -100 on the prompt")
+    for i, f in enumerate(features):
+        if "attention_mask" in f and not all(int(a) == 1 for a in f["attention_mask"]):
+            raise ValueError(f"example {i} has padding in its attention_mask; a packed batch has none")
 
 
 NOISED_KEYS = ("t3s_noisy_ids", "t3s_masked", "t3s_p_mask", "t3s_answer", "t3s_forced", "t3s_segments")
