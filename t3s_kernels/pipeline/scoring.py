@@ -53,25 +53,29 @@ def _token_stats(head: HeadInputs, hidden: torch.Tensor, targets: torch.Tensor):
                        logit_scale=head.math.logit_scale)
 
 
+def _causal_example_stats(st, index, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One example's stored statistics: its teacher-forced predictions ``st[index]`` (position t-1
+    predicting token t) and their ``targets``; the first token has none."""
+    d = _stats_dict(targets.numel() + 1, targets.device)
+    d["logprob"][1:], d["entropy"][1:], d["correct"][1:] = st.logprob[index], st.entropy[index], st.correct[index]
+    d["scored"][1:] = targets != IGNORE
+    return d
+
+
 @torch.no_grad()
 def score_batch_causal_packed(model, examples: list[Example]) -> list[dict[str, torch.Tensor]]:
     """The examples concatenated in one row (position ids restarting at 0 for each, no padding;
     adapters/packing.py): the same statistics as padded scoring, without the padding's compute."""
     device = next(model.parameters()).device
+    lengths = [len(e.input_ids) for e in examples]
     ids = torch.tensor([t for e in examples for t in e.input_ids], device=device)[None]
-    positions = torch.cat([torch.arange(len(e.input_ids), device=device) for e in examples])[None]
+    positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
     head = model_head_inputs(model, input_ids=ids, position_ids=positions)
-    out, offset = [], 0
-    for e in examples:
-        n = len(e.input_ids)
-        labels = torch.tensor(e.labels, device=device)
-        st = _token_stats(head, head.hidden[0, offset:offset + n - 1], labels[1:])  # within the example only
-        d = _stats_dict(n, device)
-        d["logprob"][1:], d["entropy"][1:], d["correct"][1:] = st.logprob, st.entropy, st.correct
-        d["scored"][1:] = labels[1:] != IGNORE
-        out.append(d)
-        offset += n
-    return out
+    offsets = torch.tensor([0] + lengths).cumsum(0).tolist()
+    targets = torch.tensor([y for e in examples for y in e.labels], device=device)[1:].clone()
+    targets[[o - 1 for o in offsets[1:-1]]] = IGNORE  # a sequence's last token does not predict the next one's first
+    st = _token_stats(head, head.hidden[0, :-1], targets)
+    return [_causal_example_stats(st, slice(o, o + n - 1), targets[o:o + n - 1]) for n, o in zip(lengths, offsets)]
 
 
 @torch.no_grad()
@@ -81,16 +85,8 @@ def score_batch_causal(model, examples: list[Example], pad_id: int = 0) -> list[
     head = model_head_inputs(model, input_ids=ids, attention_mask=attn)
     targets = labels[:, 1:]  # position t-1 predicts token t
     st = _token_stats(head, head.hidden[:, :-1], targets)
-    out = []
-    for r, e in enumerate(examples):
-        n = len(e.input_ids)
-        d = _stats_dict(n, device)
-        d["logprob"][1:] = st.logprob[r, :n - 1]
-        d["entropy"][1:] = st.entropy[r, :n - 1]
-        d["correct"][1:] = st.correct[r, :n - 1]
-        d["scored"][1:] = targets[r, :n - 1] != IGNORE
-        out.append(d)
-    return out
+    return [_causal_example_stats(st, (r, slice(0, len(e.input_ids) - 1)), targets[r, :len(e.input_ids) - 1])
+            for r, e in enumerate(examples)]
 
 
 @torch.no_grad()
