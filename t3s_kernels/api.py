@@ -124,7 +124,9 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         vocab_parallel: a head split over the vocabulary across ranks (tensor parallelism):
             ``VocabShard(start, vocab_size, group)``; ``weight`` and ``bias`` are this rank's rows, labels
             index the whole vocabulary, every rank passes the same tokens. Row states merge exactly
-            across ranks; dW stays local, dX is all-reduced (backends/vocab_parallel.py). No teacher.
+            across ranks; dW stays local, dX is all-reduced (backends/vocab_parallel.py). A dense
+            teacher's head is split the same way (``teacher_weight`` holds the same rows); a sparse
+            teacher's top-k ids index the whole vocabulary.
 
     Distillation (``kd_weight * KD`` added per token; the teacher gets no gradient): a dense teacher
     head (``teacher_hidden`` (..., Ht), ``teacher_weight`` (V, Ht), ``teacher_bias``) or a sparse
@@ -146,7 +148,8 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     has_teacher = check_teacher(hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                                 teacher_bias=teacher_bias, teacher_topk_ids=teacher_topk_ids,
                                 teacher_topk_logprobs=teacher_topk_logprobs, kd_weight=kd_weight, kd_loss=kd_loss,
-                                jsd_beta=jsd_beta, temperature=temperature, sparse_tail=sparse_tail)
+                                jsd_beta=jsd_beta, temperature=temperature, sparse_tail=sparse_tail,
+                                label_vocab=None if vocab_parallel is None else vocab_parallel.vocab_size)
     if token_weights is not None and token_weights.requires_grad and torch.is_grad_enabled():
         raise ValueError("token_weights require grad, but the fused op gives them no gradient; pass "
                          "token_weights.detach() (or compute weights that need a gradient outside the op)")
@@ -165,8 +168,6 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                               teacher_weight.detach(), bias=None if teacher_bias is None else teacher_bias.detach(),
                               topk_ids=None if teacher_topk_ids is None else flat(teacher_topk_ids).long(),
                               topk_logprobs=flat(teacher_topk_logprobs))
-    if vocab_parallel is not None and has_teacher:
-        raise ValueError("distillation with a vocabulary-parallel head (vocab_parallel=) is not supported")
     engine, vocab = for_shard(make_engine(x.device, backend, strategy, chunk_budget_bytes), vocab_parallel,
                               weight.shape[0], x.device)
     cfg = LossConfig(

@@ -390,6 +390,7 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
                              "Say so explicitly: apply_t3s(model, tensor_parallel=True) computes the loss "
                              "vocabulary-parallel over its mesh; placements alone are not proof of tensor parallelism")
         head_in, options["vocab_parallel"] = _local_vocab_shard(name, head_in)
+        _teacher_head_rows(name, options, options["vocab_parallel"], head_in.weight.shape[0])
     options.update(softcap=head_in.math.softcap, logit_scale=head_in.math.logit_scale)
     options.update({k: v for k, v in teacher.items() if v is not None})
     if mode == "masked_diffusion":
@@ -448,6 +449,36 @@ def _local_vocab_shard(name: str, head_in: HeadInputs):
     bias = None if head_in.bias is None else (head_in.bias.to_local() if is_dtensor(head_in.bias) else head_in.bias)
     shard = VocabShard(start=start, vocab_size=int(weight.shape[0]), group=group)
     return HeadInputs(head_in.hidden, local, bias, head_in.math, head_in.outputs), shard
+
+
+def _teacher_head_rows(name: str, options: dict, shard: VocabShard, rows: int) -> None:
+    """The teacher head's rows matching this rank's student rows, in ``options``: a ``Shard(0)``
+    DTensor of the same vocabulary on a mesh of the same size gives its local rows (the same split),
+    a whole plain head is sliced; anything else is refused."""
+    from torch.distributed.tensor import Shard
+
+    for key in ("teacher_weight", "teacher_bias"):
+        t = options.get(key)
+        if t is None:
+            continue
+        if is_dtensor(t):
+            if (tuple(t.placements) != (Shard(0),) or t.device_mesh.ndim != 1
+                    or t.device_mesh.size() != torch.distributed.get_world_size(shard.group)):
+                raise ValueError(f"{name}: {key} is a DTensor with placements {tuple(t.placements)} on a "
+                                 f"{t.device_mesh.ndim}-D mesh; a tensor-parallel student needs the teacher's head "
+                                 "sharded the same way (Shard(0) on the student's mesh) or whole")
+            if t.shape[0] != shard.vocab_size:
+                raise ValueError(f"{name}: {key} has {t.shape[0]} vocabulary rows, the student {shard.vocab_size}")
+            local = t.to_local()
+        elif t.shape[0] == shard.vocab_size:
+            local = t[shard.start:shard.start + rows]
+        else:
+            raise ValueError(f"{name}: {key} has {t.shape[0]} rows; a tensor-parallel student needs the teacher's "
+                             f"whole head ({shard.vocab_size} rows) or a Shard(0) DTensor split as the student's")
+        if local.shape[0] != rows:
+            raise ValueError(f"{name}: {key}'s local rows ({local.shape[0]}) are not the student's ({rows}); shard "
+                             "the teacher's head as the student's")
+        options[key] = local
 
 
 def _call_through_fsdp_head(head, hidden, compute):

@@ -152,8 +152,10 @@ def check_kd_options(*, kd_weight=0.0, kd_loss="forward_kl", jsd_beta=0.5, tempe
 
 def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
                   teacher_topk_ids=None, teacher_topk_logprobs=None, kd_weight=0.0, kd_loss="forward_kl",
-                  jsd_beta=0.5, temperature=1.0, sparse_tail="renormalize") -> bool:
-    """The teacher's inputs and the distillation options; True when a teacher is given."""
+                  jsd_beta=0.5, temperature=1.0, sparse_tail="renormalize", label_vocab=None) -> bool:
+    """The teacher's inputs and the distillation options; True when a teacher is given. A dense
+    teacher's head has the student's rows; top-k ids index the whole vocabulary (``label_vocab``
+    under vocabulary parallelism, else the student's rows)."""
     check_kd_options(kd_weight=kd_weight, kd_loss=kd_loss, jsd_beta=jsd_beta, temperature=temperature,
                      sparse_tail=sparse_tail)
     dense = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_bias))
@@ -201,8 +203,9 @@ def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, t
                              f"{tuple(teacher_topk_ids.shape)}; got {tuple(teacher_topk_logprobs.shape)}")
         if not teacher_topk_logprobs.is_floating_point():
             raise TypeError("teacher_topk_logprobs must be floating point")
-        if teacher_topk_ids.numel() and bool(((teacher_topk_ids < 0) | (teacher_topk_ids >= vocab)).any()):
-            raise ValueError(f"teacher_topk_ids must lie in [0, V) = [0, {vocab})")
+        ids_vocab = vocab if label_vocab is None else label_vocab
+        if teacher_topk_ids.numel() and bool(((teacher_topk_ids < 0) | (teacher_topk_ids >= ids_vocab)).any()):
+            raise ValueError(f"teacher_topk_ids must lie in [0, V) = [0, {ids_vocab})")
         if teacher_topk_ids.shape[-1] == 0:
             raise ValueError("teacher_topk_ids must hold K >= 1 tokens per position; got K = 0")
         lp = teacher_topk_logprobs

@@ -62,3 +62,91 @@ def test_tensor_parallel_head_is_exact_and_needs_saying(tmp_path):
             if name != "loss":
                 assert_close(got[name], ref[name], 1e-4, name)
         assert "apply_t3s(model, tensor_parallel=True)" in saved["refused"]
+
+
+def _grads(model):
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
+
+
+def _tp_plan_worker(rank, port, folder, out_dir):
+    """Models loaded by transformers with ``tp_plan="auto"`` (every layer sharded, the head Shard(0)),
+    patched with ``tensor_parallel=True``: T3S weights, distillation from a whole teacher head and
+    from a teacher loaded with ``tp_plan`` too, and ``token_stats`` on the local shard."""
+    import transformers as tf
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        ids, labels, keep = batch(seed=3)
+        load = (lambda name: tf.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+            os.path.join(folder, name), tp_plan="auto", dtype=torch.float32))
+        results = {}
+        student = t3s.apply_t3s(load("student").train(), backend="torch", tensor_parallel=True)
+        out = student(input_ids=ids, labels=labels, t3s_weights=keep)
+        out.loss.backward()
+        results["t3s"] = {"loss": out.loss.detach(), **_grads(student)}
+        teacher = load("teacher").eval()
+        with torch.no_grad():
+            t_hidden = teacher.model(input_ids=ids).last_hidden_state
+        for kind, t_weight in (("whole teacher", torch.load(os.path.join(folder, "teacher_head.pt"))),
+                               ("tp teacher", teacher.lm_head.weight.detach())):
+            student = t3s.apply_t3s(load("student").train(), backend="torch", tensor_parallel=True,
+                                    teacher_weight=t_weight, kd_weight=0.5, kd_loss="jsd", temperature=2.0)
+            out = student(input_ids=ids, labels=labels, t3s_weights=keep, teacher_hidden=t_hidden)
+            out.loss.backward()
+            results[kind] = {"loss": out.loss.detach(), **_grads(student)}
+        head = student.lm_head.weight
+        local = head.to_local().detach()
+        start = rank * (-(-head.shape[0] // 2))  # DTensor's Shard(0): ceil-sized chunks in rank order
+        with torch.no_grad():
+            hidden = student.model(input_ids=ids).last_hidden_state
+        stats = t3s.token_stats(hidden[:, :-1], local, labels[:, 1:], backend="torch",
+                                vocab_parallel=t3s.VocabShard(start, head.shape[0], head.device_mesh.get_group()))
+        torch.save({"results": results, "stats": stats, "hidden": hidden}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tp_plan_auto_models_patched_are_exact(tmp_path):
+    """Against the same models in one process without tensor parallelism (loss 1e-5, gradients 1e-4;
+    statistics against token_stats of the whole head, 1e-5)."""
+    import torch.multiprocessing as mp
+
+    student, teacher = tiny_model("qwen3", tie_word_embeddings=True), tiny_model("llama", seed=3)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(50.0)  # a peaked teacher: its rows matter (a near-uniform one hides a mix-up)
+    student.save_pretrained(tmp_path / "student")
+    teacher.save_pretrained(tmp_path / "teacher")
+    torch.save(teacher.lm_head.weight.detach(), tmp_path / "teacher_head.pt")
+    mp.spawn(_tp_plan_worker, args=(random.randint(30001, 40000), str(tmp_path), str(tmp_path)), nprocs=2,
+             join=True)
+    ids, labels, keep = batch(seed=3)
+    ref = {}
+    model = tiny_model("qwen3", tie_word_embeddings=True).train()
+    out = model(input_ids=ids, labels=labels.masked_fill(~keep, -100))
+    out.loss.backward()
+    ref["t3s"] = {"loss": out.loss.detach(), **_grads(model)}
+    with torch.no_grad():
+        t_hidden = teacher.model(input_ids=ids).last_hidden_state
+    model = t3s.apply_t3s(tiny_model("qwen3", tie_word_embeddings=True).train(), backend="torch",
+                          teacher_weight=teacher.lm_head.weight.detach(), kd_weight=0.5, kd_loss="jsd",
+                          temperature=2.0)
+    out = model(input_ids=ids, labels=labels, t3s_weights=keep, teacher_hidden=t_hidden)
+    out.loss.backward()
+    ref["whole teacher"] = ref["tp teacher"] = {"loss": out.loss.detach(), **_grads(model)}
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state
+    whole = t3s.token_stats(hidden[:, :-1], model.lm_head.weight, labels[:, 1:], backend="torch")
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for kind, want in ref.items():
+            got = saved["results"][kind]
+            assert_close(got["loss"], want["loss"], 1e-5, f"{kind} loss")
+            for name in want:
+                if name != "loss":
+                    assert_close(got[name], want[name], 1e-4, f"{kind} {name}")
+        assert_close(saved["hidden"], hidden, 1e-5, "backbone")
+        for key in ("logprob", "entropy"):
+            assert_close(getattr(saved["stats"], key), getattr(whole, key), 1e-5, f"token_stats {key}")
+        assert torch.equal(saved["stats"].correct, whole.correct)

@@ -17,6 +17,12 @@ tempered as ``q^(1/T)`` and renormalized over the K + 1 entries).
 This module is the PyTorch backend of it: each token chunk holds whole vocabulary rows of
 both heads (within the chunk budget) and the gradient of the chunk's loss comes from autograd
 on that chunk alone, so nothing outside a chunk is ever held. The teacher gets no gradient.
+
+Every sum, max and pick over the vocabulary goes through a ``VocabRows``: ``WHOLE_ROWS`` when a
+row's whole vocabulary is here, ``ShardedRows`` when the ranks of a tensor-parallel group each
+hold a slice of it (backends/vocab_parallel.py). Every divergence above is a sum over the
+vocabulary of terms that need only each distribution's logsumexp, so the sharded form is exact:
+the logsumexps merge across ranks, then the per-rank sums add up.
 """
 
 from __future__ import annotations
@@ -29,6 +35,29 @@ import torch
 
 from ..options import HeadOptions
 from .base import RowStats, per_token_loss
+
+
+class VocabRows:
+    """Reductions over the vocabulary axis (the last) of rows whose whole vocabulary is here."""
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t.sum(-1)
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        return t.amax(-1)
+
+    def pick(self, s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``s`` at the vocabulary ids ``ids`` ((n,) or (n, K), whole-vocabulary numbering)."""
+        return s.gather(1, ids[:, None]).squeeze(1) if ids.dim() == 1 else s.gather(1, ids)
+
+    def log_softmax(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(t, -1)
+
+    def logsumexp(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(t, -1)
+
+
+WHOLE_ROWS = VocabRows()
 
 
 @dataclass
@@ -54,21 +83,23 @@ class TeacherRows:
                        topk_logprobs=pick(self.topk_logprobs))
 
 
-def _xlogy_diff(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """sum_j a_j (log a_j - log b_j), 0 where a_j = 0 (and NaN where a is NaN, as eager propagates it)."""
+def _xlogy_terms(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a_j (log a_j - log b_j), 0 where a_j = 0 (and NaN where a is NaN, as eager propagates it)."""
     term = a * (log_a - log_b)
-    return torch.where(a == 0, torch.zeros_like(term), term).sum(-1)
+    return torch.where(a == 0, torch.zeros_like(term), term)
 
 
-def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kd_loss: str, beta: float) -> torch.Tensor:
-    """Per-row divergence between student log-probs ``log_p`` and teacher log-probs ``log_q``."""
+def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kd_loss: str, beta: float,
+               vocab: VocabRows = WHOLE_ROWS) -> torch.Tensor:
+    """Per-row divergence between student log-probs ``log_p`` and teacher log-probs ``log_q``,
+    summed over the vocabulary by ``vocab``."""
     p, q = log_p.exp(), log_q.exp()
     if kd_loss == "forward_kl" or (kd_loss == "jsd" and beta == 0.0):
-        return _xlogy_diff(q, log_q, log_p)
+        return vocab.sum(_xlogy_terms(q, log_q, log_p))
     if kd_loss == "reverse_kl" or (kd_loss == "jsd" and beta == 1.0):
-        return _xlogy_diff(p, log_p, log_q)
+        return vocab.sum(_xlogy_terms(p, log_p, log_q))
     log_m = torch.logaddexp(log_p + math.log(1.0 - beta), log_q + math.log(beta))
-    return beta * _xlogy_diff(q, log_q, log_m) + (1.0 - beta) * _xlogy_diff(p, log_p, log_m)
+    return vocab.sum(beta * _xlogy_terms(q, log_q, log_m) + (1.0 - beta) * _xlogy_terms(p, log_p, log_m))
 
 
 def _softcap(z: torch.Tensor, opts: HeadOptions) -> torch.Tensor:
@@ -76,13 +107,14 @@ def _softcap(z: torch.Tensor, opts: HeadOptions) -> torch.Tensor:
 
 
 def sparse_log_probs(s: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                     opts: HeadOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student, teacher) log-probabilities over the teacher's support (+ a tail bucket)."""
+                     opts: HeadOptions, vocab: VocabRows = WHOLE_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) log-probabilities over the teacher's support (+ a tail bucket); these
+    K (+ 1) entries are whole on every rank, whatever ``vocab`` holds of the student's row."""
     inv_t = 1.0 / opts.kd_temperature
-    s_support = s.gather(1, ids) * inv_t
+    s_support = vocab.pick(s, ids) * inv_t
     if opts.sparse_tail == "renormalize":
         return torch.log_softmax(s_support, -1), torch.log_softmax(teacher_logprobs * inv_t, -1)
-    lse = torch.logsumexp(s * inv_t, -1, keepdim=True)
+    lse = vocab.logsumexp(s * inv_t)[:, None]
     log_p_support = s_support - lse
     p_tail = (1.0 - log_p_support.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
     log_p = torch.cat([log_p_support, p_tail.log()], -1)
@@ -93,28 +125,30 @@ def sparse_log_probs(s: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch
 
 def distill_chunk(z: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                   teacher: TeacherRows, row_scale: Optional[torch.Tensor], opts: HeadOptions,
-                  out_dtype: torch.dtype) -> tuple[RowStats, Optional[torch.Tensor]]:
-    """Statistics (with the per-row KD) of whole vocabulary rows ``z`` (float32 logits), and
-    dL/dz for ``L = sum_i row_scale_i * l_i`` when ``row_scale`` is given."""
+                  out_dtype: torch.dtype, vocab: VocabRows = WHOLE_ROWS) -> tuple[RowStats, Optional[torch.Tensor]]:
+    """Statistics (with the per-row KD) of vocabulary rows ``z`` (float32 logits; whole, or this
+    rank's slice with ``vocab`` a ``ShardedRows``), and dL/dz for ``L = sum_i row_scale_i * l_i``
+    when ``row_scale`` is given. ``labels`` and top-k ids number the whole vocabulary."""
     want_grad = row_scale is not None
     with torch.enable_grad():
         z = z.detach().requires_grad_(want_grad)
         s = _softcap(z, opts) * opts.logit_scale
-        lse = torch.logsumexp(s, -1)
-        label_logit = s.gather(1, labels[:, None]).squeeze(1)
-        sum_logits = s.sum(-1) if opts.has_smoothing else torch.zeros_like(lse)
+        lse = vocab.logsumexp(s)
+        label_logit = vocab.pick(s, labels)
+        sum_logits = vocab.sum(s) if opts.has_smoothing else torch.zeros_like(lse)
         inv_t = 1.0 / opts.kd_temperature
         if teacher.dense:
-            log_p = torch.log_softmax(s * inv_t, -1)
-            log_q = torch.log_softmax(_softcap(teacher_logits, opts) * inv_t, -1)
+            log_p = vocab.log_softmax(s * inv_t)
+            log_q = vocab.log_softmax(_softcap(teacher_logits, opts) * inv_t)
+            kd = divergence(log_p, log_q.detach(), opts.kd_loss, opts.jsd_beta, vocab)
         else:
-            log_p, log_q = sparse_log_probs(s, teacher.topk_ids, teacher.topk_logprobs.float(), opts)
-        kd = divergence(log_p, log_q.detach(), opts.kd_loss, opts.jsd_beta)
+            log_p, log_q = sparse_log_probs(s, teacher.topk_ids, teacher.topk_logprobs.float(), opts, vocab)
+            kd = divergence(log_p, log_q.detach(), opts.kd_loss, opts.jsd_beta)
         with torch.no_grad():
             sd = s.detach()
             shifted = sd - lse.detach()[:, None]
-            entropy = -(shifted.exp() * shifted).sum(-1)
-            max_logit = sd.max(-1).values
+            entropy = -vocab.sum(shifted.exp() * shifted)
+            max_logit = vocab.max(sd)
         stats = RowStats(lse=lse, label_logit=label_logit, sum_logits=sum_logits, entropy=entropy,
                          max_logit=max_logit, kd=kd)
         dz = None

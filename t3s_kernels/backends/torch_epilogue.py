@@ -7,13 +7,14 @@ import torch
 
 from ..options import HeadOptions
 from .base import OnlineState
-from .distill import distill_chunk
+from .distill import WHOLE_ROWS, VocabRows, distill_chunk
 
 
 class TorchEpilogue:
     """The epilogue in plain PyTorch: the CPU path, and the Triton kernels' twin.
 
-    With a teacher, ``distill`` is backends/distill.py's chunk function (autograd on the chunk).
+    With a teacher, ``distill`` is backends/distill.py's chunk function (autograd on the chunk),
+    its vocabulary reductions by ``vocab`` (a rank's slice of the rows under tensor parallelism).
 
     It works in the logits buffer it is given (the driver's, reused chunk after chunk):
     the accumulate step leaves it holding ``s - m`` (one exp temporary instead of two), and
@@ -23,9 +24,11 @@ class TorchEpilogue:
     bytes_per_logit = 10  # the fp32 logits buffer, one fp32 temporary, a half-precision gradient copy
     distill_bytes_per_logit = 48  # both heads' fp32 rows and autograd's temporaries
 
-    @staticmethod
-    def distill(logits, labels, teacher_logits, teacher, row_scale, opts, out_dtype):
-        return distill_chunk(logits, labels, teacher_logits, teacher, row_scale, opts, out_dtype)
+    def __init__(self, vocab: VocabRows = WHOLE_ROWS):
+        self.vocab = vocab
+
+    def distill(self, logits, labels, teacher_logits, teacher, row_scale, opts, out_dtype):
+        return distill_chunk(logits, labels, teacher_logits, teacher, row_scale, opts, out_dtype, self.vocab)
 
     @staticmethod
     def _transform_(logits: torch.Tensor, opts: HeadOptions) -> torch.Tensor:

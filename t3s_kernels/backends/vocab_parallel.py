@@ -9,6 +9,11 @@ the label's logit and the smoothing sum are sums (a label lives on one rank; the
 global logsumexp: each rank's dL/dz over its own columns is exact, dW and db stay local, and dX
 is the sum of the ranks' partial products (one all-reduce). Every rank must call with the same
 tokens, labels and weights, as tensor parallelism gives them.
+
+Distillation: the teacher's head is split the same way (the same rows on each rank). Its
+divergences need both heads' logsumexps, merged across ranks before the per-rank sums over the
+vocabulary (backends/distill.py with ``ShardedRows``); this path runs the chunked driver with the
+PyTorch epilogue (cuBLAS matmuls on a GPU) whatever the engine asked for.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import torch
 
 from ..options import GradRequest, HeadOptions
 from .base import HeadGrads, RowStats
+from .chunked import ChunkedEngine
+from .distill import VocabRows
+from .torch_epilogue import TorchEpilogue
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,77 @@ def for_shard(engine, shard: Optional[VocabShard], local_rows: int, device: torc
     return VocabParallelEngine(engine, shard), shard.vocab_size
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce sum whose backward is the identity: what follows it is computed identically on
+    every rank (replicated), so each rank's share receives the replicated gradient once."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        import torch.distributed as dist
+
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ToShardedWork(torch.autograd.Function):
+    """Identity whose backward all-reduces: a replicated value that enters per-rank (sharded) terms
+    receives from each rank the gradient of that rank's terms only; the whole is their sum."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class ShardedRows(VocabRows):
+    """Reductions over vocabulary rows split across the ranks of a tensor-parallel group: this rank
+    holds columns ``[shard.start, shard.start + width)``; sums and picks add up across ranks
+    (differentiably), the max is taken across ranks (it only stabilizes, no gradient). As in
+    Megatron's tensor-parallel regions, a sum over ranks has an identity backward and a replicated
+    value broadcast into per-rank terms an all-reduced one."""
+
+    def __init__(self, shard: VocabShard):
+        self.shard = shard
+
+    def sum(self, t):
+        return _SumOverRanks.apply(t.sum(-1), self.shard.group)
+
+    def max(self, t):
+        import torch.distributed as dist
+
+        m = t.detach().amax(-1)
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.shard.group)
+        return m
+
+    def pick(self, s, ids):
+        width = s.shape[-1]
+        local = ids - self.shard.start
+        here = (local >= 0) & (local < width)
+        picked = super().pick(s, local.clamp(0, width - 1))
+        return _SumOverRanks.apply(torch.where(here, picked, torch.zeros_like(picked)), self.shard.group)
+
+    def logsumexp(self, t):
+        m = self.max(t)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        return m + torch.log(self.sum(torch.exp(t - m[:, None])))
+
+    def log_softmax(self, t):
+        return t - _ToShardedWork.apply(self.logsumexp(t), self.shard.group)[:, None]
+
+
 class VocabParallelEngine:
     """Any engine over this rank's rows, its states merged across the ranks (module docstring)."""
 
@@ -96,7 +175,8 @@ class VocabParallelEngine:
     def forward(self, x, weight, bias, labels, opts: HeadOptions, row_scale: Optional[torch.Tensor] = None,
                 grads: GradRequest = GradRequest(), teacher=None) -> "tuple[RowStats, Optional[HeadGrads]]":
         if teacher is not None:
-            raise ValueError("distillation with a vocabulary-parallel head is not supported; gather the heads")
+            stats, out = self._distill_engine().forward(x, weight, bias, labels, opts, row_scale, grads, teacher)
+            return stats, None if out is None else self._sum_dx(out)
         local, _ = self.inner.forward(x, weight, bias, labels - self.shard.start, opts,
                                       grads=GradRequest(False, False, False))
         stats = self._merge(local)
@@ -106,9 +186,20 @@ class VocabParallelEngine:
 
     def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions, grads: GradRequest,
                  teacher=None) -> HeadGrads:
+        if teacher is not None:
+            return self._sum_dx(self._distill_engine().backward(x, weight, bias, labels, lse, row_scale, opts,
+                                                                grads, teacher))
+        return self._sum_dx(self.inner.backward(x, weight, bias, labels - self.shard.start, lse, row_scale, opts,
+                                                grads))
+
+    def _distill_engine(self) -> ChunkedEngine:
+        """The chunked driver with the PyTorch epilogue over this rank's slice of both heads."""
+        return ChunkedEngine(TorchEpilogue(ShardedRows(self.shard)), getattr(self.inner, "budget_bytes", None))
+
+    def _sum_dx(self, out: HeadGrads) -> HeadGrads:
+        """Each rank's dX covers its own columns only: the whole dX is their sum."""
         import torch.distributed as dist
 
-        out = self.inner.backward(x, weight, bias, labels - self.shard.start, lse, row_scale, opts, grads)
         if out.hidden is not None:
             total = out.hidden.float()  # the ranks' partial dX, summed in float32
             dist.all_reduce(total, group=self.shard.group)
