@@ -106,11 +106,22 @@ def head_math(model) -> HeadMath:
     return HeadMath(logit_scale=scale, softcap=cap, vocab=vocab)
 
 
+def _is_fsdp1_wrapper(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FullyShardedDataParallel)
+
+
 def _is_plain_linear(module) -> bool:
-    """Exactly ``nn.Linear``, or FSDP2's wrapper class of exactly ``nn.Linear`` (``fully_shard`` swaps the class)."""
+    """Exactly ``nn.Linear``, FSDP2's wrapper class of exactly ``nn.Linear`` (``fully_shard`` swaps the
+    class), or an FSDP1 unit wrapping exactly ``nn.Linear``."""
     cls = type(module)
     if cls is torch.nn.Linear:
         return True
+    if _is_fsdp1_wrapper(module):
+        return type(module.module) is torch.nn.Linear
     if not _is_fsdp_module(module):
         return False
     from torch.distributed.fsdp import FSDPModule
@@ -383,7 +394,8 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
                                                counted=num_items_in_batch is not None)
     head_in = run_with_head_captured(model, original, *args, labels=None, **call)
     hidden, options = head_in.hidden, dict(loss.options)
-    through_module = is_dtensor(head_in.weight) and _is_fsdp_module(lm_head(model))
+    head = lm_head(model)
+    through_module = (is_dtensor(head_in.weight) and _is_fsdp_module(head)) or _is_fsdp1_wrapper(head)
     if is_dtensor(head_in.weight) and not through_module:
         if not _state(model).get("tensor_parallel"):
             raise ValueError(f"{name}'s LM head weight is a DTensor not managed by FSDP2 (a tensor-parallel head?). "
@@ -408,7 +420,7 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
                               **options).loss
 
     if through_module:
-        total = _call_through_fsdp_head(lm_head(model), hidden, compute)
+        total = _call_through_fsdp_head(head, hidden, compute)
     else:
         total = compute(hidden, head_in.weight, head_in.bias)
     aux = head_in.outputs.get("aux_loss")
@@ -482,18 +494,21 @@ def _teacher_head_rows(name: str, options: dict, shard: VocabShard, rows: int) -
 
 
 def _call_through_fsdp_head(head, hidden, compute):
-    """The loss computed *inside* a call of the FSDP2-sharded head module, as its forward: FSDP2's
-    hooks around that call all-gather the weight (and cast it and the input under a mixed-precision
-    policy), reshard after, and gather again in backward, exactly as for the Linear it replaces;
-    the gradient reaches the sharded parameter through FSDP2's reduce-scatter."""
-    def forward(x):
-        return compute(x, head.weight, head.bias)
+    """The loss computed *inside* a call of the sharded head module, as its forward: the hooks of
+    FSDP2 (or FSDP1's wrapper) around that call all-gather the weight (and cast it and the input
+    under a mixed-precision policy), reshard after, and gather again in backward, exactly as for
+    the Linear it replaces; the gradient reaches the sharded parameter through the reduce-scatter.
+    FSDP1's wrapper calls the Linear inside it: that Linear's forward is the one replaced."""
+    linear = head.module if _is_fsdp1_wrapper(head) else head
 
-    head.forward = forward  # an instance attribute: the class's forward (and FSDP2's hooks) stay
+    def forward(x):
+        return compute(x, linear.weight, linear.bias)
+
+    linear.forward = forward  # an instance attribute: the class's forward (and the hooks) stay
     try:
         return head(hidden)
     finally:
-        del head.forward
+        del linear.forward
 
 
 # Attention implementations whose varlen kernels take packed sequences from position_ids.

@@ -1,5 +1,6 @@
-"""A patched model under FSDP2 (one process, gloo): exact in every grouping of the head: with the
-root, with the final norm, and alone (the loss then runs inside the head module's FSDP2 call)."""
+"""A patched model under FSDP2 and FSDP1 (gloo, one and two processes): exact in every grouping of
+the head: with the root, with the final norm, and alone (the loss then runs inside the head
+module's FSDP call)."""
 
 import os
 
@@ -119,3 +120,59 @@ def test_fsdp2_bf16_policy_with_the_head_alone(process_group):
     assert_close(got, ref, 2 * 2 ** -8 * 4 / ref.abs().item(), "loss")
     for name in ref_grads:
         assert_close(grads[name], ref_grads[name], TOLERANCE[torch.bfloat16]["grad"], name)
+
+
+def _fsdp1_worker(rank, port, out_dir):
+    """FSDP1 (patch, then wrap): the head with the root or in a unit of its own, with the original
+    parameters exposed or not; the gradients are each rank's shards of the flat parameters."""
+    import functools
+
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results = {}
+        for grouping in ("root", "head"):
+            for orig in (True, False):
+                for patch in (False, True):
+                    model = tiny_model("qwen3").train()
+                    if patch:
+                        t3s.apply_t3s(model, backend="torch")
+                    head = model.lm_head
+                    policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m is head) \
+                        if grouping == "head" else None
+                    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=orig,
+                                                       device_id=torch.device("cpu"))
+                    ids, labels, keep = batch(seed=1 + rank)
+                    out = wrapped(input_ids=ids, labels=labels, t3s_weights=keep) if patch else \
+                        wrapped(input_ids=ids, labels=labels.masked_fill(~keep, -100))
+                    out.loss.backward()
+                    flat = [p.grad.clone() for p in wrapped.parameters() if p.grad is not None]
+                    results[grouping, orig, patch] = {"loss": out.loss.detach(), "grads": flat}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp1_groupings_two_ranks_are_exact(tmp_path):
+    """The patched loss under FSDP1 equals the unpatched one (anchors labelled -100), and so does
+    every rank's shard of every reduced gradient, whether the head is its own unit or not."""
+    import random
+
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp1_worker, args=(random.randint(30000, 40000), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        for grouping in ("root", "head"):
+            for orig in (True, False):
+                ref, got = res[grouping, orig, False], res[grouping, orig, True]
+                name = f"rank {rank} {grouping} use_orig_params={orig}"
+                assert_close(got["loss"], ref["loss"], 1e-5, f"{name} loss")
+                assert len(got["grads"]) == len(ref["grads"]) > 0, name
+                for k, (g, r) in enumerate(zip(got["grads"], ref["grads"])):
+                    assert_close(g, r, 1e-4, f"{name} flat gradient {k}")
