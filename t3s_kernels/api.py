@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
-from .backends.chunked import ChunkedEngine
 from .backends.distill import TeacherRows
-from .backends.torch_epilogue import TorchEpilogue
+from .backends.select import make_engine, resolve_backend, triton_available  # noqa: F401 - the public names
 from .backends.vocab_parallel import VocabShard, for_shard
-from .function import FusedLinearT3SFunction, LossConfig, no_autocast, scatter_stats
-from .options import DEFAULT_STRATEGY, GradRequest, HeadOptions
-from .validation import check_head_inputs, check_ignore_index, check_kd_options, check_options, check_teacher
+from .function import LossConfig, fused_head_loss, no_autocast, process_group_name, scatter_stats
+from .options import GradRequest, HeadOptions
+from .validation import (
+    check_head_inputs,
+    check_head_values,
+    check_ignore_index,
+    check_kd_options,
+    check_options,
+    check_teacher,
+    is_zero3_partitioned,
+)
 
 
 @dataclass
@@ -43,44 +50,33 @@ class TokenStats:
     lse: torch.Tensor
 
 
-def triton_available(device: torch.device) -> bool:
-    """Triton kernels run on CUDA tensors, or anywhere under TRITON_INTERPRET=1 (the tests)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+@contextlib.contextmanager
+def zero3_gathered(student: dict, teacher: dict = {}):  # noqa: B006 - read only
+    """DeepSpeed ZeRO-3 parameters partitioned away (outside the engine's forward: an own loop, a
+    teacher's head) gathered for the call with DeepSpeed's own context, on every rank: each rank
+    must call the op the same number of times. A partitioned parameter that needs a gradient is
+    refused: DeepSpeed gathers and reduce-scatters a parameter's gradient only around its module's
+    forward and backward, which a call outside them does not run."""
+    parts = [(name, t) for name, t in {**student, **teacher}.items() if is_zero3_partitioned(t)]
+    if not parts:
+        yield
+        return
+    for name, t in parts:
+        if name in student and t.requires_grad and torch.is_grad_enabled():  # a teacher gets no gradient
+            raise ValueError(f"{name} is a DeepSpeed ZeRO-3 partitioned parameter that needs a gradient, outside the "
+                             "engine's forward, where DeepSpeed cannot reduce its gradient: compute the loss inside "
+                             "the engine's forward (a model patched by apply_t3s does), or pass it detached or under "
+                             "torch.no_grad() for statistics")
+    import deepspeed
 
-
-def resolve_backend(device: torch.device, backend: str) -> str:
-    """"auto" is Triton on CUDA (when installed), PyTorch elsewhere."""
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
-    return backend
-
-
-def make_engine(device: torch.device, backend: str, strategy: str, chunk_budget_bytes: Optional[int] = None):
-    """The engine that evaluates the head for the given backend / strategy on ``device``."""
-    backend = resolve_backend(device, backend)
-    if backend == "torch":
-        if strategy == "tile":
-            raise ValueError("strategy='tile' needs backend='triton'; the torch backend is chunked")
-        return ChunkedEngine(TorchEpilogue(), chunk_budget_bytes)
-    if not triton_available(device):
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the triton package; "
-                         f"got tensors on {device}")
-    from .ops.engines import TileEngine, TritonEpilogue
-
-    strategy = DEFAULT_STRATEGY if strategy == "auto" else strategy
-    if strategy == "tile":
-        return TileEngine()
-    return ChunkedEngine(TritonEpilogue(), chunk_budget_bytes)
+    with deepspeed.zero.GatheredParameters([t for _, t in parts], modifier_rank=None):
+        yield
 
 
 def _autocast(hidden, weight, bias):
     """Under torch.autocast, run the head in the autocast dtype, as F.linear would."""
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type) if hasattr(torch, "is_autocast_enabled") else False:
+    if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -136,50 +132,57 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     heads' logits in the KD term, ``kd_t2_scaling`` multiplies it by temperature^2. See
     backends/distill.py, ops/distill_epilogue.py and ops/tile_distill.py: every strategy carries the
     teacher (a sparse one: the chunked strategies); ``out.kd`` is the per-token KD.
+
+    DeepSpeed ZeRO-3: inside the engine's forward the parameters are whole; outside it, partitioned
+    ones that need no gradient (a teacher's head, statistics) are gathered for the call (every rank
+    must call), and one that needs a gradient is refused (``zero3_gathered``).
     """
+    if any(is_zero3_partitioned(t) for t in (weight, bias, teacher_weight, teacher_bias)):
+        call = dict(locals())
+        with zero3_gathered(dict(weight=weight, bias=bias), dict(teacher_weight=teacher_weight,
+                                                                 teacher_bias=teacher_bias)):
+            return fused_linear_t3s_loss(**call)
     check_options(backend=backend, strategy=strategy, softcap=softcap, label_smoothing=label_smoothing,
                   z_loss=z_loss, ce_weight=ce_weight, temperature=1.0, reduction=reduction,
                   normalizer=normalizer, chunk_budget_bytes=chunk_budget_bytes, logit_scale=logit_scale)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if teacher_hidden is not None and teacher_weight is not None:  # the teacher's head is cast as the student's
         teacher_hidden, teacher_weight, teacher_bias = _autocast(teacher_hidden, teacher_weight, teacher_bias)
-    check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index,
-                      label_vocab=None if vocab_parallel is None else vocab_parallel.vocab_size)
+    check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index)
     has_teacher = check_teacher(hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                                 teacher_bias=teacher_bias, teacher_topk_ids=teacher_topk_ids,
                                 teacher_topk_logprobs=teacher_topk_logprobs, kd_weight=kd_weight, kd_loss=kd_loss,
-                                jsd_beta=jsd_beta, temperature=temperature, sparse_tail=sparse_tail,
-                                label_vocab=None if vocab_parallel is None else vocab_parallel.vocab_size)
+                                jsd_beta=jsd_beta, temperature=temperature, sparse_tail=sparse_tail)
     if token_weights is not None and token_weights.requires_grad and torch.is_grad_enabled():
         raise ValueError("token_weights require grad, but the fused op gives them no gradient; pass "
                          "token_weights.detach() (or compute weights that need a gradient outside the op)")
+    if has_teacher and strategy == "tile" and teacher_hidden is None:
+        raise ValueError("a sparse (top-k) teacher runs on the chunked strategies; use strategy='chunked'")
     lead = labels.shape
     x = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long().contiguous()  # kernels index labels densely
     w = None if token_weights is None else token_weights.reshape(-1)
-    if isinstance(normalizer, torch.Tensor):
-        normalizer = float(normalizer.item())
     teacher = None
-    if has_teacher and strategy == "tile" and teacher_hidden is None:
-        raise ValueError("a sparse (top-k) teacher runs on the chunked strategies; use strategy='chunked'")
     if has_teacher:
         flat = (lambda t: None if t is None else t.reshape(-1, t.shape[-1]).detach())  # noqa: E731
         teacher = TeacherRows(hidden=flat(teacher_hidden), weight=None if teacher_weight is None else
                               teacher_weight.detach(), bias=None if teacher_bias is None else teacher_bias.detach(),
                               topk_ids=None if teacher_topk_ids is None else flat(teacher_topk_ids).long(),
                               topk_logprobs=flat(teacher_topk_logprobs))
-    engine, vocab = for_shard(make_engine(x.device, backend, strategy, chunk_budget_bytes), vocab_parallel,
-                              weight.shape[0], x.device)
+    vocab = weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab_size
     cfg = LossConfig(
-        engine=engine,
         opts=HeadOptions(vocab_size=vocab, softcap=softcap, logit_scale=float(logit_scale),
                          ce_weight=float(ce_weight),
                          label_smoothing=float(label_smoothing), z_loss=float(z_loss), kd_weight=float(kd_weight),
                          kd_loss=kd_loss, jsd_beta=float(jsd_beta), kd_temperature=float(temperature),
                          kd_t2_scaling=bool(kd_t2_scaling), sparse_tail=sparse_tail),
         ignore_index=ignore_index, reduction=reduction,
-        normalizer=None if normalizer is None else float(normalizer), grad_enabled=torch.is_grad_enabled())
-    loss, logprob, entropy, correct, lse, kd = FusedLinearT3SFunction.apply(x, weight, bias, y, w, cfg, teacher)
+        normalizer=None if normalizer is None or isinstance(normalizer, torch.Tensor) else float(normalizer),
+        backend=backend, strategy=strategy, chunk_budget_bytes=chunk_budget_bytes,
+        vocab_parallel=None if vocab_parallel is None else (vocab_parallel.start, vocab_parallel.vocab_size,
+                                                            process_group_name(vocab_parallel.group)))
+    loss, logprob, entropy, correct, lse, kd = fused_head_loss(
+        x, weight, bias, y, w, cfg, teacher, normalizer if isinstance(normalizer, torch.Tensor) else None)
     if reduction == "none":
         loss = loss.view(lead)
     if not return_stats:
@@ -199,16 +202,21 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
 
     This is what scoring a dataset needs (T3S's confidence is ``logprob``). On the Triton
     backend it is one tile kernel at the cost of one matmul, storing O(tokens) floats.
+    A DeepSpeed ZeRO-3 partitioned head is gathered for the call (every rank must call).
     """
+    if any(is_zero3_partitioned(t) for t in (weight, bias)):
+        call = dict(locals())
+        with zero3_gathered(dict(weight=weight, bias=bias)):
+            return token_stats(**call)
     check_options(backend=backend, strategy="auto", softcap=softcap, label_smoothing=0.0, z_loss=0.0,
                   ce_weight=1.0, temperature=temperature, chunk_budget_bytes=chunk_budget_bytes,
                   logit_scale=logit_scale)
     hidden, weight, bias = _autocast(hidden, weight, bias)
-    check_head_inputs(hidden, weight, labels, bias, None, ignore_index,
-                      label_vocab=None if vocab_parallel is None else vocab_parallel.vocab_size)
+    check_head_inputs(hidden, weight, labels, bias, None, ignore_index)
     lead = labels.shape
     x = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long().contiguous()  # kernels index labels densely
+    check_head_values(y, None, ignore_index, weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab_size)
     device = x.device
     backend = resolve_backend(device, backend)
     # On Triton, the forward tile kernel: the 1-matmul path.

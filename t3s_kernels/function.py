@@ -1,4 +1,10 @@
-"""The autograd function around a backend: compaction, token weights, reductions.
+"""The fused op as a PyTorch operator: compaction, token weights, reductions and its gradient.
+
+``torch.ops.t3s.head_loss`` is registered with ``torch.library``: eager calls run it directly, and
+``torch.compile`` sees one node with a fake implementation (shapes only), so a compiled model has
+no graph break inside the op and ``fullgraph=True`` works. Everything that depends on the data
+(row compaction, counts, the checks of label and weight values) runs inside the operator. Its
+static options (``LossConfig``) travel as its scalar arguments (``CONFIG_SCHEMA``).
 
 Rows are sorted into three kinds before any matmul:
   * ignored (label == ignore_index): never reach the head; statistics 0.
@@ -6,45 +12,110 @@ Rows are sorted into three kinds before any matmul:
   * contributing: forward, and the only rows any backward matmul sees.
 So the backward cost scales with the selected fraction of tokens.
 
-For "mean"/"sum" the upstream gradient is a scalar, so a backend that fuses the backward
-into its forward pass (the chunked strategies) computes dX, dW for ``g_i = w_i / divisor``
-right away and the backward only rescales them. For "none", and for the tile strategy,
-the backward runs from the saved logsumexp.
+For "mean"/"sum" the upstream gradient is a scalar, so an engine that fuses the backward into its
+forward pass (the chunked strategies) computes dX, dW for ``g_i = w_i / divisor`` right away; the
+operator returns them beside the loss and the backward only rescales them. For "none", and for
+the tile strategy, the backward operator runs from the saved logsumexp.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .backends.base import Engine, HeadGrads, RowStats, per_token_loss
+from .backends.base import HeadGrads, RowStats, per_token_loss
+from .backends.distill import TeacherRows
+from .backends.select import make_engine
+from .backends.vocab_parallel import VocabParallelEngine, VocabShard, check_shards
 from .options import GradRequest, HeadOptions
+from .validation import check_head_values, check_teacher_values, normalizer_value
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    engine: Engine
+    """The static options of one call; they travel through the operator as its scalar arguments."""
+
     opts: HeadOptions
-    ignore_index: int
-    reduction: str
-    normalizer: Optional[float]
-    grad_enabled: bool = True  # grad mode where the op was called: without it, no gradient is computed
+    ignore_index: int = -100
+    reduction: str = "mean"
+    normalizer: Optional[float] = None  # a Python number; a tensor normalizer is an operator input
+    backend: str = "auto"
+    strategy: str = "auto"
+    chunk_budget_bytes: Optional[int] = None
+    chunk_rows: Optional[int] = None  # a fixed chunk shape instead of the budget (tests of the driver)
+    vocab_chunk: Optional[int] = None
+    vocab_parallel: Optional[tuple] = None  # (start, vocab_size, process group name)
+
+    def args(self) -> tuple:
+        """The operator's scalar arguments, in ``CONFIG_SCHEMA`` order."""
+        start, size, group = self.vocab_parallel or (None, None, None)
+        return (*(getattr(self.opts, name) for name in _HEAD_FIELDS), self.ignore_index, self.reduction,
+                self.normalizer, self.backend, self.strategy, self.chunk_budget_bytes, self.chunk_rows,
+                self.vocab_chunk, start, size, group)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def from_args(*args) -> "LossConfig":
+        k = len(_HEAD_FIELDS)
+        opts = HeadOptions(**dict(zip(_HEAD_FIELDS, args[:k])))
+        (ignore_index, reduction, normalizer, backend, strategy, budget, chunk_rows, vocab_chunk,
+         start, size, group) = args[k:]
+        return LossConfig(opts, ignore_index, reduction, normalizer, backend, strategy, budget, chunk_rows,
+                          vocab_chunk, None if start is None else (start, size, group))
+
+    @property
+    def shard(self) -> Optional[VocabShard]:
+        if self.vocab_parallel is None:
+            return None
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        start, vocab_size, group_name = self.vocab_parallel
+        return VocabShard(start, vocab_size, _resolve_process_group(group_name))
+
+    def engine(self, device: torch.device, local_rows: Optional[int] = None):
+        """The engine of this call; for a vocabulary-parallel head, with the shards checked
+        (collective: every rank calls) when ``local_rows`` is given."""
+        inner = make_engine(device, self.backend, self.strategy, self.chunk_budget_bytes, self.chunk_rows,
+                            self.vocab_chunk)
+        if self.vocab_parallel is None:
+            return inner
+        shard = self.shard
+        if local_rows is not None:
+            check_shards(shard, local_rows, device)
+        return VocabParallelEngine(inner, shard)
+
+    def fuses_gradient(self, device: torch.device, grads: GradRequest) -> bool:
+        """Whether the forward computes the gradient (returned beside the loss) for the backward to rescale."""
+        return grads.any and self.reduction != "none" and self.engine(device).fuses_backward
 
 
-def _scatter_rows(values: torch.Tensor, index: Optional[torch.Tensor], n: int) -> torch.Tensor:
-    """Place per-row ``values`` of the compacted rows at ``index`` in a zero [n, ...] tensor."""
-    if index is None:
-        return values
-    out = values.new_zeros((n,) + values.shape[1:])
-    out[index] = values
-    return out
+# The operator's scalar arguments: HeadOptions' fields, then the call's options.
+_HEAD_FIELDS = ("vocab_size", "softcap", "logit_scale", "ce_weight", "label_smoothing", "z_loss", "kd_weight",
+                "kd_loss", "jsd_beta", "kd_temperature", "kd_t2_scaling", "sparse_tail")
+CONFIG_SCHEMA = ("int vocab_size, float? softcap, float logit_scale, float ce_weight, float label_smoothing, "
+                 "float z_loss, float kd_weight, str kd_loss, float jsd_beta, float kd_temperature, "
+                 "bool kd_t2_scaling, str sparse_tail, int ignore_index, str reduction, float? normalizer_number, "
+                 "str backend, str strategy, int? chunk_budget_bytes, int? chunk_rows, int? vocab_chunk, "
+                 "int? vocab_parallel_start, int? vocab_parallel_size, str? vocab_parallel_group")
+if set(_HEAD_FIELDS) != set(HeadOptions.__dataclass_fields__):  # a new option must reach the operator
+    raise ImportError(f"function.py: the operator's head options {_HEAD_FIELDS} are not HeadOptions' fields")
 
 
-def _select(t: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
-    return t if index is None else t[index]
+def process_group_name(group) -> str:
+    """The name the operator resolves a process group by (None: the default group)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("vocab_parallel needs an initialized torch.distributed process group")
+    return (group if group is not None else dist.group.WORLD).group_name
+
+
+def no_autocast(device: torch.device):
+    """The engines choose their own precisions; an outer autocast must not recast their matmuls."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def scatter_stats(parts: "list[tuple[RowStats, torch.Tensor]]", n: int, device: torch.device):
@@ -61,114 +132,217 @@ def scatter_stats(parts: "list[tuple[RowStats, torch.Tensor]]", n: int, device: 
     return lse, logprob, entropy, correct, kd
 
 
-def no_autocast(device: torch.device):
-    """The backends choose their own precisions; an outer autocast must not recast their matmuls."""
-    return torch.autocast(device.type, enabled=False)
+def _select(t: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if index is None else t[index]
 
 
-class FusedLinearT3SFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, labels, token_weights, cfg: LossConfig, teacher=None):
-        with no_autocast(x.device):
-            return FusedLinearT3SFunction._forward(ctx, x, weight, bias, labels, token_weights, cfg, teacher)
+def _scatter_rows(values: torch.Tensor, index: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """Place per-row ``values`` of the compacted rows at ``index`` in a zero [n, ...] tensor."""
+    if index is None:
+        return values
+    out = values.new_zeros((n,) + values.shape[1:])
+    out[index] = values
+    return out
 
-    @staticmethod
-    @once_differentiable  # a gradient of the gradient would be silently wrong: PyTorch raises instead
-    def backward(ctx, grad_loss, *_unused_stat_grads):
-        with no_autocast(grad_loss.device):
-            return FusedLinearT3SFunction._backward(ctx, grad_loss)
 
-    @staticmethod
-    def _forward(ctx, x, weight, bias, labels, token_weights, cfg: LossConfig, teacher):
-        n = x.shape[0]
+@dataclass
+class _Rows:
+    """The compaction of one call: which rows contribute, their weights, and the loss divisor."""
+
+    valid: torch.Tensor
+    contributing: torch.Tensor
+    n_contrib: int
+    contrib_idx: Optional[torch.Tensor]  # None: all rows contribute (no gather)
+    row_w: torch.Tensor
+    divisor: float
+
+
+def _rows(labels, token_weights, normalizer, cfg: LossConfig) -> _Rows:
+    n = labels.shape[0]
+    valid = labels != cfg.ignore_index
+    contributing = valid if token_weights is None else valid & (token_weights != 0)
+    n_contrib = int(contributing.sum())
+    contrib_idx = None if n_contrib == n else contributing.nonzero().squeeze(1)
+    norm = cfg.normalizer if normalizer is None else normalizer_value(normalizer)
+    if norm is not None:
+        if norm == 0 and n_contrib:  # 0 is HF's count for a step without label tokens
+            raise ValueError(f"normalizer is 0 but {n_contrib} tokens contribute to the loss")
+        divisor = norm if norm != 0 else 1.0
+    elif cfg.reduction == "mean":
+        divisor = float(max(n_contrib, 1))
+    else:
+        divisor = 1.0
+    row_w = torch.ones(n_contrib, device=labels.device) if token_weights is None \
+        else _select(token_weights, contrib_idx).float()
+    return _Rows(valid, contributing, n_contrib, contrib_idx, row_w, divisor)
+
+
+def _teacher(hidden, weight, bias, topk_ids, topk_logprobs) -> Optional[TeacherRows]:
+    if hidden is None and topk_ids is None:
+        return None
+    return TeacherRows(hidden=hidden, weight=weight, bias=bias, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+
+
+def _zero_grads(x, weight, bias) -> HeadGrads:
+    """The gradients of a call where no row contributes."""
+    return HeadGrads(torch.zeros_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
+
+
+_TENSORS = ("Tensor x, Tensor weight, Tensor? bias, Tensor labels, Tensor? token_weights, Tensor? normalizer, "
+            "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_topk_ids, "
+            "Tensor? teacher_topk_logprobs")
+_LIBRARY = torch.library.Library("t3s", "DEF")
+# (loss, logprob, entropy, correct, lse, kd, dx, dw, db): dx, dw, db are the gradient the forward
+# fused (to be scaled by the upstream gradient) where ``fuses_gradient``, else empty.
+_LIBRARY.define(f"head_loss({_TENSORS}, bool[] grads, {CONFIG_SCHEMA}) -> "
+                "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+# (dx, dw, db) of the ``grad_loss``-weighted losses from the forward's logsumexp (empty where not asked).
+_LIBRARY.define(f"head_loss_backward(Tensor grad_loss, Tensor lse, {_TENSORS}, bool[] grads, {CONFIG_SCHEMA}) -> "
+                "(Tensor, Tensor, Tensor)")
+
+
+def _head_loss(x, weight, bias, labels, token_weights, normalizer, teacher_hidden, teacher_weight, teacher_bias,
+               teacher_topk_ids, teacher_topk_logprobs, grads, *config):
+    cfg = LossConfig.from_args(*config)
+    want = GradRequest(*grads)
+    n, device = x.shape[0], x.device
+    check_head_values(labels, token_weights, cfg.ignore_index, cfg.opts.vocab_size)
+    check_teacher_values(teacher_topk_ids, teacher_topk_logprobs, cfg.opts.vocab_size)
+    teacher = _teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_topk_ids, teacher_topk_logprobs)
+    engine = cfg.engine(device, local_rows=weight.shape[0])
+    fused = cfg.fuses_gradient(device, want)
+    with no_autocast(device):
+        rows = _rows(labels, token_weights, normalizer, cfg)
         # The teacher's rows follow the student's through every compaction; it gets no gradient.
         teacher_kw = (lambda index: {} if teacher is None else {"teacher": teacher.rows(index)})  # noqa: E731
-        on = cfg.grad_enabled
-        grads = GradRequest(hidden=on and ctx.needs_input_grad[0], weight=on and ctx.needs_input_grad[1],
-                            bias=on and bias is not None and ctx.needs_input_grad[2])
-        valid = labels != cfg.ignore_index
-        contributing = valid if token_weights is None else valid & (token_weights != 0)
-        n_contrib = int(contributing.sum())
-        n_valid = int(valid.sum())
-        # index None means "all n rows", which skips a gather of the hidden states.
-        contrib_idx = None if n_contrib == n else contributing.nonzero().squeeze(1)
-        if cfg.normalizer is not None:
-            if cfg.normalizer == 0 and n_contrib:  # 0 is HF's count for a step without label tokens
-                raise ValueError(f"normalizer is 0 but {n_contrib} tokens contribute to the loss")
-            divisor = cfg.normalizer if cfg.normalizer != 0 else 1.0
-        elif cfg.reduction == "mean":
-            divisor = float(max(n_contrib, 1))
-        else:
-            divisor = 1.0
-
-        row_w = torch.ones(n_contrib, device=x.device) if token_weights is None \
-            else _select(token_weights, contrib_idx).float()
-        eager_grads = grads.any and cfg.engine.fuses_backward and cfg.reduction != "none" and n_contrib > 0
-        x_c, y_c = _select(x, contrib_idx), _select(labels, contrib_idx)
-
         stats_parts, index_parts = [], []
         head_grads: Optional[HeadGrads] = None
-        if n_contrib:
-            st, head_grads = cfg.engine.forward(x_c, weight, bias, y_c, cfg.opts,
-                                                row_scale=row_w / divisor if eager_grads else None, grads=grads,
-                                                **teacher_kw(contrib_idx))
+        if rows.n_contrib:
+            st, head_grads = engine.forward(_select(x, rows.contrib_idx), weight, bias,
+                                            _select(labels, rows.contrib_idx), cfg.opts,
+                                            row_scale=rows.row_w / rows.divisor if fused else None, grads=want,
+                                            **teacher_kw(rows.contrib_idx))
             stats_parts.append(st)
-            index_parts.append(contributing.nonzero().squeeze(1) if contrib_idx is None else contrib_idx)
-        if n_valid > n_contrib:
-            scored_idx = (valid & ~contributing).nonzero().squeeze(1)
-            st, _ = cfg.engine.forward(x[scored_idx], weight, bias, labels[scored_idx], cfg.opts,
-                                       **teacher_kw(scored_idx))
+            index_parts.append(rows.contributing.nonzero().squeeze(1) if rows.contrib_idx is None
+                               else rows.contrib_idx)
+        if int(rows.valid.sum()) > rows.n_contrib:
+            scored_idx = (rows.valid & ~rows.contributing).nonzero().squeeze(1)
+            st, _ = engine.forward(x[scored_idx], weight, bias, labels[scored_idx], cfg.opts,
+                                   grads=GradRequest(False, False, False), **teacher_kw(scored_idx))
             stats_parts.append(st)
             index_parts.append(scored_idx)
-
-        lse, logprob, entropy, correct, kd = scatter_stats(list(zip(stats_parts, index_parts)), n, x.device)
-        per_row = torch.zeros(n, device=x.device, dtype=torch.float32)
-        if n_contrib:
-            contrib_stats = stats_parts[0]
-            per_row[index_parts[0]] = row_w * per_token_loss(contrib_stats, cfg.opts)
-        loss = per_row if cfg.reduction == "none" else per_row.sum() / divisor
-
-        ctx.cfg, ctx.n, ctx.grads, ctx.divisor = cfg, n, grads, divisor
-        ctx.contrib_idx, ctx.n_contrib, ctx.eager = contrib_idx, n_contrib, eager_grads
-        # Shapes of the inputs, for the all-zero gradients of a batch with no contributing token.
-        ctx.input_meta = [(t.shape, t.dtype, t.device) if t is not None else None for t in (x, weight, bias)]
-        if eager_grads:
-            # Keep dW in the weight's dtype between forward and backward: half the memory. Saved as
-            # tensors for backward, so PyTorch frees them after it (unless retain_graph) and refuses
-            # a second backward as it does for any graph.
-            cast = head_grads.cast(weight.dtype, None if bias is None else bias.dtype)
-            ctx.head_grad_present = [g is not None for g in (cast.hidden, cast.weight, cast.bias)]
-            ctx.save_for_backward(*(g for g in (cast.hidden, cast.weight, cast.bias) if g is not None))
-        elif grads.any and n_contrib:
-            lse_c = stats_parts[0].lse
-            ctx.save_for_backward(x_c, weight, bias, y_c, lse_c, row_w)
-            ctx.teacher_kw = teacher_kw(contrib_idx)
-        ctx.mark_non_differentiable(logprob, entropy, correct, lse, kd)
-        return loss, logprob, entropy, correct, lse, kd
-
-    @staticmethod
-    def _backward(ctx, grad_loss):
-        cfg, n, grads = ctx.cfg, ctx.n, ctx.grads
-        if ctx.n_contrib == 0:
-            hg = None
-        elif ctx.eager:
-            saved = iter(ctx.saved_tensors)
-            hg = HeadGrads(*(next(saved) if present else None for present in ctx.head_grad_present)).scaled(grad_loss)
+        lse, logprob, entropy, correct, kd = scatter_stats(list(zip(stats_parts, index_parts)), n, device)
+        per_row = torch.zeros(n, device=device, dtype=torch.float32)
+        if rows.n_contrib:
+            per_row[index_parts[0]] = rows.row_w * per_token_loss(stats_parts[0], cfg.opts)
+        loss = per_row if cfg.reduction == "none" else per_row.sum() / rows.divisor
+    dx, dw, db = _empty(x), _empty(x), _empty(x)
+    if fused:
+        # dW in the weight's dtype between forward and backward: half the memory of float32.
+        if head_grads is None:  # no contributing row: zero gradients
+            hg = _zero_grads(x, weight, bias)
         else:
-            x_c, weight, bias, y_c, lse_c, row_w = ctx.saved_tensors
+            hg = head_grads.cast(weight.dtype, None if bias is None else bias.dtype)
+            hg.hidden = None if hg.hidden is None else _scatter_rows(hg.hidden, rows.contrib_idx, n)
+        dx = hg.hidden if want.hidden else dx
+        dw = hg.weight if want.weight else dw
+        db = hg.bias if want.bias and bias is not None else db
+    return loss, logprob, entropy, correct, lse, kd, dx, dw, db
+
+
+def _head_loss_fake(x, weight, bias, labels, token_weights, normalizer, teacher_hidden, teacher_weight,
+                    teacher_bias, teacher_topk_ids, teacher_topk_logprobs, grads, *config):
+    cfg = LossConfig.from_args(*config)
+    want, n = GradRequest(*grads), x.shape[0]
+    fused = cfg.fuses_gradient(x.device, want)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    loss = torch.empty((n,) if cfg.reduction == "none" else (), **f32)
+    stats = [torch.empty(n, **f32) for _ in range(4)]
+    correct = torch.empty(n, dtype=torch.bool, device=x.device)
+    dx = torch.empty_like(x) if fused and want.hidden else _empty(x)
+    dw = torch.empty_like(weight) if fused and want.weight else _empty(x)
+    db = torch.empty_like(bias) if fused and want.bias and bias is not None else _empty(x)
+    return loss, stats[0], stats[1], correct, stats[2], stats[3], dx, dw, db
+
+
+def _head_loss_backward(grad_loss, lse, x, weight, bias, labels, token_weights, normalizer, teacher_hidden,
+                        teacher_weight, teacher_bias, teacher_topk_ids, teacher_topk_logprobs, grads, *config):
+    cfg = LossConfig.from_args(*config)
+    want = GradRequest(*grads)
+    n, device = x.shape[0], x.device
+    teacher = _teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_topk_ids, teacher_topk_logprobs)
+    with no_autocast(device):
+        rows = _rows(labels, token_weights, normalizer, cfg)
+        if rows.n_contrib == 0:
+            hg = _zero_grads(x, weight, bias)
+        else:
             if cfg.reduction == "none":
-                row_scale = _select(grad_loss, ctx.contrib_idx).float() * row_w
+                row_scale = _select(grad_loss, rows.contrib_idx).float() * rows.row_w
             else:
-                row_scale = grad_loss.float() * row_w / ctx.divisor
-            hg = cfg.engine.backward(x_c, weight, bias, y_c, lse_c, row_scale, cfg.opts, grads,
-                                     **ctx.teacher_kw).cast(weight.dtype, None if bias is None else bias.dtype)
-        if hg is None:
-            wants = (grads.hidden, grads.weight, grads.bias)
-            hg = HeadGrads(*(torch.zeros(meta[0], dtype=meta[1], device=meta[2]) if want else None
-                             for want, meta in zip(wants, ctx.input_meta)))
-        else:
-            hg.hidden = None if hg.hidden is None else _scatter_rows(hg.hidden, ctx.contrib_idx, n)
-        dx = hg.hidden if grads.hidden else None
-        dw = hg.weight if grads.weight else None
-        db = hg.bias if grads.bias else None
-        return dx, dw, db, None, None, None, None
+                row_scale = grad_loss.float() * rows.row_w / rows.divisor
+            kw = {} if teacher is None else {"teacher": teacher.rows(rows.contrib_idx)}
+            hg = cfg.engine(device).backward(_select(x, rows.contrib_idx), weight, bias,
+                                             _select(labels, rows.contrib_idx), _select(lse, rows.contrib_idx),
+                                             row_scale, cfg.opts, want, **kw)
+            hg = hg.cast(weight.dtype, None if bias is None else bias.dtype)
+            hg.hidden = None if hg.hidden is None else _scatter_rows(hg.hidden, rows.contrib_idx, n)
+    return (hg.hidden if want.hidden else _empty(x), hg.weight if want.weight else _empty(x),
+            hg.bias if want.bias and bias is not None else _empty(x))
+
+
+def _head_loss_backward_fake(grad_loss, lse, x, weight, bias, *rest):
+    want = GradRequest(*rest[8])
+    return (torch.empty_like(x) if want.hidden else _empty(x), torch.empty_like(weight) if want.weight else _empty(x),
+            torch.empty_like(bias) if want.bias and bias is not None else _empty(x))
+
+
+_N_TENSORS = 11  # the operator's tensor inputs, before grads and the config
+
+
+def _setup_context(ctx, inputs, output):
+    tensors, grads, config = inputs[:_N_TENSORS], inputs[_N_TENSORS], inputs[_N_TENSORS + 1:]
+    x, bias = tensors[0], tensors[2]
+    ctx.grads, ctx.config, ctx.has_bias = grads, config, bias is not None
+    ctx.fused = LossConfig.from_args(*config).fuses_gradient(x.device, GradRequest(*grads))
+    if ctx.fused:
+        ctx.save_for_backward(*output[6:])  # the gradient the forward computed
+    else:
+        ctx.save_for_backward(output[4], *tensors)  # the logsumexp, and the inputs to recompute from
+
+
+def _backward(ctx, grad_loss, *_unused_stat_grads):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: a gradient of this gradient would be silently wrong (it is not one).
+        raise RuntimeError("fused_linear_t3s_loss: its gradient is not differentiable (create_graph=True / a "
+                           "double backward); compute second-order terms with the eager reference instead")
+    want = GradRequest(*ctx.grads)
+    if ctx.fused:
+        dx, dw, db = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    else:
+        dx, dw, db = torch.ops.t3s.head_loss_backward(grad_loss, *ctx.saved_tensors, ctx.grads, *ctx.config)
+    return (dx if want.hidden else None, dw if want.weight else None,
+            db if want.bias and ctx.has_bias else None) + (None,) * (_N_TENSORS - 3 + 1 + len(ctx.config))
+
+
+_LIBRARY.impl("head_loss", _head_loss, "CompositeExplicitAutograd")
+_LIBRARY.impl("head_loss_backward", _head_loss_backward, "CompositeExplicitAutograd")
+torch.library.register_fake("t3s::head_loss", _head_loss_fake)
+torch.library.register_fake("t3s::head_loss_backward", _head_loss_backward_fake)
+torch.library.register_autograd("t3s::head_loss", _backward, setup_context=_setup_context)
+
+
+def fused_head_loss(x, weight, bias, labels, token_weights, cfg: LossConfig, teacher: Optional[TeacherRows] = None,
+                    normalizer: Optional[torch.Tensor] = None):
+    """(loss, logprob, entropy, correct, lse, kd) through the operator: loss differentiable with
+    respect to x, weight and bias where they require it (and grad mode is on), statistics detached."""
+    on = torch.is_grad_enabled()
+    grads = [on and x.requires_grad, on and weight.requires_grad, on and bias is not None and bias.requires_grad]
+    t = teacher or TeacherRows()
+    out = torch.ops.t3s.head_loss(x, weight, bias, labels, token_weights, normalizer, t.hidden, t.weight, t.bias,
+                                  t.topk_ids, t.topk_logprobs, grads, *cfg.args())
+    loss, logprob, entropy, correct, lse, kd = out[:6]
+    return (loss,) + tuple(s.detach() for s in (logprob, entropy, correct, lse, kd))

@@ -28,7 +28,6 @@ the registry misses:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import types
@@ -147,15 +146,12 @@ def lm_head(model) -> torch.nn.Linear:
 # ---------------------------------------------------------------------------------------------
 # Running the model with its head captured.
 
-_PROBE_SEED = 20261128
-
-
-@functools.lru_cache(maxsize=8)
 def _probe_row(vocab: int, device: torch.device) -> torch.Tensor:
-    """A fixed (1, 1, V) float32 row of distinct values in about [-4, 4]: what the capture returns as
-    logits (made once per vocabulary size and device; the capture hands out copies)."""
-    g = torch.Generator().manual_seed(_PROBE_SEED)
-    return (torch.rand(vocab, generator=g) * 8 - 4).view(1, 1, vocab).to(device)
+    """A fixed (1, 1, V) float32 row of distinct values in [-4, 4): what the capture returns as logits.
+    The fractional parts of i * (golden ratio), computed in float64, are distinct and spread evenly;
+    plain arithmetic, so a compiled forward traces it."""
+    i = torch.arange(vocab, dtype=torch.float64, device=device)
+    return (torch.frac(i * 0.6180339887498949) * 8 - 4).float().view(1, 1, vocab)
 
 
 class _Capture(torch.nn.Module):
@@ -175,7 +171,7 @@ class _Capture(torch.nn.Module):
 
     def forward(self, x):
         self.inputs.append(x)
-        return _probe_row(self.out_features, x.device).clone()  # the model may write into it
+        return _probe_row(self.out_features, x.device)  # a fresh row: the model may write into it
 
 
 class _HeadCapture:
@@ -250,12 +246,16 @@ def run_with_head_captured(model, forward, *args, **kwargs) -> HeadInputs:
     if tuple(logits.shape) != tuple(expected.shape):
         raise ValueError(f"apply_t3s: {name} reshapes its LM head's output ({tuple(probe.shape)} became "
                          f"{tuple(logits.shape)}, the head math expects {tuple(expected.shape)}); not supported")
-    err = (logits.float() - expected).abs().max().item()
+    err = (logits.float() - expected).abs().max()
     tol = 2 * _unit_roundoff(logits.dtype) or 1e-5  # a half-precision output rounds each probe value once
-    if not err <= tol * max(1.0, expected.abs().max().item()):
+    agrees = err <= tol * expected.abs().max().clamp(min=1.0)
+    if torch.compiler.is_compiling():  # no host sync in a compiled graph: the check raises when it runs
+        torch._assert_async(agrees, "apply_t3s: the model transforms its LM head's output in a way the patch does "
+                            "not model; the fused loss would be silently wrong, so it is refused")
+    elif not bool(agrees):
         raise ValueError(f"apply_t3s: {name} transforms its LM head's output in a way the patch does not model "
                          f"(model_type {model.config.model_type!r}, declared head math {math_}; the probe row "
-                         f"differs by {err:.3g}); the fused loss would be silently wrong, so it is refused")
+                         f"differs by {err.item():.3g}); the fused loss would be silently wrong, so it is refused")
     weight, bias = vocabulary_rows(head.weight, head.bias, math_.vocab)
     return HeadInputs(capture.inputs[0], weight, bias, math_, outputs)
 

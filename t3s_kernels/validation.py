@@ -47,10 +47,14 @@ def check_not_distributed(name: str, t: torch.Tensor) -> None:
                         "Under FSDP2, call it through the patched model (apply_t3s), whose head runs inside FSDP2's "
                         f"all-gather; a head split over the vocabulary: pass {name}.to_local() with "
                         "vocab_parallel=VocabShard(start, vocab_size, group)")
-    if hasattr(t, "ds_id") and t.numel() == 0:
+    if is_zero3_partitioned(t):
         raise ValueError(f"{name} is a DeepSpeed ZeRO-3 partitioned parameter (ds_id {t.ds_id}, shape "
-                         f"{tuple(t.shape)}): call the op inside the engine's forward, or gather it on every rank with "
-                         f"deepspeed.zero.GatheredParameters([{name}])")
+                         f"{tuple(t.shape)}) that was not gathered: call the op inside the engine's forward")
+
+
+def is_zero3_partitioned(t) -> bool:
+    """A DeepSpeed ZeRO-3 parameter whose data is partitioned away (an empty placeholder with ``ds_id``)."""
+    return isinstance(t, torch.Tensor) and hasattr(t, "ds_id") and t.numel() == 0
 
 
 def _check_float_tensor(name: str, t: torch.Tensor) -> None:
@@ -61,16 +65,13 @@ def _check_float_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16; got {t.dtype}")
 
 
-def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index: int,
-                      label_vocab: Optional[int] = None) -> None:
-    """Shapes, dtypes, devices and label range of the op's tensor arguments. ``label_vocab`` is the
-    whole vocabulary where ``weight`` holds a part of it (a vocabulary-parallel head)."""
+def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index: int) -> None:
+    """Shapes, dtypes and devices of the op's tensor arguments (their values: ``check_head_values``)."""
     _check_float_tensor("hidden", hidden)
     _check_float_tensor("weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (V, H); got shape {tuple(weight.shape)}")
     rows, h = weight.shape
-    vocab = rows if label_vocab is None else label_vocab
     if hidden.dim() < 1 or hidden.shape[-1] != h:
         raise ValueError(f"hidden must have shape (..., H) with H = weight.shape[1] = {h}; "
                          f"got shape {tuple(hidden.shape)}")
@@ -99,6 +100,12 @@ def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index:
     for name, t in (("weight", weight), ("labels", labels), ("bias", bias), ("token_weights", token_weights)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
+def check_head_values(labels: torch.Tensor, token_weights: Optional[torch.Tensor], ignore_index: int,
+                      vocab: int) -> None:
+    """The checks that read the tensors' values (the label range, the weights' signs): inside the
+    operator, where they do not break a compiled graph."""
     if labels.numel():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
@@ -134,11 +141,21 @@ def check_options(*, backend: str, strategy: str, softcap, label_smoothing, z_lo
     if normalizer is not None:
         if reduction == "none":
             raise ValueError("normalizer divides a summed loss; it cannot be used with reduction='none'")
-        value = normalizer.item() if isinstance(normalizer, torch.Tensor) and normalizer.numel() == 1 else normalizer
-        if isinstance(normalizer, torch.Tensor) and normalizer.numel() != 1:
-            raise ValueError(f"normalizer must be a number or a 0-d tensor; got a tensor of shape "
-                             f"{tuple(normalizer.shape)}")
-        check_number("normalizer", value, low=0)  # 0: HF's count for a step without label tokens
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.numel() != 1:
+                raise ValueError(f"normalizer must be a number or a 0-d tensor; got a tensor of shape "
+                                 f"{tuple(normalizer.shape)}")
+            if normalizer.is_complex() or normalizer.dtype == torch.bool:
+                raise TypeError(f"normalizer must be a real number; got a {normalizer.dtype} tensor")
+        else:  # a tensor's value is checked inside the operator (normalizer_value)
+            check_number("normalizer", normalizer, low=0)  # 0: HF's count for a step without label tokens
+
+
+def normalizer_value(normalizer: torch.Tensor) -> float:
+    """A tensor normalizer's value, checked as a number is by ``check_options``."""
+    value = float(normalizer.item())
+    check_number("normalizer", value, low=0)
+    return value
 
 
 def check_kd_options(*, kd_weight=0.0, kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0,
@@ -152,10 +169,9 @@ def check_kd_options(*, kd_weight=0.0, kd_loss="forward_kl", jsd_beta=0.5, tempe
 
 def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
                   teacher_topk_ids=None, teacher_topk_logprobs=None, kd_weight=0.0, kd_loss="forward_kl",
-                  jsd_beta=0.5, temperature=1.0, sparse_tail="renormalize", label_vocab=None) -> bool:
+                  jsd_beta=0.5, temperature=1.0, sparse_tail="renormalize") -> bool:
     """The teacher's inputs and the distillation options; True when a teacher is given. A dense
-    teacher's head has the student's rows; top-k ids index the whole vocabulary (``label_vocab``
-    under vocabulary parallelism, else the student's rows)."""
+    teacher's head has the student's rows. (A sparse teacher's values: ``check_teacher_values``.)"""
     check_kd_options(kd_weight=kd_weight, kd_loss=kd_loss, jsd_beta=jsd_beta, temperature=temperature,
                      sparse_tail=sparse_tail)
     dense = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_bias))
@@ -203,24 +219,30 @@ def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, t
                              f"{tuple(teacher_topk_ids.shape)}; got {tuple(teacher_topk_logprobs.shape)}")
         if not teacher_topk_logprobs.is_floating_point():
             raise TypeError("teacher_topk_logprobs must be floating point")
-        ids_vocab = vocab if label_vocab is None else label_vocab
-        if teacher_topk_ids.numel() and bool(((teacher_topk_ids < 0) | (teacher_topk_ids >= ids_vocab)).any()):
-            raise ValueError(f"teacher_topk_ids must lie in [0, V) = [0, {ids_vocab})")
         if teacher_topk_ids.shape[-1] == 0:
             raise ValueError("teacher_topk_ids must hold K >= 1 tokens per position; got K = 0")
-        lp = teacher_topk_logprobs
-        if lp.numel() and (not bool(torch.isfinite(lp).all()) or bool((lp > 1e-6).any())):
-            raise ValueError("teacher_topk_logprobs must be finite log-probabilities (<= 0)")
-        if teacher_topk_ids.numel():
-            ordered = teacher_topk_ids.sort(-1).values
-            if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-                raise ValueError("teacher_topk_ids repeats a token within a position; each of the K ids must differ")
-            mass = lp.double().exp().sum(-1)
-            if bool((mass > 1 + 1e-4).any()):
-                raise ValueError(f"teacher_topk_logprobs sum to more than probability 1 at some position "
-                                 f"(up to {float(mass.max()):.6f}); they must be log-probabilities of distinct tokens")
         tensors = (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs))
     for name, t in tensors:
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
     return True
+
+
+def check_teacher_values(topk_ids: Optional[torch.Tensor], topk_logprobs: Optional[torch.Tensor],
+                         vocab: int) -> None:
+    """A sparse teacher's values: ids in [0, vocab) and distinct, log-probabilities finite, <= 0 and
+    of total mass <= 1 (inside the operator, as ``check_head_values``)."""
+    if topk_ids is None or not topk_ids.numel():
+        return
+    if bool(((topk_ids < 0) | (topk_ids >= vocab)).any()):
+        raise ValueError(f"teacher_topk_ids must lie in [0, V) = [0, {vocab})")
+    lp = topk_logprobs
+    if not bool(torch.isfinite(lp).all()) or bool((lp > 1e-6).any()):
+        raise ValueError("teacher_topk_logprobs must be finite log-probabilities (<= 0)")
+    ordered = topk_ids.sort(-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("teacher_topk_ids repeats a token within a position; each of the K ids must differ")
+    mass = lp.double().exp().sum(-1)
+    if bool((mass > 1 + 1e-4).any()):
+        raise ValueError(f"teacher_topk_logprobs sum to more than probability 1 at some position "
+                         f"(up to {float(mass.max()):.6f}); they must be log-probabilities of distinct tokens")

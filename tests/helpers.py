@@ -111,15 +111,26 @@ def check_token_stats(backend, dtype, temperature, softcap=6.0, logit_scale=1.0)
     assert torch.equal(stats.correct.cpu(), ref["correct"].cpu())
 
 
-def count_head_rows(monkeypatch, module):
-    """Record how many rows each training call of ``module.fused_linear_t3s_loss`` gets (rows that reach the head)."""
+def count_head_rows(monkeypatch):
+    """Record how many rows reach the head's matmuls in each training call of the fused op: the rows
+    the engine is given with a gradient requested (apply_t3s's equivalence check and forward-only
+    statistics request none)."""
+    from t3s_kernels import function
+
     seen = []
-    real = module.fused_linear_t3s_loss
+    real = function.make_engine
 
-    def counting(rows, *args, **kwargs):
-        if torch.is_grad_enabled():  # training forwards; apply_t3s's equivalence check runs without grad
-            seen.append(rows.shape[0])
-        return real(rows, *args, **kwargs)
+    def counting_engine(*args, **kwargs):
+        engine = real(*args, **kwargs)
+        forward = engine.forward
 
-    monkeypatch.setattr(module, "fused_linear_t3s_loss", counting)
+        def counting(x, *a, grads=None, **k):
+            if grads is not None and grads.any:
+                seen.append(x.shape[0])
+            return forward(x, *a, grads=grads, **k)
+
+        engine.forward = counting
+        return engine
+
+    monkeypatch.setattr(function, "make_engine", counting_engine)
     return seen

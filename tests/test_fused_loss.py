@@ -145,9 +145,8 @@ def test_graph_semantics_match_eager(backend, strategy):
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         torch.autograd.grad(out.loss, x)
     out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], **kw)
-    (g,) = torch.autograd.grad(out.loss, x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        g.sum().backward()
+    with pytest.raises(RuntimeError, match="gradient is not differentiable"):  # a penalty on it would be dropped
+        torch.autograd.grad(out.loss, x, create_graph=True)
     with pytest.raises(ValueError, match="token_weights require grad"):
         t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"],
                                   token_weights=inputs["token_weights"].clone().requires_grad_(), backend=backend)
@@ -159,7 +158,9 @@ def test_no_grad_forward_computes_no_gradient(backend, strategy, monkeypatch):
     inputs = make_inputs(n=9, h=16, v=31)
     x, w = inputs["hidden"].clone().requires_grad_(), inputs["weight"].clone().requires_grad_()
     seen = []
-    real = t3s.api.make_engine
+    from t3s_kernels import function
+
+    real = function.make_engine
 
     def recording(*a, **k):
         engine = real(*a, **k)
@@ -167,7 +168,7 @@ def test_no_grad_forward_computes_no_gradient(backend, strategy, monkeypatch):
         engine.forward = lambda *fa, grads=None, **fk: seen.append(grads) or forward(*fa, grads=grads, **fk)
         return engine
 
-    monkeypatch.setattr(t3s.api, "make_engine", recording)
+    monkeypatch.setattr(function, "make_engine", recording)
     with torch.no_grad():
         out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], backend=backend, strategy=strategy)
     assert not out.loss.requires_grad and seen and not any(g is not None and g.any for g in seen)

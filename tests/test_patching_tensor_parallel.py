@@ -65,7 +65,8 @@ def test_tensor_parallel_head_is_exact_and_needs_saying(tmp_path):
 
 
 def _grads(model):
-    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
+    return {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            for n, p in model.named_parameters()}
 
 
 def _tp_plan_worker(rank, port, folder, out_dir):

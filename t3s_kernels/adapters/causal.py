@@ -4,7 +4,7 @@ Position t predicts token t+1 (the usual shift), unless the caller passes ``shif
 already aligned with the hidden states. A per-token selection is aligned with ``labels``
 (the tokens being predicted): True / a positive weight keeps token t in the loss; T3S's
 AR rule drops the imitation anchors by giving them False / 0. Only rows that carry a label
-reach the LM head.
+and a nonzero weight reach the LM head's matmuls (the fused op gathers them).
 """
 
 from __future__ import annotations
@@ -41,10 +41,12 @@ def shift_for_causal_lm(labels: torch.Tensor, selection: Optional[torch.Tensor] 
     return shifted, selection
 
 
-def causal_lm_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                   selection: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
-                   ignore_index: int = -100):
-    """(hidden rows, label rows, weight rows or None, row index): only rows that carry a label.
+def causal_lm_targets(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                      selection: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
+                      ignore_index: int = -100) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(targets, weights or None), aligned with ``hidden``'s positions: position t's target, or
+    ``ignore_index`` where it has none or its weight is 0 (no data-dependent shapes: the fused op
+    gathers the remaining rows itself).
 
     ``selection`` is aligned with ``labels``, or with ``shift_labels`` when those are given."""
     if (labels is None) == (shift_labels is None):
@@ -57,11 +59,20 @@ def causal_lm_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, 
     weights = _as_weights(selection, target, "selection")
     if shift_labels is None:
         target, weights = shift_for_causal_lm(labels, weights, ignore_index)
-    flat_target = target.reshape(-1)
-    keep = flat_target != ignore_index
     if weights is not None:
-        keep &= weights.reshape(-1) != 0
-    index = keep.nonzero().squeeze(1)
+        target = target.masked_fill(weights == 0, ignore_index)
+    return target, weights
+
+
+def causal_lm_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
+                   selection: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
+                   ignore_index: int = -100):
+    """(hidden rows, label rows, weight rows or None, row index): only rows that carry a label
+    and a nonzero weight, gathered (``causal_lm_targets`` without the gather)."""
+    target, weights = causal_lm_targets(hidden, labels, selection=selection, shift_labels=shift_labels,
+                                        ignore_index=ignore_index)
+    flat_target = target.reshape(-1)
+    index = (flat_target != ignore_index).nonzero().squeeze(1)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     w = None if weights is None else weights.reshape(-1).index_select(0, index)
     return rows, flat_target.index_select(0, index), w, index
@@ -82,22 +93,21 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[
     tokens. For the mean over kept tokens under accumulation, the count must leave the
     dropped tokens out (give them label -100, as ``T3SDataCollator`` does). Weight-0 tokens
     are dropped before the head, so they get no statistics here;
-    score them with ``token_stats``.
+    score them with ``token_stats``. With ``reduction="none"`` and ``return_stats`` the results
+    have the positions' shape (B, T) (0 where a position has no target).
 
     Per-position teacher inputs (``teacher_hidden`` (B, T, Ht), ``teacher_topk_ids`` /
     ``teacher_topk_logprobs`` (B, T, K)), aligned with ``hidden`` (position t predicts t+1 for
-    both models), follow the same rows; ``teacher_weight`` and the KD options pass through.
+    both models), follow the same positions; ``teacher_weight`` and the KD options pass through.
     """
-    rows, targets, weights, index = causal_lm_rows(hidden, labels, selection=selection, shift_labels=shift_labels,
-                                                   ignore_index=ignore_index)
+    targets, weights = causal_lm_targets(hidden, labels, selection=selection, shift_labels=shift_labels,
+                                         ignore_index=ignore_index)
     for name in TEACHER_ROW_INPUTS:
         t = loss_options.get(name)
-        if t is not None:
-            if tuple(t.shape[:hidden.dim() - 1]) != tuple(hidden.shape[:-1]):
-                raise ValueError(f"{name} must be aligned with hidden: shape {tuple(hidden.shape[:-1])} + (...,); "
-                                 f"got {tuple(t.shape)}")
-            loss_options[name] = t.reshape(-1, t.shape[-1]).index_select(0, index)
+        if t is not None and tuple(t.shape[:hidden.dim() - 1]) != tuple(hidden.shape[:-1]):
+            raise ValueError(f"{name} must be aligned with hidden: shape {tuple(hidden.shape[:-1])} + (...,); "
+                             f"got {tuple(t.shape)}")
     if num_items_in_batch is not None:  # 0 (HF's count for a step without label tokens) gives a zero loss
         loss_options["normalizer"] = num_items_in_batch
-    return fused_linear_t3s_loss(rows, weight, targets, token_weights=weights, ignore_index=ignore_index,
+    return fused_linear_t3s_loss(hidden, weight, targets, token_weights=weights, ignore_index=ignore_index,
                                  **loss_options)

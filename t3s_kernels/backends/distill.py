@@ -123,6 +123,15 @@ def sparse_log_probs(s: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch
     return log_p, log_q
 
 
+def _own_autograd():
+    """Autograd for this function's own graph. Inside the fused operator (a torch.library op, below
+    its autograd layer) autograd's dispatch keys are excluded; the chunk's graph is built and
+    differentiated here and never seen outside, so they are re-included for it alone."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    autograd = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded - autograd)
+
+
 def distill_chunk(z: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                   teacher: TeacherRows, row_scale: Optional[torch.Tensor], opts: HeadOptions,
                   out_dtype: torch.dtype, vocab: VocabRows = WHOLE_ROWS) -> tuple[RowStats, Optional[torch.Tensor]]:
@@ -130,7 +139,7 @@ def distill_chunk(z: torch.Tensor, labels: torch.Tensor, teacher_logits: Optiona
     rank's slice with ``vocab`` a ``ShardedRows``), and dL/dz for ``L = sum_i row_scale_i * l_i``
     when ``row_scale`` is given. ``labels`` and top-k ids number the whole vocabulary."""
     want_grad = row_scale is not None
-    with torch.enable_grad():
+    with torch.enable_grad(), _own_autograd():
         z = z.detach().requires_grad_(want_grad)
         s = _softcap(z, opts) * opts.logit_scale
         lse = vocab.logsumexp(s)

@@ -6,18 +6,9 @@ import torch
 from helpers import TOLERANCE, assert_close, make_inputs
 
 import t3s_kernels as t3s
-from t3s_kernels.backends.chunked import ChunkedEngine, plan_chunks
-from t3s_kernels.backends.torch_epilogue import TorchEpilogue
-from t3s_kernels.function import FusedLinearT3SFunction, LossConfig
+from t3s_kernels.backends.chunked import plan_chunks
+from t3s_kernels.function import LossConfig, fused_head_loss
 from t3s_kernels.options import HeadOptions
-
-
-def _epilogue(kind):
-    if kind == "torch":
-        return TorchEpilogue()
-    from t3s_kernels.ops.engines import TritonEpilogue
-
-    return TritonEpilogue()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -27,12 +18,10 @@ def _epilogue(kind):
 def test_vocab_and_token_chunks(epilogue, chunk_rows, vocab_chunk, dtype, reduction):
     inputs = make_inputs(dtype=dtype, bias=True, weights="zeros", ignored=3, logit_scale=2.0)
     opts = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
-    cfg = LossConfig(engine=ChunkedEngine(_epilogue(epilogue), chunk_rows=chunk_rows, vocab_chunk=vocab_chunk),
-                     opts=HeadOptions(vocab_size=203, **opts), ignore_index=-100, reduction=reduction,
-                     normalizer=None)
+    cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), reduction=reduction, backend=epilogue,
+                     strategy="chunked", chunk_rows=chunk_rows, vocab_chunk=vocab_chunk)
     x, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
-    loss, logprob, entropy, correct, lse, _ = FusedLinearT3SFunction.apply(x, w, b, inputs["labels"],
-                                                                        inputs["token_weights"], cfg)
+    loss, logprob, entropy, correct, lse, _ = fused_head_loss(x, w, b, inputs["labels"], inputs["token_weights"], cfg)
     rx, rw, rb = (t.detach().double().requires_grad_() for t in (x, w, b))
     ref, stats = t3s.reference_t3s_loss(rx, rw, inputs["labels"], bias=rb, token_weights=inputs["token_weights"],
                                         reduction=reduction, **opts)

@@ -1,6 +1,7 @@
 """A head split over the vocabulary across two processes (gloo): the loss, every statistic and
 every gradient equal the fp64 reference of the whole head, under every loss option and token
-weights; token_stats and distillation (dense teacher split the same way, sparse top-k) too. dX is summed across ranks, dW stays each rank's rows. Tolerances are
+weights; token_stats and distillation (dense teacher split the same way, sparse top-k) too.
+dX is summed across ranks, dW stays each rank's rows. Tolerances are
 the single-process fp32 ones (helpers.TOLERANCE): the merge adds one exp/log per row."""
 
 import os
@@ -94,7 +95,8 @@ def _worker(rank, port, out_dir):
                                       vocab_parallel=t3s.VocabShard(start=0, vocab_size=203))
         except ValueError as e:
             refused = str(e)
-        torch.save({"results": results, "distilled": distilled, "stats": stats, "refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"results": results, "distilled": distilled, "stats": stats, "refused": refused},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 

@@ -8,7 +8,6 @@ import pathlib
 import pytest
 from helpers import count_head_rows
 
-import t3s_kernels.adapters.causal as causal
 from t3s_kernels.toy import synthetic_traces
 
 pytest.importorskip("transformers")
@@ -24,7 +23,7 @@ def load(name):
 
 @pytest.fixture
 def rows_seen(monkeypatch):
-    return count_head_rows(monkeypatch, causal)
+    return count_head_rows(monkeypatch)
 
 
 @pytest.mark.parametrize("name", ["hf_trainer_t3s", "trl_sft_t3s"])
