@@ -11,7 +11,7 @@ import torch
 
 from .backends.distill import TeacherRows
 from .backends.select import make_engine, resolve_backend, triton_available  # noqa: F401 - the public names
-from .backends.vocab_parallel import VocabShard, for_shard
+from .backends.vocab_parallel import for_shard, local_head, rows_of
 from .function import LossConfig, fused_head_loss, no_autocast, process_group_name, scatter_stats
 from .options import GradRequest, HeadOptions
 from .validation import (
@@ -63,7 +63,8 @@ def zero3_gathered(student: dict, teacher: dict = {}):  # noqa: B006 - read only
         return
     for name, t in parts:
         if name in student and t.requires_grad and torch.is_grad_enabled():  # a teacher gets no gradient
-            raise ValueError(f"{name} is a DeepSpeed ZeRO-3 partitioned parameter that needs a gradient, outside the "
+            raise ValueError(f"{name} is a DeepSpeed ZeRO-3 partitioned parameter (ds_id {t.ds_id}) that needs a "
+                             "gradient, outside the "
                              "engine's forward, where DeepSpeed cannot reduce its gradient: compute the loss inside "
                              "the engine's forward (a model patched by apply_t3s does), or pass it detached or under "
                              "torch.no_grad() for statistics")
@@ -98,7 +99,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           normalizer: Union[None, float, int, torch.Tensor] = None, return_stats: bool = False,
                           backend: str = "auto", strategy: str = "auto",
                           chunk_budget_bytes: Optional[int] = None,
-                          vocab_parallel: Optional[VocabShard] = None) -> T3SLossOutput:
+                          vocab_parallel=None) -> T3SLossOutput:
     """LM head + T3S loss in one pass, never holding the [tokens x vocab] logits.
 
     Per token ``l_i = ce_weight * CE_i (label smoothing) + z_loss * lse_i^2`` on the logits
@@ -118,11 +119,12 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             epilogue; default) or "tile" (recomputing tile kernels, least memory).
         chunk_budget_bytes: memory one chunk's [rows x vocab] buffers may use (default 1 GiB on GPU, 256 MiB on CPU).
         vocab_parallel: a head split over the vocabulary across ranks (tensor parallelism):
-            ``VocabShard(start, vocab_size, group)``; ``weight`` and ``bias`` are this rank's rows, labels
-            index the whole vocabulary, every rank passes the same tokens. Row states merge exactly
+            ``VocabShard(start, vocab_size, group)`` with ``weight`` and ``bias`` this rank's rows, or
+            ``weight.device_mesh`` for a ``Shard(0)`` DTensor ``weight``; labels index the whole
+            vocabulary, every rank passes the same tokens. Row states merge exactly
             across ranks; dW stays local, dX is all-reduced (backends/vocab_parallel.py). A dense
-            teacher's head is split the same way (``teacher_weight`` holds the same rows); a sparse
-            teacher's top-k ids index the whole vocabulary.
+            teacher's head is split the same way (the same rows, or a DTensor sharded alike) or whole
+            (sliced here); a sparse teacher's top-k ids index the whole vocabulary.
 
     Distillation (``kd_weight * KD`` added per token; the teacher gets no gradient): a dense teacher
     head (``teacher_hidden`` (..., Ht), ``teacher_weight`` (V, Ht), ``teacher_bias``) or a sparse
@@ -142,6 +144,10 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         with zero3_gathered(dict(weight=weight, bias=bias), dict(teacher_weight=teacher_weight,
                                                                  teacher_bias=teacher_bias)):
             return fused_linear_t3s_loss(**call)
+    if vocab_parallel is not None:
+        weight, bias, vocab_parallel = local_head(weight, bias, vocab_parallel)
+        teacher_weight = rows_of(teacher_weight, vocab_parallel, weight.shape[0], "teacher_weight")
+        teacher_bias = rows_of(teacher_bias, vocab_parallel, weight.shape[0], "teacher_bias")
     check_options(backend=backend, strategy=strategy, softcap=softcap, label_smoothing=label_smoothing,
                   z_loss=z_loss, ce_weight=ce_weight, temperature=1.0, reduction=reduction,
                   normalizer=normalizer, chunk_budget_bytes=chunk_budget_bytes, logit_scale=logit_scale)
@@ -195,7 +201,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                 bias: Optional[torch.Tensor] = None, softcap: Optional[float] = None, logit_scale: float = 1.0,
                 temperature: float = 1.0, ignore_index: int = -100, backend: str = "auto",
-                chunk_budget_bytes: Optional[int] = None, vocab_parallel: Optional[VocabShard] = None) -> TokenStats:
+                chunk_budget_bytes: Optional[int] = None, vocab_parallel=None) -> TokenStats:
     """Forward only: per-token statistics of
     ``softmax(logit_scale * softcap(hidden @ weight.T + bias) / temperature)`` (``logit_scale`` is the
     model's own logit multiplier, as in :func:`fused_linear_t3s_loss`).
@@ -208,6 +214,8 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         call = dict(locals())
         with zero3_gathered(dict(weight=weight, bias=bias)):
             return token_stats(**call)
+    if vocab_parallel is not None:
+        weight, bias, vocab_parallel = local_head(weight, bias, vocab_parallel)
     check_options(backend=backend, strategy="auto", softcap=softcap, label_smoothing=0.0, z_loss=0.0,
                   ce_weight=1.0, temperature=temperature, chunk_budget_bytes=chunk_budget_bytes,
                   logit_scale=logit_scale)

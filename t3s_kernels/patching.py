@@ -41,7 +41,6 @@ from .adapters.causal import causal_lm_loss
 from .adapters.masked_diffusion import dream_shift
 from .adapters.packing import block_diagonal_mask, is_packed, sequence_starts
 from .api import T3SLoss
-from .backends.vocab_parallel import VocabShard
 from .validation import is_dtensor
 
 MODES = ("causal", "masked_diffusion")
@@ -401,8 +400,8 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
             raise ValueError(f"{name}'s LM head weight is a DTensor not managed by FSDP2 (a tensor-parallel head?). "
                              "Say so explicitly: apply_t3s(model, tensor_parallel=True) computes the loss "
                              "vocabulary-parallel over its mesh; placements alone are not proof of tensor parallelism")
-        head_in, options["vocab_parallel"] = _local_vocab_shard(name, head_in)
-        _teacher_head_rows(name, options, options["vocab_parallel"], head_in.weight.shape[0])
+        _check_tensor_parallel_head(name, head_in)
+        options["vocab_parallel"] = head_in.weight.device_mesh  # the op runs on this rank's rows
     options.update(softcap=head_in.math.softcap, logit_scale=head_in.math.logit_scale)
     options.update({k: v for k, v in teacher.items() if v is not None})
     if mode == "masked_diffusion":
@@ -437,60 +436,14 @@ def _is_fsdp_module(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def _local_vocab_shard(name: str, head_in: HeadInputs):
-    """This rank's rows of a head sharded over the vocabulary (``Shard(0)`` on a 1-D mesh), and the
-    ``VocabShard`` saying where they sit: the loss then runs vocabulary-parallel (backends/vocab_parallel.py)."""
-    from torch.distributed.tensor import Shard
-
-    weight = head_in.weight
-    mesh = weight.device_mesh
-    if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
-        raise ValueError(f"{name}'s LM head is a DTensor with placements {tuple(weight.placements)} on a "
-                         f"{mesh.ndim}-D mesh; tensor_parallel=True handles a head sharded over the vocabulary "
-                         "(Shard(0)) on a 1-D mesh")
+def _check_tensor_parallel_head(name: str, head_in: HeadInputs) -> None:
+    """What the vocabulary-parallel loss of a tensor-parallel head cannot take (the op checks the rest:
+    a Shard(0) head on a 1-D mesh, a teacher split alike or whole)."""
     if is_dtensor(head_in.hidden):
         raise ValueError(f"{name}'s LM head input is a DTensor (sequence parallelism?); the vocabulary-parallel "
                          "loss takes the replicated hidden states")
-    if head_in.math.vocab is not None and head_in.math.vocab < weight.shape[0]:
+    if head_in.math.vocab is not None and head_in.math.vocab < head_in.weight.shape[0]:
         raise ValueError(f"{name} drops padded vocabulary rows; not supported with a tensor-parallel head")
-    local = weight.to_local()  # differentiable: the gradient reaches the sharded parameter as Shard(0)
-    group = mesh.get_group()
-    rows = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(mesh.size())]
-    torch.distributed.all_gather(rows, torch.tensor([local.shape[0]], device=local.device), group=group)
-    start = int(sum(int(r) for r in rows[:mesh.get_local_rank()]))
-    bias = None if head_in.bias is None else (head_in.bias.to_local() if is_dtensor(head_in.bias) else head_in.bias)
-    shard = VocabShard(start=start, vocab_size=int(weight.shape[0]), group=group)
-    return HeadInputs(head_in.hidden, local, bias, head_in.math, head_in.outputs), shard
-
-
-def _teacher_head_rows(name: str, options: dict, shard: VocabShard, rows: int) -> None:
-    """The teacher head's rows matching this rank's student rows, in ``options``: a ``Shard(0)``
-    DTensor of the same vocabulary on a mesh of the same size gives its local rows (the same split),
-    a whole plain head is sliced; anything else is refused."""
-    from torch.distributed.tensor import Shard
-
-    for key in ("teacher_weight", "teacher_bias"):
-        t = options.get(key)
-        if t is None:
-            continue
-        if is_dtensor(t):
-            if (tuple(t.placements) != (Shard(0),) or t.device_mesh.ndim != 1
-                    or t.device_mesh.size() != torch.distributed.get_world_size(shard.group)):
-                raise ValueError(f"{name}: {key} is a DTensor with placements {tuple(t.placements)} on a "
-                                 f"{t.device_mesh.ndim}-D mesh; a tensor-parallel student needs the teacher's head "
-                                 "sharded the same way (Shard(0) on the student's mesh) or whole")
-            if t.shape[0] != shard.vocab_size:
-                raise ValueError(f"{name}: {key} has {t.shape[0]} vocabulary rows, the student {shard.vocab_size}")
-            local = t.to_local()
-        elif t.shape[0] == shard.vocab_size:
-            local = t[shard.start:shard.start + rows]
-        else:
-            raise ValueError(f"{name}: {key} has {t.shape[0]} rows; a tensor-parallel student needs the teacher's "
-                             f"whole head ({shard.vocab_size} rows) or a Shard(0) DTensor split as the student's")
-        if local.shape[0] != rows:
-            raise ValueError(f"{name}: {key}'s local rows ({local.shape[0]}) are not the student's ({rows}); shard "
-                             "the teacher's head as the student's")
-        options[key] = local
 
 
 def _call_through_fsdp_head(head, hidden, compute):

@@ -45,8 +45,8 @@ def check_not_distributed(name: str, t: torch.Tensor) -> None:
     if is_dtensor(t):
         raise TypeError(f"{name} is a DTensor (placements {tuple(t.placements)}); the op takes plain tensors. "
                         "Under FSDP2, call it through the patched model (apply_t3s), whose head runs inside FSDP2's "
-                        f"all-gather; a head split over the vocabulary: pass {name}.to_local() with "
-                        "vocab_parallel=VocabShard(start, vocab_size, group)")
+                        f"all-gather; a head sharded over the vocabulary (tensor parallelism): say so with "
+                        f"vocab_parallel={name}.device_mesh")
     if is_zero3_partitioned(t):
         raise ValueError(f"{name} is a DeepSpeed ZeRO-3 partitioned parameter (ds_id {t.ds_id}, shape "
                          f"{tuple(t.shape)}) that was not gathered: call the op inside the engine's forward")

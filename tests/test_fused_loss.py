@@ -172,3 +172,28 @@ def test_no_grad_forward_computes_no_gradient(backend, strategy, monkeypatch):
     with torch.no_grad():
         out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], backend=backend, strategy=strategy)
     assert not out.loss.requires_grad and seen and not any(g is not None and g.any for g in seen)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_vocabulary_sized_gradient_outlives_backward(reduction):
+    """What the op saves for backward (with "mean": the fused dW in the weight's dtype, [V x H]) is
+    released with the graph: after backward no saved tensor is alive."""
+    import weakref
+
+    inputs = make_inputs(n=23, h=40, v=173, device="cpu")
+    x, w = inputs["hidden"].clone().requires_grad_(), inputs["weight"].clone().requires_grad_()
+    saved = []
+
+    def pack(t):
+        if t is not w and t is not x:  # the inputs themselves live on with the caller
+            saved.append((tuple(t.shape), weakref.ref(t)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], backend="torch", reduction=reduction)
+    if reduction == "mean":
+        assert (173, 40) in [shape for shape, _ in saved]  # dW, kept from forward to backward
+    out.loss.sum().backward()
+    del out
+    alive = [shape for shape, ref in saved if ref() is not None]
+    assert alive == [], alive

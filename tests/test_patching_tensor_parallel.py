@@ -98,12 +98,15 @@ def _tp_plan_worker(rank, port, folder, out_dir):
             out.loss.backward()
             results[kind] = {"loss": out.loss.detach(), **_grads(student)}
         head = student.lm_head.weight
-        local = head.to_local().detach()
-        start = rank * (-(-head.shape[0] // 2))  # DTensor's Shard(0): ceil-sized chunks in rank order
         with torch.no_grad():
             hidden = student.model(input_ids=ids).last_hidden_state
-        stats = t3s.token_stats(hidden[:, :-1], local, labels[:, 1:], backend="torch",
-                                vocab_parallel=t3s.VocabShard(start, head.shape[0], head.device_mesh.get_group()))
+        # The op on the Shard(0) DTensor itself, told it is tensor-parallel by its mesh.
+        stats = t3s.token_stats(hidden[:, :-1], head.detach(), labels[:, 1:], backend="torch",
+                                vocab_parallel=head.device_mesh)
+        try:
+            t3s.token_stats(hidden[:, :-1], head.detach(), labels[:, 1:], vocab_parallel=t3s.VocabShard(0, 257))
+        except TypeError as e:
+            results["refused"] = str(e)
         torch.save({"results": results, "stats": stats, "hidden": hidden}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -151,3 +154,4 @@ def test_tp_plan_auto_models_patched_are_exact(tmp_path):
         for key in ("logprob", "entropy"):
             assert_close(getattr(saved["stats"], key), getattr(whole, key), 1e-5, f"token_stats {key}")
         assert torch.equal(saved["stats"].correct, whole.correct)
+        assert "pass its local rows" in saved["results"]["refused"]

@@ -40,6 +40,72 @@ class VocabShard:
     group: Any = None
 
 
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local_head(weight, bias, vocab_parallel, name: str = "weight"):
+    """(this rank's weight rows, bias rows, ``VocabShard``) of a head split over the vocabulary.
+
+    ``vocab_parallel`` is a ``VocabShard`` (``weight`` already holds this rank's rows), or the
+    1-D ``DeviceMesh`` of a ``Shard(0)`` DTensor ``weight``: passing the mesh is the caller's
+    statement that the head is tensor-parallel (FSDP2's parameters carry the same placement, so it
+    is never inferred); its local rows (differentiable, the gradient reaches the DTensor as
+    Shard(0)) and their offset come from the DTensor's own layout, with no communication."""
+    if isinstance(vocab_parallel, VocabShard):
+        if _is_dtensor(weight):
+            raise TypeError(f"{name} is a DTensor; with vocab_parallel=VocabShard(...) pass its local rows "
+                            f"({name}.to_local()), or pass vocab_parallel={name}.device_mesh")
+        return weight, bias, vocab_parallel
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(vocab_parallel, DeviceMesh):
+        raise TypeError(f"vocab_parallel must be a VocabShard or the DeviceMesh of a Shard(0) DTensor {name}; got "
+                        f"{type(vocab_parallel).__name__}")
+    if not _is_dtensor(weight):
+        raise TypeError(f"vocab_parallel=<a DeviceMesh> is for a DTensor {name}; for plain local rows pass "
+                        "vocab_parallel=VocabShard(start, vocab_size, group)")
+    mesh = weight.device_mesh
+    if mesh != vocab_parallel or mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
+        raise ValueError(f"{name} is a DTensor with placements {tuple(weight.placements)} on a {mesh.ndim}-D mesh"
+                         f"{'' if mesh == vocab_parallel else ' other than vocab_parallel'}; the vocabulary-parallel "
+                         "loss handles a head sharded over the vocabulary (Shard(0)) on the 1-D mesh it is given")
+    _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
+    shard = VocabShard(start=int(offset[0]), vocab_size=int(weight.shape[0]), group=mesh.get_group())
+    local = weight.to_local()
+    return local, rows_of(bias, shard, local.shape[0], "bias"), shard
+
+
+def rows_of(t, shard: VocabShard, rows: int, name: str):
+    """This rank's ``rows`` of a per-vocabulary tensor (a bias, a teacher's head) for ``shard``: a
+    ``Shard(0)`` DTensor's local rows (split as the student's), a whole plain tensor's slice, or a
+    plain tensor that already holds them; anything else is refused."""
+    from torch.distributed.tensor import Shard
+
+    if t is None:
+        return None
+    if _is_dtensor(t):
+        if tuple(t.placements) != (Shard(0),) or t.device_mesh.ndim != 1 or t.shape[0] != shard.vocab_size:
+            raise ValueError(f"{name} is a DTensor with placements {tuple(t.placements)} and {t.shape[0]} rows; a "
+                             f"vocabulary-parallel head needs it sharded as the head (Shard(0) of "
+                             f"{shard.vocab_size} rows on the same mesh) or whole")
+        local = t.to_local()
+    elif t.shape[0] == shard.vocab_size and rows != shard.vocab_size:
+        local = t[shard.start:shard.start + rows]
+    else:
+        local = t
+    if local.shape[0] != rows:
+        raise ValueError(f"{name} has {local.shape[0]} rows on this rank, the head {rows}: give it whole "
+                         f"({shard.vocab_size} rows) or split as the head")
+    return local
+
+
 def check_shards(shard: VocabShard, local_rows: int, device: torch.device) -> None:
     """The ranks' shards must tile the vocabulary exactly (no gap, no overlap), or be refused."""
     import torch.distributed as dist
