@@ -9,7 +9,7 @@ import torch
 
 import t3s_kernels as t3s
 from t3s_kernels.bench import time_ms
-from t3s_kernels.ops import engines
+from t3s_kernels.ops import configs
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CONFIGS = [(128, 64, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3),
@@ -28,7 +28,7 @@ def main():
     logits = None  # free the N x V buffer before the sweep
     ref = t3s.token_stats(x, w, y).lse
     for bm, bn, bk, warps, stages in CONFIGS:
-        engines.KERNEL_CONFIGS["tile_forward"]["half"] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        configs.KERNEL_CONFIGS["tile_forward"]["half"] = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
                                                               num_stages=stages)
         err = (t3s.token_stats(x, w, y).lse - ref).abs().max().item()  # also the warm-up (compile)
         ms = time_ms(lambda: t3s.token_stats(x, w, y), dev, 3)

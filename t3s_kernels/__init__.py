@@ -11,8 +11,7 @@ from .api import T3SLoss, T3SLossOutput, TokenStats, fused_linear_t3s_loss, toke
 from .backends.vocab_parallel import VocabShard
 from .patching import apply_t3s, is_t3s_patched, revert_t3s
 from .reference import reference_t3s_loss
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "fused_linear_t3s_loss",

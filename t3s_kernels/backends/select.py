@@ -41,7 +41,7 @@ def make_engine(device: torch.device, backend: str, strategy: str, chunk_budget_
     if not triton_available(device):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the triton package; "
                          f"got tensors on {device}")
-    from ..ops.engines import TileEngine, TritonEpilogue  # the Triton engines import triton: only when asked
+    from .triton_engines import TileEngine, TritonEpilogue  # they import triton: only when asked
 
     strategy = DEFAULT_STRATEGY if strategy == "auto" else strategy
     if strategy == "tile":

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every kernel for a GPU target, without a GPU.
 
 Triton compiles to PTX and cubin for any CUDA target on a CPU-only machine. This builds
-each kernel with exactly the launch configurations of ``engines.KERNEL_CONFIGS`` and reads
+each kernel with exactly the launch configurations of ``configs.KERNEL_CONFIGS`` and reads
 back what matters for performance: shared memory (Triton's metadata), registers and
 spills (``ptxas -v`` on the generated PTX). ``python -m t3s_kernels.ops.aot`` prints it.
 """
@@ -20,8 +20,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .chunk_epilogue import chunk_epilogue_kernel
+from .configs import KERNEL_CONFIGS
 from .distill_epilogue import distill_epilogue_kernel
-from .engines import KERNEL_CONFIGS
 from .tile_backward import tile_backward_kernel
 from .tile_distill import (
     merge_distill_splits_kernel,
@@ -46,6 +46,7 @@ KERNELS = {
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _INPUT_POINTERS = {"X", "W", "B", "DZ", "Xt", "Wt", "Bt"}  # in the inputs' dtype
 _FP32_POINTERS = {"PART", "OUT", "LSE", "G", "DX", "DW", "DB", "L", "Lt", "LSE_S", "LSE_T", "STATS"}
+_INT_SCALARS = {"N", "V", "H", "Ht", "C", "VC", "col0", "n_splits", "blocks_per_split"}  # and every stride_*
 _FLOAT_SCALARS = {"softcap", "logit_scale", "ce_weight", "smoothing", "inv_vocab", "z_loss", "kd_coef", "inv_temp",
                   "beta", "log_beta", "log_1m_beta"}
 # The most demanding variant of each feature flag.
@@ -79,8 +80,13 @@ def _signature(kernel, dtype: torch.dtype, config: dict):
             signature[name] = "*" + _TRITON_DTYPE[dtype]
         elif name in _FP32_POINTERS or name.startswith("STATE_"):
             signature[name] = "*fp32"
-        else:
-            signature[name] = "fp32" if name in _FLOAT_SCALARS else "i32"
+        elif name in _FLOAT_SCALARS:
+            signature[name] = "fp32"
+        elif name in _INT_SCALARS or name.startswith("stride_"):
+            signature[name] = "i32"
+        else:  # a new parameter must be typed here: guessing would compile a float as an int silently
+            raise ValueError(f"aot: {kernel.fn.__name__} has a parameter {name!r} of no known type; add it to "
+                             "_INPUT_POINTERS, _FP32_POINTERS, _FLOAT_SCALARS or _INT_SCALARS")
     return signature, constexprs
 
 

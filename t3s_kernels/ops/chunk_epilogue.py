@@ -10,9 +10,11 @@ With both flags one kernel does logsumexp, statistics and gradient in two sweeps
 the row (one read for the state, one read + one write for the gradient).
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from .configs import kernel_config
 from .online_softmax import (
     block_softmax_state,
     finish_softmax_state,
@@ -70,3 +72,26 @@ def chunk_epilogue_kernel(L, stride_l, DZ, stride_dz, Y, STATE_M, STATE_D, STATE
             dz = loss_grad_wrt_logits(s, col_valid[None, :], cols[None, :] == y[:, None], lse, g, ce_weight,
                                       smoothing, inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP)
             tl.store(dz_row + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+def chunk_epilogue(logits, labels, col0: int, scalars: dict, has_softcap: bool, has_smoothing: bool, *,
+                   state=None, lse=None, row_scale=None, out_dtype=None):
+    """Run the epilogue over a chunk's float32 ``logits`` (columns from ``col0``): with ``state``
+    (the rows' m, d, u, label_logit, sum_logits, updated in place) fold them in; with ``row_scale``
+    return dL/dz (over ``logits`` itself for float32 ``out_dtype``), from ``lse`` or the finished state."""
+    rows, width = logits.shape
+    grad = row_scale is not None
+    dz = None
+    if grad:
+        dz = logits if out_dtype == torch.float32 else torch.empty(rows, width, device=logits.device,
+                                                                   dtype=out_dtype)
+    cfg = kernel_config("chunk_epilogue", out_dtype or torch.float32)
+    dummy = logits
+    m, d, u, label_logit, sum_logits = state if state is not None else (dummy,) * 5
+    chunk_epilogue_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
+        logits, logits.stride(0), dz if dz is not None else dummy, dz.stride(0) if dz is not None else 0,
+        labels, m, d, u, label_logit, sum_logits, lse if lse is not None else dummy,
+        row_scale.float().contiguous() if grad else dummy,
+        rows, width, col0, ACCUMULATE=state is not None, GRAD=grad, HAS_SOFTCAP=has_softcap,
+        HAS_SMOOTHING=has_smoothing, **scalars, **cfg)
+    return dz

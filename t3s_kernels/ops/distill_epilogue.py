@@ -15,9 +15,11 @@ KD_MODE: 1 forward KL, 2 reverse KL, 3 JSD with 0 < beta < 1 (beta 0 / 1 are mod
 ``log_beta`` and ``log_1m_beta`` come from the host (finite, as mode 3 has 0 < beta < 1).
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from .configs import kernel_config
 from .online_softmax import (
     finish_softmax_state,
     fold_kd_block,
@@ -103,3 +105,25 @@ def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT
                                       smoothing, inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP,
                                       extra_ds=kd_coef * dkd)
             tl.store(dz_row + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
+
+
+# The output planes: the student's final state (tile_forward.STATE_PLANES), then the per-row KD.
+N_OUT = 6
+
+
+def distill_epilogue(logits, teacher_logits, labels, row_scale, scalars: dict, kd_mode: int, has_softcap: bool,
+                     has_smoothing: bool, out_dtype):
+    """([N_OUT, rows] float32 statistics and KD, dL/dz or None) of a chunk of both heads' float32
+    logits; dL/dz over ``logits`` itself for float32 ``out_dtype``."""
+    rows, width = logits.shape
+    grad = row_scale is not None
+    dz = (logits if out_dtype == torch.float32 else torch.empty(rows, width, device=logits.device,
+                                                                dtype=out_dtype)) if grad else None
+    out = torch.empty(N_OUT, rows, device=logits.device, dtype=torch.float32)
+    cfg = kernel_config("distill_epilogue", out_dtype)
+    distill_epilogue_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
+        logits, teacher_logits, logits.stride(0), teacher_logits.stride(0), dz if grad else logits,
+        dz.stride(0) if grad else 0, labels, row_scale.float().contiguous() if grad else logits, out,
+        rows, width, KD_MODE=kd_mode, GRAD=grad, HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=has_smoothing,
+        **scalars, **cfg)
+    return out, dz

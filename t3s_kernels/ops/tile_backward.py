@@ -13,6 +13,7 @@ W tile is read from DRAM once and from L2 by the rest of its column.
 import triton
 import triton.language as tl
 
+from .configs import dot_flags, grad_buffers, kernel_config
 from .head_tile import backward_tile_coords, head_logits_tile, push_tile_grads
 from .online_softmax import loss_grad_wrt_logits, transform_logits
 
@@ -37,3 +38,22 @@ def tile_backward_kernel(X, W, B, Y, LSE, G, DX, DW, DB, N, V, H,
                               inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP)
     push_tile_grads(dz, X, W, DX, DW, DB, rows, cols, row_valid, col_valid, H, stride_xn, stride_xh, stride_wv,
                     stride_wh, COMPUTE_DX, COMPUTE_DW, COMPUTE_DB, DOT_PRECISION, UPCAST, BLOCK_K)
+
+
+def tile_backward(x, weight, bias, labels, lse, row_scale, scalars: dict, has_softcap: bool, compute_dx: bool,
+                  compute_dw: bool, compute_db: bool):
+    """float32 (dX, dW, db) of ``sum_i row_scale_i * l_i`` (None where not computed); ``scalars``: softcap,
+    logit_scale, ce_weight, smoothing, inv_vocab, z_loss."""
+    n, h = x.shape
+    vocab = weight.shape[0]
+    dx, dw, db = grad_buffers(n, h, vocab, x.device, compute_dx, compute_dw, compute_db and bias is not None)
+    if n:
+        cfg = kernel_config("tile_backward", x.dtype)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(vocab, cfg["BLOCK_N"]),)
+        tile_backward_kernel[grid](
+            x, weight, bias if bias is not None else x, labels, lse, row_scale.float().contiguous(),
+            lse if dx is None else dx, lse if dw is None else dw, lse if db is None else db,
+            n, vocab, h, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap, COMPUTE_DX=dx is not None,
+            COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, **dot_flags(x.dtype), **scalars, **cfg)
+    return dx, dw, db

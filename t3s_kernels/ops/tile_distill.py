@@ -10,9 +10,11 @@ tile, recompute both tiles, CE + KD gradient (``kd_grad_wrt_student``), atomics 
 as in the plain tile backward. The teacher gets no gradient.
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from .configs import check_int32_offsets, dot_flags, grad_buffers, kernel_config, vocab_splits
 from .head_tile import backward_tile_coords, head_logits_tile, push_tile_grads
 from .online_softmax import (
     finish_softmax_state,
@@ -28,7 +30,9 @@ from .online_softmax import (
 )
 
 N_PARTIAL = 11  # m, d, u, label, sum | m_s, d_s, A_r | m_t, d_t, A_f
-N_FINAL = 9  # lse, label, sum, entropy, max | lse_s, lse_t, KL(q||p), KL(p||q)
+# The final planes: the student's state (tile_forward.STATE_PLANES), then these.
+KD_PLANES = ("lse_s", "lse_t", "kl_forward", "kl_reverse")
+N_FINAL = 5 + len(KD_PLANES)
 
 
 @triton.jit
@@ -178,3 +182,65 @@ def tile_distill_backward_kernel(X, W, B, Xt, Wt, Bt, Y, STATS, G, DX, DW, DB, N
                               inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP, extra_ds=kd_coef * dkd)
     push_tile_grads(dz, X, W, DX, DW, DB, rows, cols, row_valid, col_valid, H, stride_xn, stride_xh, stride_wv,
                     stride_wh, COMPUTE_DX, COMPUTE_DW, COMPUTE_DB, DOT_PRECISION, UPCAST, BLOCK_K)
+
+
+def _teacher_layout(hidden, weight, bias):
+    """The teacher's pointers (a missing bias replaced by any pointer) and (Ht, strides)."""
+    check_int32_offsets(hidden, weight)
+    return (hidden, weight, bias if bias is not None else hidden), \
+        (hidden.shape[1], hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+
+
+def tile_distill_forward(x, weight, bias, labels, teacher: tuple, scalars: dict, kd_scalars: dict,
+                         has_softcap: bool, has_smoothing: bool, jsd: bool):
+    """(the [N_FINAL, n] final planes, [2, n] sums of KL(p || m) and KL(q || m) when ``jsd`` else None)
+    of rows ``x`` and the teacher's ``(hidden, weight, bias)``; ``scalars``: softcap, logit_scale;
+    ``kd_scalars``: inv_temp, log_beta, log_1m_beta."""
+    check_int32_offsets(x, weight)
+    n, h = x.shape
+    vocab = weight.shape[0]
+    t_ptrs, t_dims = _teacher_layout(*teacher)
+    cfg = kernel_config("tile_distill_forward", x.dtype)
+    n_row_blocks, splits, blocks_per_split = vocab_splits(n, vocab, cfg, x.device)
+    common = (x, weight, bias if bias is not None else x, *t_ptrs)
+    shapes = (n, vocab, h, t_dims[0], x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *t_dims[1:])
+    flags = dict(HAS_BIAS=bias is not None, HAS_TEACHER_BIAS=teacher[2] is not None, HAS_SOFTCAP=has_softcap,
+                 **dot_flags(x.dtype))
+    part = torch.empty(N_PARTIAL, splits, n, device=x.device, dtype=torch.float32)
+    tile_distill_forward_kernel[(n_row_blocks, splits)](
+        *common, labels, part, *shapes, inv_temp=kd_scalars["inv_temp"], blocks_per_split=blocks_per_split,
+        HAS_SMOOTHING=has_smoothing, **scalars, **flags, **cfg)
+    final = torch.empty(N_FINAL, n, device=x.device, dtype=torch.float32)
+    mcfg = kernel_config("merge_distill_splits", x.dtype)
+    merge_distill_splits_kernel[(triton.cdiv(n, mcfg["BLOCK"]),)](part, final, n, splits, **mcfg)
+    if not jsd:
+        return final, None
+    jcfg = kernel_config("tile_jsd", x.dtype)
+    j_row_blocks, j_splits, j_per_split = vocab_splits(n, vocab, jcfg, x.device)
+    jpart = torch.empty(2, j_splits, n, device=x.device, dtype=torch.float32)
+    lse_s, lse_t = final[5], final[6]
+    tile_jsd_kernel[(j_row_blocks, j_splits)](
+        *common, lse_s, lse_t, jpart, *shapes, blocks_per_split=j_per_split, **scalars, **kd_scalars, **flags,
+        **jcfg)
+    return final, jpart.sum(1)
+
+
+def tile_distill_backward(x, weight, bias, labels, aux, teacher: tuple, row_scale, scalars: dict, kd_mode: int,
+                          has_softcap: bool, compute_dx: bool, compute_dw: bool, compute_db: bool):
+    """float32 (dX, dW, db) of CE + KD from ``aux`` (lse, lse_s, lse_t, KL(p || q), KL(p || m); 5 x n);
+    ``scalars``: the head's, the gradient's and the KD's (kd_coef, inv_temp, beta, log_beta, log_1m_beta)."""
+    n, h = x.shape
+    vocab = weight.shape[0]
+    t_ptrs, t_dims = _teacher_layout(*teacher)
+    dx, dw, db = grad_buffers(n, h, vocab, x.device, compute_dx, compute_dw, compute_db and bias is not None)
+    if n:
+        cfg = kernel_config("tile_distill_backward", x.dtype)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(vocab, cfg["BLOCK_N"]),)
+        tile_distill_backward_kernel[grid](
+            x, weight, bias if bias is not None else x, *t_ptrs, labels, aux.contiguous(),
+            row_scale.float().contiguous(), aux if dx is None else dx, aux if dw is None else dw,
+            aux if db is None else db, n, vocab, h, t_dims[0], x.stride(0), x.stride(1), weight.stride(0),
+            weight.stride(1), *t_dims[1:], KD_MODE=kd_mode, HAS_BIAS=bias is not None,
+            HAS_TEACHER_BIAS=teacher[2] is not None, HAS_SOFTCAP=has_softcap, COMPUTE_DX=dx is not None,
+            COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, **dot_flags(x.dtype), **scalars, **cfg)
+    return dx, dw, db

@@ -7,9 +7,11 @@ there are few token blocks; their partial states (5 floats a row a split, a hand
 splits) are merged by ``merge_splits_kernel``. Cost: one matmul's FLOPs, O(N) memory.
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from .configs import check_int32_offsets, dot_flags, kernel_config, vocab_splits
 from .head_tile import head_logits_tile
 from .online_softmax import (
     block_softmax_state,
@@ -19,8 +21,10 @@ from .online_softmax import (
     transform_logits,
 )
 
-# Order of the quantities in the partial / final state buffers.
-N_STATE = 5  # partial: m, d, u, label_logit, sum_logits; final: lse, label_logit, sum_logits, entropy, max
+# The final state's planes, in the order the kernels store them (online_softmax.store_row_stats);
+# a partial state's planes are m, d, u, label_logit, sum_logits.
+STATE_PLANES = ("lse", "label_logit", "sum_logits", "entropy", "max_logit")
+N_STATE = len(STATE_PLANES)
 
 
 @triton.jit
@@ -88,3 +92,23 @@ def merge_splits_kernel(PART, OUT, N, n_splits, BLOCK: tl.constexpr):
         sum_logits += tl.load(part + 4 * plane, mask=valid, other=0.0)
     lse, entropy = finish_softmax_state(m, d, u)
     store_row_stats(OUT, N, rows, valid, lse, label_logit, sum_logits, entropy, m)
+
+
+def tile_forward(x, weight, bias, labels, scalars: dict, has_softcap: bool, has_smoothing: bool) -> torch.Tensor:
+    """The [N_STATE, n] float32 final state (``STATE_PLANES``) of rows ``x`` through the head;
+    ``scalars``: softcap, logit_scale."""
+    check_int32_offsets(x, weight)
+    n, h = x.shape
+    vocab = weight.shape[0]
+    cfg = kernel_config("tile_forward", x.dtype)
+    n_row_blocks, splits, blocks_per_split = vocab_splits(n, vocab, cfg, x.device)
+    part = torch.empty(N_STATE, splits, n, device=x.device, dtype=torch.float32)
+    tile_forward_kernel[(n_row_blocks, splits)](
+        x, weight, bias if bias is not None else x, labels, part, n, vocab, h,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        blocks_per_split=blocks_per_split, HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
+        HAS_SMOOTHING=has_smoothing, **dot_flags(x.dtype), **scalars, **cfg)
+    out = torch.empty(N_STATE, n, device=x.device, dtype=torch.float32)
+    mcfg = kernel_config("merge_splits", x.dtype)
+    merge_splits_kernel[(triton.cdiv(n, mcfg["BLOCK"]),)](part, out, n, splits, **mcfg)
+    return out

@@ -136,7 +136,7 @@ def weights_fingerprint(model, samples: int = 4096) -> str:
 
 def scoring_producer(model, protocol: str, **params) -> dict:
     """What produced a score set: recorded with it, and compared when it is resumed."""
-    from .. import __version__
+    from ..version import __version__
 
     dtype = next(model.parameters()).dtype
     return {"model": str(getattr(model.config, "_name_or_path", "")), "model_type": model.config.model_type,

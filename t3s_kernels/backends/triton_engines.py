@@ -1,0 +1,157 @@
+"""The two Triton engines over the kernels' launchers (ops/): the tile strategy, and the chunked
+strategy's Triton epilogue. Here a head's options (``HeadOptions``) become the kernels' scalar
+arguments, and their output planes become ``RowStats`` / ``HeadGrads``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..ops.chunk_epilogue import chunk_epilogue
+from ..ops.distill_epilogue import distill_epilogue
+from ..ops.tile_backward import tile_backward
+from ..ops.tile_distill import KD_PLANES, tile_distill_backward, tile_distill_forward
+from ..ops.tile_forward import STATE_PLANES, tile_forward
+from ..options import GradRequest, HeadOptions
+from .base import HeadGrads, OnlineState, RowStats
+from .distill import distill_chunk
+
+KD_MODES = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
+
+
+def kd_mode(opts: HeadOptions) -> int:
+    """The distillation kernels' KD_MODE; JSD with beta 0 / 1 is the forward / reverse KL."""
+    if opts.kd_loss == "jsd" and opts.jsd_beta in (0.0, 1.0):
+        return 1 if opts.jsd_beta == 0.0 else 2
+    return KD_MODES[opts.kd_loss]
+
+
+def head_scalars(opts: HeadOptions) -> dict:
+    return dict(softcap=float(opts.softcap or 1.0), logit_scale=float(opts.logit_scale))
+
+
+def grad_scalars(opts: HeadOptions) -> dict:
+    return dict(ce_weight=opts.ce_weight, smoothing=opts.label_smoothing, inv_vocab=1.0 / opts.vocab_size,
+                z_loss=opts.z_loss)
+
+
+def kd_scalars(opts: HeadOptions) -> dict:
+    """inv_temp, and log(beta), log(1 - beta) for the JSD (finite there: 0 < beta < 1)."""
+    jsd = kd_mode(opts) == 3
+    return dict(inv_temp=1.0 / opts.kd_temperature, log_beta=math.log(opts.jsd_beta) if jsd else 0.0,
+                log_1m_beta=math.log(1.0 - opts.jsd_beta) if jsd else 0.0)
+
+
+def kd_grad_scalars(opts: HeadOptions) -> dict:
+    """The KD term's coefficient (times T^2 with kd_t2_scaling) and the scalars of its gradient."""
+    t2 = opts.kd_temperature ** 2 if opts.kd_t2_scaling else 1.0
+    return dict(kd_coef=opts.kd_weight * t2, beta=float(opts.jsd_beta), **kd_scalars(opts))
+
+
+def row_stats(planes, kd=None) -> RowStats:
+    """``RowStats`` from a kernel's final-state planes (``STATE_PLANES`` order)."""
+    return RowStats(**dict(zip(STATE_PLANES, planes)), kd=kd)
+
+
+def _head_grads(x, dx, dw, db) -> HeadGrads:
+    return HeadGrads(hidden=None if dx is None else dx.to(x.dtype), weight=dw, bias=db)
+
+
+def _teacher(teacher) -> tuple:
+    if not teacher.dense:
+        raise ValueError("a sparse (top-k) teacher runs on the chunked strategies; use strategy='chunked'")
+    return teacher.hidden, teacher.weight, teacher.bias
+
+
+class TileEngine:
+    """Triton tile strategy: forward tile kernel (1 matmul), backward tile kernel (3 more).
+    With a teacher: both heads' tiles side by side (ops/tile_distill.py); the backward recomputes
+    the forward's per-row terms first (one more forward of both heads)."""
+
+    fuses_backward = False
+
+    @staticmethod
+    def _distill_forward(x, weight, bias, labels, teacher, opts: HeadOptions):
+        """Statistics with the per-row KD, and the per-row terms the backward needs (5 x n)."""
+        final, jsd_sums = tile_distill_forward(x, weight, bias, labels, _teacher(teacher), head_scalars(opts),
+                                               kd_scalars(opts), opts.has_softcap, opts.has_smoothing,
+                                               jsd=kd_mode(opts) == 3)
+        student, kd_planes = final[:len(STATE_PLANES)], dict(zip(KD_PLANES, final[len(STATE_PLANES):]))
+        mode = kd_mode(opts)
+        kl_pm = student[0].new_zeros(student[0].shape)
+        if mode == 1:
+            kd = kd_planes["kl_forward"]
+        elif mode == 2:
+            kd = kd_planes["kl_reverse"]
+        else:
+            kl_pm, kl_qm = jsd_sums
+            kd = opts.jsd_beta * kl_qm + (1.0 - opts.jsd_beta) * kl_pm
+        aux = (student[0], kd_planes["lse_s"], kd_planes["lse_t"], kd_planes["kl_reverse"], kl_pm)
+        return row_stats(student, kd), torch.stack(aux)
+
+    @staticmethod
+    def _distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts: HeadOptions, grads: GradRequest):
+        scalars = {**head_scalars(opts), **grad_scalars(opts), **kd_grad_scalars(opts)}
+        return _head_grads(x, *tile_distill_backward(x, weight, bias, labels, aux, _teacher(teacher), row_scale,
+                                                     scalars, kd_mode(opts), opts.has_softcap, grads.hidden,
+                                                     grads.weight, grads.bias))
+
+    @staticmethod
+    def _backward(x, weight, bias, labels, lse, row_scale, opts: HeadOptions, grads: GradRequest) -> HeadGrads:
+        return _head_grads(x, *tile_backward(x, weight, bias, labels, lse, row_scale,
+                                             {**head_scalars(opts), **grad_scalars(opts)}, opts.has_softcap,
+                                             grads.hidden, grads.weight, grads.bias))
+
+    def forward(self, x, weight, bias, labels, opts: HeadOptions, row_scale=None,
+                grads: GradRequest = GradRequest(), teacher=None):
+        want_grads = row_scale is not None and grads.any
+        if teacher is not None:
+            stats, aux = self._distill_forward(x, weight, bias, labels, teacher, opts)
+            return stats, self._distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts, grads) \
+                if want_grads else None
+        stats = row_stats(tile_forward(x, weight, bias, labels, head_scalars(opts), opts.has_softcap,
+                                       opts.has_smoothing))
+        return stats, self._backward(x, weight, bias, labels, stats.lse, row_scale, opts, grads) \
+            if want_grads else None
+
+    def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions, grads: GradRequest,
+                 teacher=None):
+        if teacher is not None:
+            _, aux = self._distill_forward(x, weight, bias, labels, teacher, opts)
+            return self._distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts, grads)
+        return self._backward(x, weight, bias, labels, lse, row_scale, opts, grads)
+
+
+class TritonEpilogue:
+    """The chunked strategy's per-chunk epilogue as one Triton kernel (ops/chunk_epilogue.py)."""
+
+    bytes_per_logit = 6  # the fp32 logits, plus a half-precision gradient buffer for half inputs
+    distill_bytes_per_logit = 10  # both heads' fp32 logits and the half gradient
+
+    def distill(self, logits, labels, teacher_logits, teacher, row_scale, opts: HeadOptions, out_dtype):
+        """Student + dense teacher chunk in one kernel (ops/distill_epilogue.py); a sparse teacher's
+        divergence over its top-k support runs in PyTorch on the same chunk."""
+        if not teacher.dense:
+            return distill_chunk(logits, labels, None, teacher, row_scale, opts, out_dtype)
+        scalars = {**head_scalars(opts), **grad_scalars(opts), **kd_grad_scalars(opts)}
+        out, dz = distill_epilogue(logits, teacher_logits, labels, row_scale, scalars, kd_mode(opts),
+                                   opts.has_softcap, opts.has_smoothing, out_dtype)
+        return row_stats(out[:len(STATE_PLANES)], kd=out[len(STATE_PLANES)]), dz
+
+    def _launch(self, logits, labels, col0, opts, *, state: Optional[OnlineState] = None, lse=None,
+                row_scale=None, out_dtype=None):
+        planes = None if state is None else (state.m, state.d, state.u, state.label_logit, state.sum_logits)
+        return chunk_epilogue(logits, labels, col0, {**head_scalars(opts), **grad_scalars(opts)}, opts.has_softcap,
+                              opts.has_smoothing, state=planes, lse=lse, row_scale=row_scale, out_dtype=out_dtype)
+
+    def accumulate(self, logits, labels, col0, state, opts):
+        self._launch(logits, labels, col0, opts, state=state)
+
+    def gradient(self, logits, labels, col0, lse, row_scale, opts, out_dtype):
+        return self._launch(logits, labels, col0, opts, lse=lse.contiguous(), row_scale=row_scale,
+                            out_dtype=out_dtype)
+
+    def accumulate_and_gradient(self, logits, labels, state, row_scale, opts, out_dtype):
+        return self._launch(logits, labels, 0, opts, state=state, row_scale=row_scale, out_dtype=out_dtype)
