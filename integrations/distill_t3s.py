@@ -42,7 +42,7 @@ def main(argv=None):
     teacher = tiny_causal_lm("qwen3", seed=1, hidden_size=96, head_dim=24)  # a different hidden size
     student = tiny_causal_lm("qwen3", seed=0)
     t3s.apply_t3s(student, teacher_weight=teacher.lm_head.weight, kd_weight=0.5, kd_loss=args.kd_loss,
-                  temperature=2.0)
+                  kd_temperature=2.0)
     data = Dataset.from_list(synthetic_traces(64)).remove_columns(["id", "prompt_length"])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = DistillTrainer(

@@ -91,7 +91,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           teacher_topk_ids: Optional[torch.Tensor] = None,
                           teacher_topk_logprobs: Optional[torch.Tensor] = None,
                           ce_weight: float = 1.0, kd_weight: float = 0.0, kd_loss: str = "forward_kl",
-                          jsd_beta: float = 0.5, temperature: float = 1.0, kd_t2_scaling: bool = False,
+                          jsd_beta: float = 0.5, kd_temperature: float = 1.0, kd_t2_scaling: bool = False,
                           sparse_tail: str = "renormalize",
                           ignore_index: int = -100, label_smoothing: float = 0.0,
                           z_loss: float = 0.0, softcap: Optional[float] = None, logit_scale: float = 1.0,
@@ -105,7 +105,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Per token ``l_i = ce_weight * CE_i (label smoothing) + z_loss * lse_i^2`` on the logits
     ``logit_scale * softcap * tanh((hidden @ weight.T + bias) / softcap)`` (a model's own logit
     multiplier, e.g. Cohere's ``logit_scale`` or 1 / Granite's ``logits_scaling``; the KD term's
-    ``temperature`` divides these). A token contributes when its
+    ``kd_temperature`` divides these). A token contributes when its
     label is not ``ignore_index`` and its weight is not 0; "sum" is ``sum_i w_i l_i``, "mean"
     divides it by the number of contributing tokens, ``normalizer`` (e.g. num_items_in_batch)
     replaces that divisor; "none" returns ``w_i l_i`` per token (0 where not contributing).
@@ -130,8 +130,8 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     head (``teacher_hidden`` (..., Ht), ``teacher_weight`` (V, Ht), ``teacher_bias``) or a sparse
     top-k cache (``teacher_topk_ids``, ``teacher_topk_logprobs`` (..., K), with ``sparse_tail``
     "renormalize" or "bucket"); ``kd_loss`` "forward_kl" (KL(teacher || student)), "reverse_kl" or
-    "jsd" (mixture weight ``jsd_beta``; 0 and 1 give the two KLs); ``temperature`` divides both
-    heads' logits in the KD term, ``kd_t2_scaling`` multiplies it by temperature^2. See
+    "jsd" (mixture weight ``jsd_beta``; 0 and 1 give the two KLs); ``kd_temperature`` divides both
+    heads' logits in the KD term, ``kd_t2_scaling`` multiplies it by kd_temperature^2. See
     backends/distill.py, ops/distill_epilogue.py and ops/tile_distill.py: every strategy carries the
     teacher (a sparse one: the chunked strategies); ``out.kd`` is the per-token KD.
 
@@ -158,7 +158,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     has_teacher = check_teacher(hidden, weight, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
                                 teacher_bias=teacher_bias, teacher_topk_ids=teacher_topk_ids,
                                 teacher_topk_logprobs=teacher_topk_logprobs, kd_weight=kd_weight, kd_loss=kd_loss,
-                                jsd_beta=jsd_beta, temperature=temperature, sparse_tail=sparse_tail)
+                                jsd_beta=jsd_beta, kd_temperature=kd_temperature, sparse_tail=sparse_tail)
     if token_weights is not None and token_weights.requires_grad and torch.is_grad_enabled():
         raise ValueError("token_weights require grad, but the fused op gives them no gradient; pass "
                          "token_weights.detach() (or compute weights that need a gradient outside the op)")
@@ -170,7 +170,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     w = None if token_weights is None else token_weights.reshape(-1)
     teacher = None
     if has_teacher:
-        flat = (lambda t: None if t is None else t.reshape(-1, t.shape[-1]).detach())  # noqa: E731
+        flat = (lambda t: None if t is None else t.reshape(-1, t.shape[-1]).detach())
         teacher = TeacherRows(hidden=flat(teacher_hidden), weight=None if teacher_weight is None else
                               teacher_weight.detach(), bias=None if teacher_bias is None else teacher_bias.detach(),
                               topk_ids=None if teacher_topk_ids is None else flat(teacher_topk_ids).long(),
@@ -180,7 +180,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         opts=HeadOptions(vocab_size=vocab, softcap=softcap, logit_scale=float(logit_scale),
                          ce_weight=float(ce_weight),
                          label_smoothing=float(label_smoothing), z_loss=float(z_loss), kd_weight=float(kd_weight),
-                         kd_loss=kd_loss, jsd_beta=float(jsd_beta), kd_temperature=float(temperature),
+                         kd_loss=kd_loss, jsd_beta=float(jsd_beta), kd_temperature=float(kd_temperature),
                          kd_t2_scaling=bool(kd_t2_scaling), sparse_tail=sparse_tail),
         ignore_index=ignore_index, reduction=reduction,
         normalizer=None if normalizer is None or isinstance(normalizer, torch.Tensor) else float(normalizer),
@@ -262,7 +262,7 @@ class T3SLoss(torch.nn.Module):
                       reduction=probe.get("reduction", "mean"), normalizer=probe.get("normalizer"),
                       chunk_budget_bytes=probe.get("chunk_budget_bytes"), logit_scale=probe.get("logit_scale", 1.0))
         check_kd_options(kd_weight=probe.get("kd_weight", 0.0), kd_loss=probe.get("kd_loss", "forward_kl"),
-                         jsd_beta=probe.get("jsd_beta", 0.5), temperature=probe.get("temperature", 1.0),
+                         jsd_beta=probe.get("jsd_beta", 0.5), kd_temperature=probe.get("kd_temperature", 1.0),
                          sparse_tail=probe.get("sparse_tail", "renormalize"))
         check_ignore_index(probe.get("ignore_index", -100))
         for flag in ("kd_t2_scaling", "return_stats"):

@@ -218,7 +218,7 @@ def _head_loss(x, weight, bias, labels, token_weights, normalizer, teacher_hidde
     with no_autocast(device):
         rows = _rows(labels, token_weights, normalizer, cfg)
         # The teacher's rows follow the student's through every compaction; it gets no gradient.
-        teacher_kw = (lambda index: {} if teacher is None else {"teacher": teacher.rows(index)})  # noqa: E731
+        teacher_kw = (lambda index: {} if teacher is None else {"teacher": teacher.rows(index)})
         stats_parts, index_parts = [], []
         head_grads: Optional[HeadGrads] = None
         if rows.n_contrib:

@@ -653,7 +653,7 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
     """Patch ``model`` (an instance; with ``patch_class=True`` its class, for every instance) so that
     training forwards with labels use the fused loss. ``loss_options`` are ``fused_linear_t3s_loss``'s
     (``label_smoothing``, ``z_loss``, ``backend``, ``strategy``, ...; for distillation
-    ``teacher_weight=teacher.lm_head.weight``, ``kd_weight``, ``kd_loss``, ``temperature``, and then
+    ``teacher_weight=teacher.lm_head.weight``, ``kd_weight``, ``kd_loss``, ``kd_temperature``, and then
     ``teacher_hidden=`` or ``teacher_topk_ids=``/``teacher_topk_logprobs=`` in each forward call).
     The model's own head math (logit scale, soft cap) and ``ignore_index`` (a forward argument, as
     in HuggingFace) come from the model and the call.

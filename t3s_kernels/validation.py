@@ -158,21 +158,21 @@ def normalizer_value(normalizer: torch.Tensor) -> float:
     return value
 
 
-def check_kd_options(*, kd_weight=0.0, kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0,
+def check_kd_options(*, kd_weight=0.0, kd_loss="forward_kl", jsd_beta=0.5, kd_temperature=1.0,
                      sparse_tail="renormalize") -> None:
     check_choice("kd_loss", kd_loss, KD_LOSSES)
     check_choice("sparse_tail", sparse_tail, SPARSE_TAILS)
     check_number("kd_weight", kd_weight, low=0)
     check_number("jsd_beta", jsd_beta, low=0, high=1)
-    check_number("temperature", temperature, low=0, low_open=True)
+    check_number("kd_temperature", kd_temperature, low=0, low_open=True)
 
 
 def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
                   teacher_topk_ids=None, teacher_topk_logprobs=None, kd_weight=0.0, kd_loss="forward_kl",
-                  jsd_beta=0.5, temperature=1.0, sparse_tail="renormalize") -> bool:
+                  jsd_beta=0.5, kd_temperature=1.0, sparse_tail="renormalize") -> bool:
     """The teacher's inputs and the distillation options; True when a teacher is given. A dense
     teacher's head has the student's rows. (A sparse teacher's values: ``check_teacher_values``.)"""
-    check_kd_options(kd_weight=kd_weight, kd_loss=kd_loss, jsd_beta=jsd_beta, temperature=temperature,
+    check_kd_options(kd_weight=kd_weight, kd_loss=kd_loss, jsd_beta=jsd_beta, kd_temperature=kd_temperature,
                      sparse_tail=sparse_tail)
     dense = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_bias))
     sparse = teacher_topk_ids is not None or teacher_topk_logprobs is not None

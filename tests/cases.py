@@ -19,4 +19,6 @@ CASES = {
                    {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 5.0, "ce_weight": 0.7, "logit_scale": 0.8}),
 }
 
-CASE_PARAMS = [pytest.param(*v, id=k) for k, v in CASES.items()]
+# The two that run in the GPU check (pytest -m gpu): the plainest and the richest.
+GPU_CASES = ("plain", "everything")
+CASE_PARAMS = [pytest.param(*v, id=k, marks=[pytest.mark.gpu] if k in GPU_CASES else []) for k, v in CASES.items()]

@@ -44,7 +44,8 @@ def eager_loss(x, w, y, tw, t_logits, *, kd_loss, beta, temperature, kd_weight, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-@pytest.mark.parametrize("kd_loss,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3),
+@pytest.mark.parametrize("kd_loss,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0),
+                                          pytest.param("jsd", 0.3, marks=pytest.mark.gpu),
                                           ("jsd", 1.0)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked"), ("triton", "tile")])
@@ -55,7 +56,7 @@ def test_dense_teacher_matches_reference(backend, strategy, kd_loss, beta, tempe
     w = inputs["weight"].clone().requires_grad_()
     out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], token_weights=inputs["token_weights"], teacher_hidden=th,
                                     teacher_weight=tw_, kd_weight=0.6, ce_weight=0.8, kd_loss=kd_loss, jsd_beta=beta,
-                                    temperature=temperature, reduction=reduction, return_stats=True, backend=backend,
+                                    kd_temperature=temperature, reduction=reduction, return_stats=True, backend=backend,
                                     strategy=strategy)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref, kd = eager_loss(xd, wd, inputs["labels"], inputs["token_weights"], th.double() @ tw_.double().t(),
@@ -70,10 +71,11 @@ def test_dense_teacher_matches_reference(backend, strategy, kd_loss, beta, tempe
         assert_close(got, want, tol["grad"], name)
 
 
+@pytest.mark.gpu
 def test_triton_distillation_with_softcap_smoothing_bias_and_several_chunks():
     inputs = make_inputs(bias=True, weights="zeros", ignored=3, logit_scale=2.0)
     th, tw_ = teacher()
-    kw = dict(teacher_hidden=th, teacher_weight=tw_, kd_weight=0.7, kd_loss="jsd", jsd_beta=0.3, temperature=1.5,
+    kw = dict(teacher_hidden=th, teacher_weight=tw_, kd_weight=0.7, kd_loss="jsd", jsd_beta=0.3, kd_temperature=1.5,
               softcap=4.0, label_smoothing=0.1, z_loss=1e-3, return_stats=True)
     outs, grads = [], []
     for backend, strategy, budget in (("torch", "auto", None), ("triton", "chunked", 10 * 203 * 8),
@@ -96,7 +98,7 @@ def test_t2_scaling_and_no_teacher_grad():
     th, tw_ = teacher()
     th.requires_grad_()
     x = inputs["hidden"].clone().requires_grad_()
-    kw = dict(teacher_hidden=th, teacher_weight=tw_, kd_weight=1.0, temperature=3.0, ce_weight=0.0)
+    kw = dict(teacher_hidden=th, teacher_weight=tw_, kd_weight=1.0, kd_temperature=3.0, ce_weight=0.0)
     plain = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], **kw).loss
     scaled = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], kd_t2_scaling=True, **kw).loss
     assert_close(scaled, 9 * plain, 1e-6, "T^2")
@@ -108,7 +110,7 @@ def test_t2_scaling_and_no_teacher_grad():
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 @pytest.mark.parametrize("kd_loss,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.gpu)])
 def test_sparse_teacher_matches_eager_formula_on_its_support(backend, tail, kd_loss, beta, temperature):
     inputs = make_inputs(weights="zeros", ignored=3)
     th, tw_ = teacher()
@@ -119,7 +121,7 @@ def test_sparse_teacher_matches_eager_formula_on_its_support(backend, tail, kd_l
     x = inputs["hidden"].clone().requires_grad_()
     out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], token_weights=inputs["token_weights"],
                                     teacher_topk_ids=ids, teacher_topk_logprobs=lps, kd_weight=1.0, kd_loss=kd_loss,
-                                    jsd_beta=beta, temperature=temperature, sparse_tail=tail, return_stats=True,
+                                    jsd_beta=beta, kd_temperature=temperature, sparse_tail=tail, return_stats=True,
                                     backend=backend)
     xd = x.detach().double().requires_grad_()
     s = (xd @ inputs["weight"].double().t()) / temperature
@@ -183,7 +185,7 @@ def test_distillation_never_holds_full_logits(backend, strategy, n, h, v):
      r"teacher_hidden must have shape hidden.shape\[:-1\] \+ \(Ht,\)"),
     (dict(kd_loss="kl"), ValueError, r"kd_loss must be one of"),
     (dict(jsd_beta=1.5), ValueError, r"jsd_beta must be <= 1"),
-    (dict(temperature=0.0), ValueError, r"temperature must be > 0"),
+    (dict(kd_temperature=0.0), ValueError, r"kd_temperature must be > 0"),
     (dict(sparse_tail="drop"), ValueError, r"sparse_tail must be one of"),
     (dict(backend="triton", strategy="tile", teacher_hidden=None, teacher_weight=None,
           teacher_topk_ids=torch.arange(4, device=DEVICE).repeat(37, 1),
@@ -233,7 +235,7 @@ def test_student_logit_scale_with_a_teacher(backend, strategy, kd_loss):
     x = inputs["hidden"].clone().requires_grad_()
     w = inputs["weight"].clone().requires_grad_()
     out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], token_weights=inputs["token_weights"], teacher_hidden=th,
-                                    teacher_weight=tw_, kd_weight=0.6, kd_loss=kd_loss, temperature=2.0,
+                                    teacher_weight=tw_, kd_weight=0.6, kd_loss=kd_loss, kd_temperature=2.0,
                                     logit_scale=0.25, backend=backend, strategy=strategy)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref, _ = eager_loss(xd * 0.25, wd, inputs["labels"], inputs["token_weights"], th @ tw_.t(), kd_loss=kd_loss,

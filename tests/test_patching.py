@@ -173,7 +173,7 @@ def test_patched_student_distills_from_teacher_hidden_states():
     """The patched student with a teacher head: equals the eager CE + forward KL on shifted rows."""
     student, teacher = tiny_model("qwen3", seed=0).train(), tiny_model("llama", seed=3, hidden_size=48, head_dim=12)
     ids, labels, mask = batch()
-    t3s.apply_t3s(student, backend="torch", teacher_weight=teacher.lm_head.weight, kd_weight=0.5, temperature=2.0)
+    t3s.apply_t3s(student, backend="torch", teacher_weight=teacher.lm_head.weight, kd_weight=0.5, kd_temperature=2.0)
     with torch.no_grad():
         t_hidden = teacher.model(input_ids=ids).last_hidden_state
     out = student(input_ids=ids, labels=labels, t3s_weights=mask, teacher_hidden=t_hidden)
@@ -313,7 +313,8 @@ def test_refusals_name_the_reason():
 @pytest.mark.parametrize("options,match", [
     (dict(kd_loss="bogus"), "kd_loss must be one of"), (dict(jsd_beta=3.0), "jsd_beta must be <= 1"),
     (dict(ignore_index=-1), "ignore_index is set by the patch"), (dict(label_smoothing=1.5), "label_smoothing"),
-    (dict(temperature=0.0), "temperature must be > 0"), (dict(logit_scale=2.0), "logit_scale is set by the patch"),
+    (dict(kd_temperature=0.0), "kd_temperature must be > 0"),
+    (dict(logit_scale=2.0), "logit_scale is set by the patch"),
     (dict(kd_t2_scaling="yes"), "kd_t2_scaling must be a bool"), (dict(check="no"), "check must be a bool"),
 ])
 def test_invalid_options_fail_at_patch_time(options, match):

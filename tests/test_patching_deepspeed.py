@@ -56,7 +56,7 @@ def _worker(rank, port, out_dir):
         assert partitioned.numel() == 0, "the teacher's head should be partitioned away outside its forward"
         for kind, t_weight in (("whole", whole_head), ("partitioned", partitioned)):
             model = t3s.apply_t3s(tiny_model("qwen3").train(), backend="torch", teacher_weight=t_weight,
-                                  kd_weight=0.5, temperature=2.0)
+                                  kd_weight=0.5, kd_temperature=2.0)
             engine, *_ = deepspeed.initialize(model=model, config=CONFIG, model_parameters=model.parameters())
             out = engine(input_ids=ids, labels=labels, t3s_weights=keep, teacher_hidden=t_hidden)
             engine.backward(out.loss)

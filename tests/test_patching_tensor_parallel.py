@@ -93,7 +93,7 @@ def _tp_plan_worker(rank, port, folder, out_dir):
         for kind, t_weight in (("whole teacher", torch.load(os.path.join(folder, "teacher_head.pt"))),
                                ("tp teacher", teacher.lm_head.weight.detach())):
             student = t3s.apply_t3s(load("student").train(), backend="torch", tensor_parallel=True,
-                                    teacher_weight=t_weight, kd_weight=0.5, kd_loss="jsd", temperature=2.0)
+                                    teacher_weight=t_weight, kd_weight=0.5, kd_loss="jsd", kd_temperature=2.0)
             out = student(input_ids=ids, labels=labels, t3s_weights=keep, teacher_hidden=t_hidden)
             out.loss.backward()
             results[kind] = {"loss": out.loss.detach(), **_grads(student)}
@@ -135,7 +135,7 @@ def test_tp_plan_auto_models_patched_are_exact(tmp_path):
         t_hidden = teacher.model(input_ids=ids).last_hidden_state
     model = t3s.apply_t3s(tiny_model("qwen3", tie_word_embeddings=True).train(), backend="torch",
                           teacher_weight=teacher.lm_head.weight.detach(), kd_weight=0.5, kd_loss="jsd",
-                          temperature=2.0)
+                          kd_temperature=2.0)
     out = model(input_ids=ids, labels=labels, t3s_weights=keep, teacher_hidden=t_hidden)
     out.loss.backward()
     ref["whole teacher"] = ref["tp teacher"] = {"loss": out.loss.detach(), **_grads(model)}

@@ -19,7 +19,7 @@ OPTION_SETS = {
     "stats, none, rich": dict(reduction="none", return_stats=True, label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
                               logit_scale=0.5),
     "weights, tensor normalizer": dict(normalizer=torch.tensor(17.0), return_stats=True),
-    "dense teacher": dict(kd_weight=0.5, kd_loss="jsd", jsd_beta=0.3, temperature=2.0, return_stats=True),
+    "dense teacher": dict(kd_weight=0.5, kd_loss="jsd", jsd_beta=0.3, kd_temperature=2.0, return_stats=True),
     "sparse teacher": dict(kd_weight=0.7, sparse_tail="bucket", return_stats=True),
 }
 

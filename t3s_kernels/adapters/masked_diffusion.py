@@ -35,9 +35,6 @@ import torch
 
 from ..api import T3SLossOutput, fused_linear_t3s_loss
 
-# The mask token ids to pass as mask_token_id: LLaDA 1's and LLaDA 2.0's tokenizers.
-LLADA_MASK_ID = 126336
-LLADA2_MASK_ID = 156895
 NORMALIZATIONS = ("llada_pretrain", "llada_sft", "masked_tokens")
 WEIGHTINGS = ("inverse_p", "none", "inverse_p_all")
 

@@ -78,7 +78,7 @@ class TeacherRows:
         """The rows ``index`` (a slice, an index tensor, or None for all)."""
         if index is None:
             return self
-        pick = (lambda t: None if t is None else t[index])  # noqa: E731
+        pick = (lambda t: None if t is None else t[index])
         return replace(self, hidden=pick(self.hidden), topk_ids=pick(self.topk_ids),
                        topk_logprobs=pick(self.topk_logprobs))
 

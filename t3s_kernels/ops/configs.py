@@ -17,7 +17,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_HALF_AND_FP32 = lambda half, fp32: {"half": half, "fp32": fp32}  # noqa: E731
+_HALF_AND_FP32 = lambda half, fp32: {"half": half, "fp32": fp32}
 
 # Launch configurations on a GPU, by kernel and by input dtype ("half" = bf16/fp16).
 # fp32 inputs use IEEE-exact dots (no TF32), so they get smaller tiles. Chosen so that every

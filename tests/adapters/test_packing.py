@@ -149,6 +149,7 @@ def test_packed_scoring_equals_padded(attn):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attn runs on CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["causal", "masked_diffusion"])
 def test_flash_attention_varlen_packed_equals_padded(mode):
     """flash-attn's varlen kernels take the boundaries from position_ids (no 4D mask): causal, and

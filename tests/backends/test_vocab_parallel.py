@@ -30,9 +30,9 @@ SPLIT = 120  # rank 0 holds rows [0, 120) of 203, rank 1 [120, 203): uneven on p
 # Distillation: a dense teacher split the same way, or a sparse top-k teacher; every divergence.
 DISTILL_SETS = [
     dict(kd_loss="forward_kl", kd_weight=0.6, ce_weight=0.8),
-    dict(kd_loss="jsd", jsd_beta=0.3, temperature=2.0, kd_t2_scaling=True, kd_weight=0.5, **RICH),
-    dict(kd_loss="reverse_kl", temperature=1.5, kd_weight=1.0, reduction="none"),
-    dict(kd_loss="forward_kl", kd_weight=0.7, sparse=True, sparse_tail="renormalize", temperature=2.0),
+    dict(kd_loss="jsd", jsd_beta=0.3, kd_temperature=2.0, kd_t2_scaling=True, kd_weight=0.5, **RICH),
+    dict(kd_loss="reverse_kl", kd_temperature=1.5, kd_weight=1.0, reduction="none"),
+    dict(kd_loss="forward_kl", kd_weight=0.7, sparse=True, sparse_tail="renormalize", kd_temperature=2.0),
     dict(kd_loss="jsd", jsd_beta=0.4, kd_weight=0.7, sparse=True, sparse_tail="bucket", **RICH),
 ]
 

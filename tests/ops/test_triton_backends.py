@@ -28,12 +28,14 @@ def test_fp16_inputs(strategy):
                     strategy=strategy, label_smoothing=0.05, softcap=4.0)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_normalizer_and_leading_dims(strategy):
     inputs = make_inputs(n=36, lead=(3, 12), weights="zeros", ignored=2)
     run_and_compare(inputs, backend="triton", strategy=strategy, normalizer=7)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_non_contiguous_inputs(strategy):
     base = make_inputs(n=37, h=96, v=203, bias=True)
@@ -44,6 +46,7 @@ def test_non_contiguous_inputs(strategy):
     run_and_compare(inputs, backend="triton", strategy=strategy)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1, 16, 5), (64, 32, 128), (5, 200, 65)], ids=str)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_shapes_at_and_around_block_edges(strategy, shape):
@@ -57,12 +60,14 @@ def test_chunked_multiple_token_chunks():
                     chunk_budget_bytes=6 * 203 * 8, softcap=3.0, z_loss=1e-3)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("temperature,logit_scale", [(1.0, 1.0), (2.0, 0.25)])
 def test_token_stats_tile_kernel(dtype, temperature, logit_scale):
     check_token_stats("triton", dtype, temperature, logit_scale=logit_scale)
 
 
+@pytest.mark.gpu
 def test_backends_agree_with_each_other():
     """Triton tile, Triton chunked and PyTorch on the same inputs: the same numbers to fp32 rounding."""
     inputs = make_inputs(bias=True, weights="random", ignored=3)
