@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .api import fused_linear_t3s_loss, token_stats, triton_available
 from .reference import reference_t3s_loss
@@ -76,8 +75,9 @@ def _runner(loss_fn, inputs: Inputs, grad: bool):
 
 
 def eager_loss(x, w, labels):
-    """What a HF model does: full logits, upcast to fp32, cross-entropy."""
-    return F.cross_entropy((x @ w.t()).float(), labels, ignore_index=IGNORE)
+    """What a HF model does: full logits in the inputs' dtype, upcast to fp32, cross-entropy (the
+    reference in that mode)."""
+    return reference_t3s_loss(x, w, labels, ignore_index=IGNORE, dtype=None, with_stats=False)[0]
 
 
 def provider_eager(inputs: Inputs, grad: bool):

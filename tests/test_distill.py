@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from helpers import DEVICE, TOLERANCE, assert_close, make_inputs
 
 import t3s_kernels as t3s
+from t3s_kernels.reference import divergence
 
 HT = 40
 
@@ -19,27 +20,14 @@ def teacher(n=37, v=203, seed=7, dtype=torch.float32):
             (torch.randn(v, HT, generator=g) * 0.3).to(DEVICE, dtype))
 
 
-def eager_kd(lp, lq, kd_loss, beta):
-    p, q = lp.exp(), lq.exp()
-    if kd_loss == "forward_kl" or (kd_loss == "jsd" and beta == 0):
-        return (q * (lq - lp)).sum(-1)
-    if kd_loss == "reverse_kl" or (kd_loss == "jsd" and beta == 1):
-        return (p * (lp - lq)).sum(-1)
-    m = (1 - beta) * p + beta * q
-    return beta * (q * (lq - m.log())).sum(-1) + (1 - beta) * (p * (lp - m.log())).sum(-1)
-
-
-def eager_loss(x, w, y, tw, t_logits, *, kd_loss, beta, temperature, kd_weight, ce_weight, reduction, t2=False):
-    s = x.double() @ w.double().t()
-    valid = y != -100
-    contrib = valid & (tw != 0) if tw is not None else valid
-    ce = F.cross_entropy(s, y, ignore_index=-100, reduction="none")
-    lp, lq = torch.log_softmax(s / temperature, -1), torch.log_softmax(t_logits.double() / temperature, -1)
-    kd = eager_kd(lp, lq, kd_loss, beta)
-    per = ce_weight * ce + kd_weight * (temperature**2 if t2 else 1) * kd
-    per = torch.where(contrib, per * (tw.double() if tw is not None else 1), torch.zeros_like(per))
-    loss = per if reduction == "none" else (per.sum() / contrib.sum() if reduction == "mean" else per.sum())
-    return loss, torch.where(valid, kd, torch.zeros_like(kd))
+def eager_loss(x, w, y, tw, t_logits, *, kd_loss, beta, temperature, kd_weight, ce_weight, reduction, t2=False,
+               logit_scale=1.0):
+    """The fp64 reference (reference.py) of CE + KD; (loss, per-token kd at labelled positions)."""
+    loss, stats = t3s.reference_t3s_loss(x, w, y, token_weights=tw, teacher_logits=t_logits, kd_loss=kd_loss,
+                                         jsd_beta=beta, kd_temperature=temperature, kd_weight=kd_weight,
+                                         ce_weight=ce_weight, reduction=reduction, kd_t2_scaling=t2,
+                                         logit_scale=logit_scale)
+    return loss, stats["kd"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -133,7 +121,7 @@ def test_sparse_teacher_matches_eager_formula_on_its_support(backend, tail, kd_l
         lp = torch.cat([p_support, 1 - p_support.sum(-1, keepdim=True)], -1).log()
         q = torch.cat([lps.double().exp(), 1 - lps.double().exp().sum(-1, keepdim=True)], -1)
         lq = torch.log_softmax(q.log() / temperature, -1)
-    kd = eager_kd(lp, lq, kd_loss, beta)
+    kd = divergence(lp, lq, kd_loss, beta)  # the reference's divergences, on the support
     y, tw = inputs["labels"], inputs["token_weights"]
     ce = F.cross_entropy(xd @ inputs["weight"].double().t(), y, ignore_index=-100, reduction="none")
     contrib = (y != -100) & (tw != 0)
@@ -238,8 +226,8 @@ def test_student_logit_scale_with_a_teacher(backend, strategy, kd_loss):
                                     teacher_weight=tw_, kd_weight=0.6, kd_loss=kd_loss, kd_temperature=2.0,
                                     logit_scale=0.25, backend=backend, strategy=strategy)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref, _ = eager_loss(xd * 0.25, wd, inputs["labels"], inputs["token_weights"], th @ tw_.t(), kd_loss=kd_loss,
-                        beta=0.5, temperature=2.0, kd_weight=0.6, ce_weight=1.0, reduction="mean")
+    ref, _ = eager_loss(xd, wd, inputs["labels"], inputs["token_weights"], th @ tw_.t(), kd_loss=kd_loss,
+                        beta=0.5, temperature=2.0, kd_weight=0.6, ce_weight=1.0, reduction="mean", logit_scale=0.25)
     assert_close(out.loss, ref, 1e-5, "loss")
     for got, want in zip(torch.autograd.grad(out.loss, (x, w)), torch.autograd.grad(ref, (xd, wd))):
         assert_close(got, want, 1e-5, "grad")
