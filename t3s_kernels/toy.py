@@ -11,11 +11,14 @@ PAD_ID, EOS_ID, MASK_ID = 0, 1, 2  # ids the tiny tokenizer reserves
 
 
 def tiny_causal_lm(family: str = "qwen3", seed: int = 0, **overrides):
-    """A randomly initialised *ForCausalLM of the given family (qwen3, qwen2, llama, mistral)."""
+    """A randomly initialised *ForCausalLM of the given family (qwen3, qwen2, llama, mistral, gemma2,
+    gemma3), ``TINY_CONFIG`` with ``overrides`` (the tests' smaller shapes, a soft cap, ...)."""
     import transformers as tf
 
     classes = {"qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-               "llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}
+               "llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+               "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+               "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM)}
     if family not in classes:
         raise ValueError(f"family must be one of {sorted(classes)}; got {family!r}")
     config_cls, model_cls = classes[family]

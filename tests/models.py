@@ -7,23 +7,11 @@ TINY = dict(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_lay
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):
-    import transformers as tf
+    """The library's tiny model factory (toy.py) at the tests' smaller shapes; Gemma with a soft cap."""
+    from t3s_kernels.toy import tiny_causal_lm
 
-    torch.manual_seed(seed)
-    kw = {**TINY, **overrides}
-    if family == "qwen3":
-        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**kw))
-    if family == "qwen2":
-        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**kw))
-    if family == "llama":
-        return tf.LlamaForCausalLM(tf.LlamaConfig(**kw))
-    if family == "mistral":
-        return tf.MistralForCausalLM(tf.MistralConfig(**kw))
-    if family == "gemma2":
-        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**kw, final_logit_softcapping=5.0))
-    if family == "gemma3":
-        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**kw, final_logit_softcapping=5.0))
-    raise ValueError(family)
+    extra = dict(final_logit_softcapping=5.0) if family.startswith("gemma") else {}
+    return tiny_causal_lm(family, seed, **{**TINY, **extra, **overrides})
 
 
 FAMILIES = ["qwen3", "qwen2", "llama", "mistral", "gemma2", "gemma3"]

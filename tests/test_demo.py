@@ -1,0 +1,36 @@
+"""t3s demo: every arm over seeds, a stated verdict, and the traces it trains on."""
+
+import json
+
+from t3s_kernels.cli import main
+
+
+def test_demo_quick_runs_every_arm_over_seeds_and_states_a_verdict(tmp_path, capsys):
+    from t3s_kernels.demo import ARMS
+
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    seeds = report["seeds"]
+    assert [s["seed"] for s in seeds] == [0, 1]
+    with_arms = [s for s in seeds if "no_selection" not in s]
+    assert with_arms, "the smoke run must reach the selection and the five arms in at least one seed"
+    for s in with_arms:
+        assert set(s["heldout_accuracy"]) == {"base", *ARMS}
+        assert 0 < s["kept_fraction"] < 1 and s["gradients_at_base"]["norm_ratio"] > 0
+        assert -1 <= s["gradients_at_base"]["cosine"] <= 1
+    for s in seeds:  # a seed without a bottleneck after the base says so instead of selecting
+        assert ("no_selection" in s) == (s["bottleneck"] == "base")
+    assert any(line.startswith("- T3S") for line in report["verdict"]) and (tmp_path / "report.md").exists()
+    for plot in ("dc_hist.png", "bifurcation.png", "training_accuracy.png", "arms.png"):
+        assert (tmp_path / plot).exists()
+
+
+def test_demo_traces_are_running_sums_with_fillers_and_heldout_is_disjoint():
+    import random
+
+    from t3s_kernels.demo import ANS, DIGIT0, EOS, FILLER, IGNORE, trace
+
+    ex = trace("x", (3, 9, 4), 1.0, random.Random(0))
+    assert ex.input_ids[5:] == [DIGIT0 + 3, FILLER, DIGIT0 + 2, FILLER, DIGIT0 + 6, EOS]
+    assert ex.labels[:5] == [IGNORE] * 5 and ex.input_ids[4] == ANS
+    assert FILLER not in trace("y", (3, 9, 4), 0.0, random.Random(0)).input_ids
