@@ -59,7 +59,9 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad()
             losses.append(loss.item())
-        print(f"rank {rank}: trained {args.steps} steps; losses: {', '.join(f'{x:.3f}' for x in losses)}")
+        # One write per line (newline included), so the ranks' lines never interleave.
+        print(f"rank {rank}: trained {args.steps} steps; losses: {', '.join(f'{x:.3f}' for x in losses)}\n", end="",
+              flush=True)
         return losses
     finally:
         dist.destroy_process_group()
