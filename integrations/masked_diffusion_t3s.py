@@ -18,12 +18,13 @@ import argparse
 import tempfile
 
 from datasets import Dataset
+from recipe_report import train_and_report  # integrations/recipe_report.py, beside this file
 from transformers import TrainingArguments
 
 import t3s_kernels as t3s
 from t3s_kernels.masked_diffusion_trainer import LLADA, LLADA2, MaskedDiffusionTrainer
 from t3s_kernels.toy import MASK_ID, PAD_ID, synthetic_traces, tiny_bidirectional_lm
-from t3s_kernels.trainer_utils import T3SDataCollator, train_and_report
+from t3s_kernels.trainer_utils import T3SDataCollator
 
 CONVENTIONS = {"llada": LLADA, "llada2": LLADA2}
 

@@ -21,6 +21,7 @@ import copy
 from pathlib import Path
 
 from datasets import Dataset
+from recipe_report import train_and_report  # integrations/recipe_report.py, beside this file
 from transformers import Trainer, TrainingArguments
 
 import t3s_kernels as t3s
@@ -28,7 +29,7 @@ from t3s_kernels.pipeline import BottleneckCallback, ScoreStore, attach_mask, fi
 from t3s_kernels.pipeline.accuracy import generation_accuracy
 from t3s_kernels.pipeline.data import Example
 from t3s_kernels.toy import EOS_ID, PAD_ID, synthetic_traces, tiny_causal_lm
-from t3s_kernels.trainer_utils import T3SDataCollator, train_and_report
+from t3s_kernels.trainer_utils import T3SDataCollator
 
 
 def answer_accuracy(examples):

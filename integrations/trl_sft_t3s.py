@@ -12,11 +12,12 @@ import argparse
 import tempfile
 
 from datasets import Dataset
+from recipe_report import train_and_report  # integrations/recipe_report.py, beside this file
 from trl import SFTConfig, SFTTrainer
 
 import t3s_kernels as t3s
 from t3s_kernels.toy import synthetic_traces, tiny_causal_lm, tiny_tokenizer
-from t3s_kernels.trainer_utils import T3SDataCollator, train_and_report
+from t3s_kernels.trainer_utils import T3SDataCollator
 
 
 class T3SSFTTrainer(SFTTrainer):

@@ -1,5 +1,5 @@
-"""Pieces a HuggingFace-style trainer needs to feed T3S masks: a padding collator for the
-mask column, and the masked-diffusion ``compute_loss``."""
+"""What a HuggingFace-style trainer needs to feed T3S masks: a collator that pads (or packs) the
+mask column. (The masked-diffusion ``compute_loss`` sits with its trainer, masked_diffusion_trainer.py.)"""
 
 from __future__ import annotations
 
@@ -7,20 +7,10 @@ from typing import Any, Optional
 
 import torch
 
-from .adapters.masked_diffusion import NoisedBatch, loss_weights, noise
-from .adapters.packing import is_packed, segment_ids
 from .patching import ANCHORS, is_t3s_patched, patch_mode
 from .pipeline.selection import COLUMNS
 
 KEEP_COLUMN, FORCE_COLUMN = COLUMNS["keep"], COLUMNS["force_mask"]
-
-
-def train_and_report(trainer) -> list[float]:
-    """Run ``trainer.train()``, print the logged training losses, return them (the recipes' ending)."""
-    result = trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(f"trained {result.global_step} steps; logged losses: {', '.join(f'{x:.3f}' for x in losses)}")
-    return losses
 
 
 def _column_dtype(features: list[dict[str, Any]], key: str) -> torch.dtype:
@@ -149,79 +139,3 @@ def _check_packable(features: list[dict[str, Any]]) -> None:
     for i, f in enumerate(features):
         if "attention_mask" in f and not all(int(a) == 1 for a in f["attention_mask"]):
             raise ValueError(f"example {i} has padding in its attention_mask; a packed batch has none")
-
-
-NOISED_KEYS = ("t3s_noisy_ids", "t3s_masked", "t3s_p_mask", "t3s_answer", "t3s_forced", "t3s_segments")
-
-
-def noise_inputs(inputs: dict[str, torch.Tensor], *, mask_token_id: int, rate_range=None, eps: float = 1e-3,
-                 generator: Optional[torch.Generator] = None) -> NoisedBatch:
-    """The forward process on a collated batch: the answer is what ``prompt_length`` and the labels
-    (-100 on the prompt) allow, never the prompt; ``t3s_force_mask`` is forced in."""
-    prompt_lengths, labels = inputs.get("prompt_length"), inputs.get("labels")
-    if prompt_lengths is None and labels is None:
-        raise ValueError("masked-diffusion training needs the prompt: a 'prompt_length' column, or 'labels' "
-                         "with -100 on the prompt; prompt tokens are never masked")
-    if KEEP_COLUMN in inputs:
-        raise ValueError(f"the batch has '{KEEP_COLUMN}', an AR keep-mask; a masked-diffusion student takes a force "
-                         f"set ('{FORCE_COLUMN}', from `t3s select --rule dllm`)")
-    force = inputs.get(FORCE_COLUMN)
-    attention = inputs.get("attention_mask")
-    if force is not None and attention is not None:
-        force = force.bool() & attention.bool()
-    position_ids = inputs.get("position_ids")
-    segments = segment_ids(position_ids) if is_packed(position_ids, attention) else None
-    return noise(inputs["input_ids"], mask_token_id=mask_token_id, prompt_lengths=prompt_lengths,
-                 attention_mask=attention, maskable=None if labels is None else labels != -100,
-                 force_mask=None if force is None else force.bool(), rate_range=rate_range, eps=eps,
-                 segments=segments, generator=generator)
-
-
-def masked_diffusion_compute_loss(model, inputs: dict[str, torch.Tensor], *, mask_token_id: int,
-                                  normalization: str = "llada_sft", weighting: str = "inverse_p",
-                                  rate_range=None, generator: Optional[torch.Generator] = None,
-                                  noised: Optional[NoisedBatch] = None, num_items_in_batch=None):
-    """One masked-diffusion training loss for a model patched with ``mode="masked_diffusion"``:
-    noise the answer tokens (:func:`noise_inputs`, or pass ``noised``), and let the fused head score
-    the masked positions only.
-
-    The weighted sum is divided by this micro-batch's normalizer (``loss_weights``), or by
-    ``num_items_in_batch`` when given: the normalizer of the whole accumulation step, in the
-    normalization's unit (examples for llada_sft, positions for llada_pretrain, masked tokens for
-    masked_tokens; see :func:`step_normalizer`). Only the latter is exact under gradient
-    accumulation for every normalization; :class:`t3s_kernels.masked_diffusion_trainer.MaskedDiffusionTrainer`
-    does it for HF Trainer."""
-    if not is_t3s_patched(model):
-        raise ValueError("masked_diffusion_compute_loss needs a model patched with apply_t3s(model, "
-                         "mode='masked_diffusion')")
-    batch = noised if noised is not None else noise_inputs(inputs, mask_token_id=mask_token_id,
-                                                           rate_range=rate_range, generator=generator)
-    weights, normalizer = loss_weights(batch, weighting=weighting, normalization=normalization)
-    if num_items_in_batch is not None:
-        normalizer = num_items_in_batch
-    ids = inputs["input_ids"]
-    labels = torch.where(batch.masked, ids, torch.full_like(ids, -100))
-    extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
-    out = model(input_ids=batch.noisy_ids, attention_mask=inputs.get("attention_mask"), labels=labels,
-                t3s_weights=weights, num_items_in_batch=normalizer, **extra)
-    return out.loss
-
-
-def step_normalizer(batches: list[NoisedBatch], normalization: str) -> float:
-    """The normalizer of one batch made of ``batches`` (an accumulation step's micro-batches)."""
-    if normalization == "masked_tokens":  # counted over the whole step, floored at 1 once
-        return float(max(sum(int(b.masked.sum()) for b in batches), 1))
-    return float(sum(loss_weights(b, weighting="none", normalization=normalization)[1] for b in batches))
-
-
-def pack_noised(batch: NoisedBatch) -> dict[str, torch.Tensor]:
-    """A noised batch as plain tensors in the inputs dict (so that a trainer moves them to the device)."""
-    forced = batch.forced if batch.forced is not None else torch.zeros_like(batch.masked)
-    segments = batch.segments if batch.segments is not None else torch.zeros_like(batch.noisy_ids)
-    return dict(zip(NOISED_KEYS, (batch.noisy_ids, batch.masked, batch.p_mask, batch.answer_mask, forced, segments)))
-
-
-def unpack_noised(inputs: dict[str, torch.Tensor]) -> NoisedBatch:
-    noisy, masked, p_mask, answer, forced, segments = (inputs.pop(k) for k in NOISED_KEYS)
-    return NoisedBatch(noisy_ids=noisy, masked=masked, p_mask=p_mask, answer_mask=answer, forced=forced,
-                       segments=segments if bool(segments.any()) else None)

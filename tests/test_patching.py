@@ -134,8 +134,8 @@ def test_masked_diffusion_mode_equals_the_adapter_on_a_bidirectional_student():
     the patched forward equals the adapter's loss on the same hidden states, and only masked
     positions reach the head."""
     import t3s_kernels.adapters.masked_diffusion as md
+    from t3s_kernels.masked_diffusion_trainer import masked_diffusion_compute_loss
     from t3s_kernels.toy import MASK_ID, tiny_bidirectional_lm
-    from t3s_kernels.trainer_utils import masked_diffusion_compute_loss
 
     model = tiny_bidirectional_lm("llama").train()
     ids = torch.randint(3, 512, (3, 14), generator=torch.Generator().manual_seed(0))
@@ -442,7 +442,7 @@ def test_masked_diffusion_loss_takes_the_prompt_from_the_labels(monkeypatch):
     """Rows shaped like the end-to-end recipe's (input_ids, labels -100 on the prompt, a force set):
     no prompt position is ever masked and each row's answer is its labelled positions. A batch with
     neither prompt_length nor labels is refused."""
-    import t3s_kernels.trainer_utils as tu
+    import t3s_kernels.masked_diffusion_trainer as tu
     from t3s_kernels.toy import MASK_ID, tiny_bidirectional_lm
 
     model = tiny_bidirectional_lm("llama").train()

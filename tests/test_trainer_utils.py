@@ -74,8 +74,8 @@ def test_refuses_missing_mixed_and_misaligned_columns(patched):
 
 
 def test_each_trainer_refuses_the_other_rules_mask(patched):
+    from t3s_kernels.masked_diffusion_trainer import masked_diffusion_compute_loss
     from t3s_kernels.toy import MASK_ID, tiny_bidirectional_lm
-    from t3s_kernels.trainer_utils import masked_diffusion_compute_loss
 
     ids = torch.randint(3, 200, (2, 6))
     with pytest.raises(ValueError, match="t3s_force_mask is a masked-diffusion force set"):

@@ -8,10 +8,11 @@ import torch
 import t3s_kernels as t3s
 from t3s_kernels.adapters.masked_diffusion import NoisedBatch, noise
 from t3s_kernels.adapters.packing import block_diagonal_mask, segment_ids, sequence_starts
+from t3s_kernels.masked_diffusion_trainer import masked_diffusion_compute_loss, noise_inputs
 from t3s_kernels.pipeline.data import Example
 from t3s_kernels.pipeline.scoring import score_batch_causal, score_batch_causal_packed
 from t3s_kernels.toy import MASK_ID, PAD_ID, tiny_bidirectional_lm, tiny_causal_lm
-from t3s_kernels.trainer_utils import T3SDataCollator, masked_diffusion_compute_loss, noise_inputs
+from t3s_kernels.trainer_utils import T3SDataCollator
 
 pytest.importorskip("transformers")
 

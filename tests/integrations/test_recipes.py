@@ -15,6 +15,11 @@ RECIPES = pathlib.Path(__file__).resolve().parents[2] / "integrations"
 
 
 def load(name):
+    """A recipe as a module; its folder on the path, as when run as a script (recipe_report.py)."""
+    import sys
+
+    if str(RECIPES) not in sys.path:
+        sys.path.insert(0, str(RECIPES))
     spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

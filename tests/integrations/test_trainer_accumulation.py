@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import t3s_kernels as t3s
+import t3s_kernels.masked_diffusion_trainer as mdt
 import t3s_kernels.trainer_utils as tu
 from t3s_kernels.toy import MASK_ID, PAD_ID, synthetic_traces, tiny_bidirectional_lm, tiny_causal_lm
 
@@ -73,7 +74,7 @@ def _rowwise_noise(real):
             fields = ("noisy_ids", "masked", "p_mask", "answer_mask")
             out = {f: torch.cat([getattr(p, f) for p in parts], 1) for f in fields}
             forced = None if parts[0].forced is None else torch.cat([p.forced for p in parts], 1)
-            return tu.NoisedBatch(**out, forced=forced, segments=segments)
+            return mdt.NoisedBatch(**out, forced=forced, segments=segments)
         parts = []
         for i in range(input_ids.shape[0]):
             row = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
@@ -83,7 +84,7 @@ def _rowwise_noise(real):
         fields = ("noisy_ids", "masked", "p_mask", "answer_mask")
         out = {f: torch.cat([getattr(p, f) for p in parts]) for f in fields}
         forced = None if parts[0].forced is None else torch.cat([p.forced for p in parts])
-        return tu.NoisedBatch(**out, forced=forced)
+        return mdt.NoisedBatch(**out, forced=forced)
 
     return noise
 
@@ -96,7 +97,7 @@ def _rowwise_noise(real):
 def test_masked_diffusion_accumulation_equals_one_large_batch(monkeypatch, convention):
     from t3s_kernels.masked_diffusion_trainer import MaskedDiffusionTrainer
 
-    monkeypatch.setattr(tu, "noise", _rowwise_noise(tu.noise))
+    monkeypatch.setattr(mdt, "noise", _rowwise_noise(mdt.noise))
     equal = convention["normalization"] == "llada_pretrain"  # counts padded positions: one length for all
     traces = synthetic_traces(8, select_fraction=0.1, use="force_mask", seed=5,
                               **(dict(min_len=24, max_len=24) if equal else {}))
@@ -124,7 +125,7 @@ def test_masked_diffusion_packed_accumulation_equals_one_padded_batch(monkeypatc
     normalization) under accumulation 4 equal one padded batch 4x as large."""
     from t3s_kernels.masked_diffusion_trainer import MaskedDiffusionTrainer
 
-    monkeypatch.setattr(tu, "noise", _rowwise_noise(tu.noise))
+    monkeypatch.setattr(mdt, "noise", _rowwise_noise(mdt.noise))
     traces = synthetic_traces(8, select_fraction=0.1, use="force_mask", seed=5)
     rows = [{k: r[k] for k in ("input_ids", "labels", "t3s_force_mask")} for r in traces]
 
