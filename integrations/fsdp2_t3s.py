@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from recipe_report import train_loop  # integrations/recipe_report.py, beside this file
 
 import t3s_kernels as t3s
 from t3s_kernels.toy import PAD_ID, synthetic_traces, tiny_causal_lm
@@ -46,23 +47,11 @@ def main(argv=None):
         if args.head_alone:
             fully_shard(model.lm_head, **policy)
         fully_shard(model, **policy)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         collate = T3SDataCollator(pad_token_id=PAD_ID, model=model)
         examples = [{k: v for k, v in e.items() if k not in ("id", "prompt_length")}
                     for e in synthetic_traces(8 * world * args.steps)]
-        losses = []
-        for step in range(args.steps):
-            share = examples[(step * world + rank) * 8:(step * world + rank + 1) * 8]  # this rank's batch
-            batch = {k: v.to(device) for k, v in collate(share).items()}
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        # One write per line (newline included), so the ranks' lines never interleave.
-        print(f"rank {rank}: trained {args.steps} steps; losses: {', '.join(f'{x:.3f}' for x in losses)}\n", end="",
-              flush=True)
-        return losses
+        shares = [examples[(step * world + rank) * 8:(step * world + rank + 1) * 8] for step in range(args.steps)]
+        return train_loop(model, [collate(share) for share in shares], device, rank)  # each rank its own batches
     finally:
         dist.destroy_process_group()
 

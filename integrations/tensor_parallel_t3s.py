@@ -16,6 +16,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from recipe_report import train_loop  # integrations/recipe_report.py, beside this file
 
 import t3s_kernels as t3s
 from t3s_kernels.toy import PAD_ID, synthetic_traces, tiny_causal_lm
@@ -45,22 +46,11 @@ def main(argv=None):
             model = AutoModelForCausalLM.from_pretrained(folder[0], tp_plan="auto", dtype=torch.float32).train()
             dist.barrier()  # every rank has loaded before rank 0 removes the folder
         t3s.apply_t3s(model, tensor_parallel=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         collate = T3SDataCollator(pad_token_id=PAD_ID, model=model)
         examples = [{k: v for k, v in e.items() if k not in ("id", "prompt_length")}
                     for e in synthetic_traces(8 * args.steps)]
-        losses = []
-        for step in range(args.steps):
-            batch = {k: v.to(device) for k, v in collate(examples[step * 8:(step + 1) * 8]).items()}
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-        # One write per line (newline included), so the ranks' lines never interleave.
-        print(f"rank {rank}: trained {args.steps} steps; losses: {', '.join(f'{x:.3f}' for x in losses)}\n", end="",
-              flush=True)
-        return losses
+        batches = [collate(examples[step * 8:(step + 1) * 8]) for step in range(args.steps)]
+        return train_loop(model, batches, device, rank)  # every rank the same batches
     finally:
         dist.destroy_process_group()
 
