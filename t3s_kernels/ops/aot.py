@@ -45,8 +45,9 @@ KERNELS = {
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _INPUT_POINTERS = {"X", "W", "B", "DZ", "Xt", "Wt", "Bt"}  # in the inputs' dtype
-_FP32_POINTERS = {"PART", "OUT", "LSE", "G", "DX", "DW", "DB", "L", "Lt", "LSE_S", "LSE_T", "STATS"}
-_INT_SCALARS = {"N", "V", "H", "Ht", "C", "VC", "col0", "n_splits", "blocks_per_split"}  # and every stride_*
+_FP32_POINTERS = {"PART", "OUT", "LSE", "ROW_SCALE", "DX", "DW", "DB", "LOGITS", "TEACHER_LOGITS", "LSE_S", "LSE_T",
+                  "STATS"}
+_INT_SCALARS = {"N", "V", "H", "Ht", "n_rows", "width", "col0", "n_splits", "blocks_per_split"}  # and every stride_*
 _FLOAT_SCALARS = {"softcap", "logit_scale", "ce_weight", "smoothing", "inv_vocab", "z_loss", "kd_coef", "inv_temp",
                   "beta", "log_beta", "log_1m_beta"}
 # The most demanding variant of each feature flag.

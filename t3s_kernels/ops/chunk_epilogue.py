@@ -25,15 +25,15 @@ from .online_softmax import (
 
 
 @triton.jit
-def chunk_epilogue_kernel(L, stride_l, DZ, stride_dz, Y, STATE_M, STATE_D, STATE_U, STATE_LABEL, STATE_SUM,
-                          LSE, G, C, VC, col0,
+def chunk_epilogue_kernel(LOGITS, stride_l, DZ, stride_dz, Y, STATE_M, STATE_D, STATE_U, STATE_LABEL, STATE_SUM,
+                          LSE, ROW_SCALE, n_rows, width, col0,
                           softcap, logit_scale, ce_weight, smoothing, inv_vocab, z_loss,
                           ACCUMULATE: tl.constexpr, GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                           HAS_SMOOTHING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    row_valid = rows < C
+    row_valid = rows < n_rows
     y = tl.load(Y + rows, mask=row_valid, other=-1) - col0  # label's column within this chunk
-    l_row = L + rows[:, None] * stride_l
+    l_row = LOGITS + rows[:, None] * stride_l
 
     if ACCUMULATE:
         m = tl.load(STATE_M + rows, mask=row_valid, other=float("-inf"))
@@ -41,9 +41,9 @@ def chunk_epilogue_kernel(L, stride_l, DZ, stride_dz, Y, STATE_M, STATE_D, STATE
         u = tl.load(STATE_U + rows, mask=row_valid, other=0.0)
         label_logit = tl.load(STATE_LABEL + rows, mask=row_valid, other=0.0)
         sum_logits = tl.load(STATE_SUM + rows, mask=row_valid, other=0.0)
-        for v0 in range(0, VC, BLOCK_V):
+        for v0 in range(0, width, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            col_valid = cols < VC
+            col_valid = cols < width
             z = tl.load(l_row + cols[None, :], mask=row_valid[:, None] & col_valid[None, :], other=0.0)
             s = transform_logits(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
             m_b, d_b, u_b = block_softmax_state(s, col_valid[None, :])
@@ -61,11 +61,11 @@ def chunk_epilogue_kernel(L, stride_l, DZ, stride_dz, Y, STATE_M, STATE_D, STATE
         lse = tl.load(LSE + rows, mask=row_valid, other=0.0)
 
     if GRAD:
-        g = tl.load(G + rows, mask=row_valid, other=0.0)
+        g = tl.load(ROW_SCALE + rows, mask=row_valid, other=0.0)
         dz_row = DZ + rows[:, None] * stride_dz
-        for v0 in range(0, VC, BLOCK_V):
+        for v0 in range(0, width, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            col_valid = cols < VC
+            col_valid = cols < width
             mask = row_valid[:, None] & col_valid[None, :]
             z = tl.load(l_row + cols[None, :], mask=mask, other=0.0)
             s = transform_logits(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)

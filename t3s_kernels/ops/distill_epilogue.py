@@ -41,16 +41,16 @@ def _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP: tl.
 
 
 @triton.jit
-def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT, C, V,
+def distill_epilogue_kernel(LOGITS, TEACHER_LOGITS, stride_l, stride_lt, DZ, stride_dz, Y, ROW_SCALE, OUT, n_rows, V,
                             softcap, logit_scale, ce_weight, smoothing, inv_vocab, z_loss, kd_coef, inv_temp, beta,
                             log_beta, log_1m_beta,
                             KD_MODE: tl.constexpr, GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                             HAS_SMOOTHING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    row_valid = rows < C
+    row_valid = rows < n_rows
     y = tl.load(Y + rows, mask=row_valid, other=-1)
-    l_row = L + rows[:, None] * stride_l
-    lt_row = Lt + rows[:, None] * stride_lt
+    l_row = LOGITS + rows[:, None] * stride_l
+    lt_row = TEACHER_LOGITS + rows[:, None] * stride_lt
 
     zero = tl.zeros((BLOCK_R,), tl.float32)
     neg_inf = tl.full((BLOCK_R,), float("-inf"), tl.float32)
@@ -88,11 +88,11 @@ def distill_epilogue_kernel(L, Lt, stride_l, stride_lt, DZ, stride_dz, Y, G, OUT
             kl_qm += qm
         kd = beta * kl_qm + (1.0 - beta) * kl_pm
 
-    store_row_stats(OUT, C, rows, row_valid, lse, label_logit, sum_logits, entropy, m)
-    tl.store(OUT + 5 * C + rows, kd, mask=row_valid)
+    store_row_stats(OUT, n_rows, rows, row_valid, lse, label_logit, sum_logits, entropy, m)
+    tl.store(OUT + 5 * n_rows + rows, kd, mask=row_valid)
 
     if GRAD:
-        g = tl.load(G + rows, mask=row_valid, other=0.0)
+        g = tl.load(ROW_SCALE + rows, mask=row_valid, other=0.0)
         dz_row = DZ + rows[:, None] * stride_dz
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)

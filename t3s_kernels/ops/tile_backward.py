@@ -19,7 +19,7 @@ from .online_softmax import loss_grad_wrt_logits, transform_logits
 
 
 @triton.jit
-def tile_backward_kernel(X, W, B, Y, LSE, G, DX, DW, DB, N, V, H,
+def tile_backward_kernel(X, W, B, Y, LSE, ROW_SCALE, DX, DW, DB, N, V, H,
                          stride_xn, stride_xh, stride_wv, stride_wh,
                          softcap, logit_scale, ce_weight, smoothing, inv_vocab, z_loss,
                          HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DX: tl.constexpr,
@@ -33,7 +33,7 @@ def tile_backward_kernel(X, W, B, Y, LSE, G, DX, DW, DB, N, V, H,
     s = transform_logits(z, softcap, logit_scale, HAS_SOFTCAP)
     y = tl.load(Y + rows, mask=row_valid, other=-1)
     lse = tl.load(LSE + rows, mask=row_valid, other=0.0)
-    g = tl.load(G + rows, mask=row_valid, other=0.0)
+    g = tl.load(ROW_SCALE + rows, mask=row_valid, other=0.0)
     dz = loss_grad_wrt_logits(s, col_valid[None, :], cols[None, :] == y[:, None], lse, g, ce_weight, smoothing,
                               inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP)
     push_tile_grads(dz, X, W, DX, DW, DB, rows, cols, row_valid, col_valid, H, stride_xn, stride_xh, stride_wv,

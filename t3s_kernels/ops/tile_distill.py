@@ -157,8 +157,8 @@ def tile_jsd_kernel(X, W, B, Xt, Wt, Bt, LSE_S, LSE_T, PART, N, V, H, Ht, stride
 
 
 @triton.jit
-def tile_distill_backward_kernel(X, W, B, Xt, Wt, Bt, Y, STATS, G, DX, DW, DB, N, V, H, Ht, stride_xn, stride_xh,
-                                 stride_wv, stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap,
+def tile_distill_backward_kernel(X, W, B, Xt, Wt, Bt, Y, STATS, ROW_SCALE, DX, DW, DB, N, V, H, Ht, stride_xn,
+                                 stride_xh, stride_wv, stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap,
                                  logit_scale, ce_weight, smoothing, inv_vocab, z_loss, kd_coef, inv_temp, beta,
                                  log_beta, log_1m_beta, KD_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                                  HAS_TEACHER_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_DX: tl.constexpr,
@@ -176,7 +176,7 @@ def tile_distill_backward_kernel(X, W, B, Xt, Wt, Bt, Y, STATS, G, DX, DW, DB, N
     lse_t = tl.load(STATS + 2 * N + rows, mask=row_valid, other=0.0)
     kl_reverse = tl.load(STATS + 3 * N + rows, mask=row_valid, other=0.0)
     kl_pm = tl.load(STATS + 4 * N + rows, mask=row_valid, other=0.0)
-    g = tl.load(G + rows, mask=row_valid, other=0.0)
+    g = tl.load(ROW_SCALE + rows, mask=row_valid, other=0.0)
     dkd = kd_grad_wrt_student(s, t, lse_s, lse_t, kl_reverse, kl_pm, inv_temp, beta, log_beta, log_1m_beta, KD_MODE)
     dz = loss_grad_wrt_logits(s, col_valid[None, :], cols[None, :] == y[:, None], lse, g, ce_weight, smoothing,
                               inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP, extra_ds=kd_coef * dkd)
