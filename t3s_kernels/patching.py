@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from .adapters.causal import causal_lm_loss
+from .adapters.causal import as_token_weights, causal_lm_loss
 from .adapters.masked_diffusion import dream_shift
 from .adapters.packing import block_diagonal_mask, is_packed, sequence_starts
 from .api import T3SLoss
@@ -414,7 +414,8 @@ def _fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, 
 
     def compute(x, weight, bias):
         weight, bias = vocabulary_rows(weight, bias, head_in.math.vocab)
-        return causal_lm_loss(x, weight, labels, shift_labels=shift_labels, selection=t3s_weights,
+        weights = as_token_weights(t3s_weights, labels if shift_labels is None else shift_labels, "t3s_weights")
+        return causal_lm_loss(x, weight, labels, shift_labels=shift_labels, token_weights=weights,
                               num_items_in_batch=num_items_in_batch, bias=bias, ignore_index=ignore_index,
                               **options).loss
 

@@ -113,7 +113,7 @@ def test_bad_inputs():
     model = tiny_model("qwen3").train()
     ids, labels, mask = batch()
     t3s.apply_t3s(model)
-    with pytest.raises(ValueError, match=r"selection must have the labels' shape"):
+    with pytest.raises(ValueError, match=r"t3s_weights must have the labels' shape"):
         model(input_ids=ids, labels=labels, t3s_weights=mask[:, :-1])
     with pytest.raises(ValueError, match=r"t3s_weights were given without labels"):
         model(input_ids=ids, t3s_weights=mask)

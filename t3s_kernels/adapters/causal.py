@@ -1,7 +1,7 @@
 """Causal-LM adapter: (B, T, H) hidden states + (B, T) labels -> the fused op's rows.
 
 Position t predicts token t+1 (the usual shift), unless the caller passes ``shift_labels``
-already aligned with the hidden states. A per-token selection is aligned with ``labels``
+already aligned with the hidden states. Per-token ``token_weights`` are aligned with ``labels``
 (the tokens being predicted): True / a positive weight keeps token t in the loss; T3S's
 AR rule drops the imitation anchors by giving them False / 0. Only rows that carry a label
 and a nonzero weight reach the LM head's matmuls (the fused op gathers them).
@@ -16,39 +16,40 @@ import torch
 from ..api import T3SLossOutput, fused_linear_t3s_loss
 
 
-def _as_weights(selection: Optional[torch.Tensor], like: torch.Tensor, name: str) -> Optional[torch.Tensor]:
-    if selection is None:
+def as_token_weights(mask: Optional[torch.Tensor], like: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+    """A bool keep-mask or float weights, as float weights of the labels' shape (errors name ``name``)."""
+    if mask is None:
         return None
-    if not isinstance(selection, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor (bool mask or float weights); got {type(selection).__name__}")
-    if tuple(selection.shape) != tuple(like.shape):
-        raise ValueError(f"{name} must have the labels' shape {tuple(like.shape)}; got {tuple(selection.shape)}")
-    if selection.dtype == torch.bool:
-        return selection.float()
-    if not selection.is_floating_point():
-        raise TypeError(f"{name} must be bool (True keeps a token) or floating point (a weight); got {selection.dtype}")
-    return selection
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor (bool mask or float weights); got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have the labels' shape {tuple(like.shape)}; got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask.float()
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool (True keeps a token) or floating point (a weight); got {mask.dtype}")
+    return mask
 
 
-def shift_for_causal_lm(labels: torch.Tensor, selection: Optional[torch.Tensor] = None,
+def shift_for_causal_lm(labels: torch.Tensor, token_weights: Optional[torch.Tensor] = None,
                         ignore_index: int = -100) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Labels (and selection) shifted so that position t holds the target t+1; the last
+    """Labels (and token_weights) shifted so that position t holds the target t+1; the last
     position gets ``ignore_index`` (HF's convention)."""
     pad = torch.full_like(labels[..., :1], ignore_index)
     shifted = torch.cat([labels[..., 1:], pad], dim=-1)
-    if selection is not None:
-        selection = torch.cat([selection[..., 1:], torch.zeros_like(selection[..., :1])], dim=-1)
-    return shifted, selection
+    if token_weights is not None:
+        token_weights = torch.cat([token_weights[..., 1:], torch.zeros_like(token_weights[..., :1])], dim=-1)
+    return shifted, token_weights
 
 
 def causal_lm_targets(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                      selection: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
+                      token_weights: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
                       ignore_index: int = -100) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(targets, weights or None), aligned with ``hidden``'s positions: position t's target, or
     ``ignore_index`` where it has none or its weight is 0 (no data-dependent shapes: the fused op
     gathers the remaining rows itself).
 
-    ``selection`` is aligned with ``labels``, or with ``shift_labels`` when those are given."""
+    ``token_weights`` is aligned with ``labels``, or with ``shift_labels`` when those are given."""
     if (labels is None) == (shift_labels is None):
         raise ValueError("pass exactly one of labels (to be shifted) or shift_labels (already aligned)")
     target = shift_labels if shift_labels is not None else labels
@@ -56,7 +57,7 @@ def causal_lm_targets(hidden: torch.Tensor, labels: Optional[torch.Tensor] = Non
         name = "shift_labels" if shift_labels is not None else "labels"
         raise ValueError(f"{name} must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; "
                          f"got {tuple(target.shape)}")
-    weights = _as_weights(selection, target, "selection")
+    weights = as_token_weights(token_weights, target, "token_weights")
     if shift_labels is None:
         target, weights = shift_for_causal_lm(labels, weights, ignore_index)
     if weights is not None:
@@ -65,11 +66,11 @@ def causal_lm_targets(hidden: torch.Tensor, labels: Optional[torch.Tensor] = Non
 
 
 def causal_lm_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                   selection: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
+                   token_weights: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
                    ignore_index: int = -100):
     """(hidden rows, label rows, weight rows or None, row index): only rows that carry a label
     and a nonzero weight, gathered (``causal_lm_targets`` without the gather)."""
-    target, weights = causal_lm_targets(hidden, labels, selection=selection, shift_labels=shift_labels,
+    target, weights = causal_lm_targets(hidden, labels, token_weights=token_weights, shift_labels=shift_labels,
                                         ignore_index=ignore_index)
     flat_target = target.reshape(-1)
     index = (flat_target != ignore_index).nonzero().squeeze(1)
@@ -82,7 +83,7 @@ TEACHER_ROW_INPUTS = ("teacher_hidden", "teacher_topk_ids", "teacher_topk_logpro
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                   selection: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
+                   token_weights: Optional[torch.Tensor] = None, shift_labels: Optional[torch.Tensor] = None,
                    num_items_in_batch: Union[None, int, float, torch.Tensor] = None, ignore_index: int = -100,
                    **loss_options) -> T3SLossOutput:
     """The causal-LM loss of ``hidden`` (B, T, H) through the head ``weight`` (V, H).
@@ -100,7 +101,7 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[
     ``teacher_topk_logprobs`` (B, T, K)), aligned with ``hidden`` (position t predicts t+1 for
     both models), follow the same positions; ``teacher_weight`` and the KD options pass through.
     """
-    targets, weights = causal_lm_targets(hidden, labels, selection=selection, shift_labels=shift_labels,
+    targets, weights = causal_lm_targets(hidden, labels, token_weights=token_weights, shift_labels=shift_labels,
                                          ignore_index=ignore_index)
     for name in TEACHER_ROW_INPUTS:
         t = loss_options.get(name)

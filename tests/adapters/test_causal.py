@@ -21,7 +21,7 @@ def data(seed=0, b=3, t=10, h=12, v=41):
 def test_shift_and_selection_match_eager():
     hidden, weight, labels, sel = data()
     x = hidden.clone().requires_grad_()
-    out = causal.causal_lm_loss(x, weight, labels, selection=sel, backend="torch")
+    out = causal.causal_lm_loss(x, weight, labels, token_weights=sel, backend="torch")
     logits = (x.double() @ weight.double().t())[:, :-1].reshape(-1, weight.shape[0])
     target, keep = labels[:, 1:].reshape(-1), (sel[:, 1:].reshape(-1) & (labels[:, 1:].reshape(-1) != -100))
     ref = F.cross_entropy(logits[keep], target[keep])
@@ -39,7 +39,7 @@ def test_shift_labels_are_used_as_given():
 def test_only_labelled_selected_rows_reach_the_head(monkeypatch):
     hidden, weight, labels, sel = data()
     seen = count_head_rows(monkeypatch)
-    causal.causal_lm_loss(hidden.requires_grad_(), weight, labels, selection=sel, backend="torch")
+    causal.causal_lm_loss(hidden.requires_grad_(), weight, labels, token_weights=sel, backend="torch")
     expected = int((sel[:, 1:] & (labels[:, 1:] != -100)).sum())
     assert seen == [expected]
 
@@ -47,13 +47,13 @@ def test_only_labelled_selected_rows_reach_the_head(monkeypatch):
 def test_float_weights_and_bad_selection():
     hidden, weight, labels, sel = data()
     w = sel.float() * 2.0
-    a = causal.causal_lm_loss(hidden, weight, labels, selection=w, reduction="sum", backend="torch").loss
-    b = causal.causal_lm_loss(hidden, weight, labels, selection=sel, reduction="sum", backend="torch").loss
+    a = causal.causal_lm_loss(hidden, weight, labels, token_weights=w, reduction="sum", backend="torch").loss
+    b = causal.causal_lm_loss(hidden, weight, labels, token_weights=sel, reduction="sum", backend="torch").loss
     assert_close(a, 2 * b, 1e-6, "weighted sum")
-    with pytest.raises(ValueError, match="selection must have the labels' shape"):
-        causal.causal_lm_loss(hidden, weight, labels, selection=sel[:, 1:])
-    with pytest.raises(TypeError, match="selection must be bool"):
-        causal.causal_lm_loss(hidden, weight, labels, selection=sel.long())
+    with pytest.raises(ValueError, match="token_weights must have the labels' shape"):
+        causal.causal_lm_loss(hidden, weight, labels, token_weights=sel[:, 1:])
+    with pytest.raises(TypeError, match="token_weights must be bool"):
+        causal.causal_lm_loss(hidden, weight, labels, token_weights=sel.long())
     with pytest.raises(ValueError, match="exactly one of labels"):
         causal.causal_lm_loss(hidden, weight)
 
@@ -64,7 +64,7 @@ def test_num_items_zero_gives_a_zero_loss_when_nothing_is_kept():
     hidden = torch.randn(2, 5, 8, generator=g, requires_grad=True)
     weight = torch.randn(11, 8, generator=g, requires_grad=True)
     labels = torch.randint(0, 11, (2, 5), generator=g)
-    out = causal.causal_lm_loss(hidden, weight, labels, selection=torch.zeros(2, 5, dtype=torch.bool),
+    out = causal.causal_lm_loss(hidden, weight, labels, token_weights=torch.zeros(2, 5, dtype=torch.bool),
                                 num_items_in_batch=torch.tensor(0), backend="torch")
     out.loss.backward()
     assert out.loss.item() == 0 and hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
