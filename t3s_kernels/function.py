@@ -29,7 +29,7 @@ import torch
 from .backends.base import HeadGrads, RowStats, per_token_loss
 from .backends.distill import TeacherRows
 from .backends.select import make_engine
-from .backends.vocab_parallel import VocabParallelEngine, VocabShard, check_shards
+from .backends.vocab_parallel import VocabParallelEngine, VocabShard, for_shard
 from .options import GradRequest, HeadOptions
 from .validation import check_head_values, check_teacher_values, normalizer_value
 
@@ -80,12 +80,9 @@ class LossConfig:
         (collective: every rank calls) when ``local_rows`` is given."""
         inner = make_engine(device, self.backend, self.strategy, self.chunk_budget_bytes, self.chunk_rows,
                             self.vocab_chunk)
-        if self.vocab_parallel is None:
-            return inner
-        shard = self.shard
         if local_rows is not None:
-            check_shards(shard, local_rows, device)
-        return VocabParallelEngine(inner, shard)
+            return for_shard(inner, self.shard, local_rows, device)[0]
+        return inner if self.vocab_parallel is None else VocabParallelEngine(inner, self.shard)
 
     def fuses_gradient(self, device: torch.device, grads: GradRequest) -> bool:
         """Whether the forward computes the gradient (returned beside the loss) for the backward to rescale."""
@@ -183,6 +180,26 @@ def _teacher(hidden, weight, bias, topk_ids, topk_logprobs) -> Optional[TeacherR
     return TeacherRows(hidden=hidden, weight=weight, bias=bias, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
 
 
+def _teacher_kw(teacher: Optional[TeacherRows], index) -> dict:
+    """The engine's teacher argument for the rows ``index``: the teacher's rows follow the student's
+    through every compaction (it gets no gradient)."""
+    return {} if teacher is None else {"teacher": teacher.rows(index)}
+
+
+def _on_all_rows(head_grads: HeadGrads, weight, bias, index: Optional[torch.Tensor], n: int) -> HeadGrads:
+    """An engine's gradients of the compacted rows ``index``: dW and db in the parameters' dtypes (half
+    the memory of float32 between forward and backward), dX placed on all ``n`` rows."""
+    hg = head_grads.cast(weight.dtype, None if bias is None else bias.dtype)
+    hg.hidden = None if hg.hidden is None else _scatter_rows(hg.hidden, index, n)
+    return hg
+
+
+def _grad_outputs(hg: HeadGrads, want: GradRequest, x, bias) -> tuple:
+    """(dx, dw, db) as the operators return them: empty where not asked."""
+    return (hg.hidden if want.hidden else _empty(x), hg.weight if want.weight else _empty(x),
+            hg.bias if want.bias and bias is not None else _empty(x))
+
+
 def _zero_grads(x, weight, bias) -> HeadGrads:
     """The gradients of a call where no row contributes."""
     return HeadGrads(torch.zeros_like(x), torch.zeros_like(weight), None if bias is None else torch.zeros_like(bias))
@@ -217,22 +234,20 @@ def _head_loss(x, weight, bias, labels, token_weights, normalizer, teacher_hidde
     fused = cfg.fuses_gradient(device, want)
     with no_autocast(device):
         rows = _rows(labels, token_weights, normalizer, cfg)
-        # The teacher's rows follow the student's through every compaction; it gets no gradient.
-        teacher_kw = (lambda index: {} if teacher is None else {"teacher": teacher.rows(index)})
         stats_parts, index_parts = [], []
         head_grads: Optional[HeadGrads] = None
         if rows.n_contrib:
             st, head_grads = engine.forward(_select(x, rows.contrib_idx), weight, bias,
                                             _select(labels, rows.contrib_idx), cfg.opts,
                                             row_scale=rows.row_w / rows.divisor if fused else None, grads=want,
-                                            **teacher_kw(rows.contrib_idx))
+                                            **_teacher_kw(teacher, rows.contrib_idx))
             stats_parts.append(st)
             index_parts.append(rows.contributing.nonzero().squeeze(1) if rows.contrib_idx is None
                                else rows.contrib_idx)
         if int(rows.valid.sum()) > rows.n_contrib:
             scored_idx = (rows.valid & ~rows.contributing).nonzero().squeeze(1)
             st, _ = engine.forward(x[scored_idx], weight, bias, labels[scored_idx], cfg.opts,
-                                   grads=GradRequest(False, False, False), **teacher_kw(scored_idx))
+                                   grads=GradRequest(False, False, False), **_teacher_kw(teacher, scored_idx))
             stats_parts.append(st)
             index_parts.append(scored_idx)
         lse, logprob, entropy, correct, kd = scatter_stats(list(zip(stats_parts, index_parts)), n, device)
@@ -240,18 +255,11 @@ def _head_loss(x, weight, bias, labels, token_weights, normalizer, teacher_hidde
         if rows.n_contrib:
             per_row[index_parts[0]] = rows.row_w * per_token_loss(stats_parts[0], cfg.opts)
         loss = per_row if cfg.reduction == "none" else per_row.sum() / rows.divisor
-    dx, dw, db = _empty(x), _empty(x), _empty(x)
-    if fused:
-        # dW in the weight's dtype between forward and backward: half the memory of float32.
-        if head_grads is None:  # no contributing row: zero gradients
-            hg = _zero_grads(x, weight, bias)
-        else:
-            hg = head_grads.cast(weight.dtype, None if bias is None else bias.dtype)
-            hg.hidden = None if hg.hidden is None else _scatter_rows(hg.hidden, rows.contrib_idx, n)
-        dx = hg.hidden if want.hidden else dx
-        dw = hg.weight if want.weight else dw
-        db = hg.bias if want.bias and bias is not None else db
-    return loss, logprob, entropy, correct, lse, kd, dx, dw, db
+    if not fused:
+        return loss, logprob, entropy, correct, lse, kd, _empty(x), _empty(x), _empty(x)
+    hg = _zero_grads(x, weight, bias) if head_grads is None \
+        else _on_all_rows(head_grads, weight, bias, rows.contrib_idx, n)  # None: no contributing row
+    return (loss, logprob, entropy, correct, lse, kd) + _grad_outputs(hg, want, x, bias)
 
 
 def _head_loss_fake(x, weight, bias, labels, token_weights, normalizer, teacher_hidden, teacher_weight,
@@ -284,14 +292,11 @@ def _head_loss_backward(grad_loss, lse, x, weight, bias, labels, token_weights, 
                 row_scale = _select(grad_loss, rows.contrib_idx).float() * rows.row_w
             else:
                 row_scale = grad_loss.float() * rows.row_w / rows.divisor
-            kw = {} if teacher is None else {"teacher": teacher.rows(rows.contrib_idx)}
-            hg = cfg.engine(device).backward(_select(x, rows.contrib_idx), weight, bias,
-                                             _select(labels, rows.contrib_idx), _select(lse, rows.contrib_idx),
-                                             row_scale, cfg.opts, want, **kw)
-            hg = hg.cast(weight.dtype, None if bias is None else bias.dtype)
-            hg.hidden = None if hg.hidden is None else _scatter_rows(hg.hidden, rows.contrib_idx, n)
-    return (hg.hidden if want.hidden else _empty(x), hg.weight if want.weight else _empty(x),
-            hg.bias if want.bias and bias is not None else _empty(x))
+            hg = _on_all_rows(cfg.engine(device).backward(
+                _select(x, rows.contrib_idx), weight, bias, _select(labels, rows.contrib_idx),
+                _select(lse, rows.contrib_idx), row_scale, cfg.opts, want, **_teacher_kw(teacher, rows.contrib_idx)),
+                weight, bias, rows.contrib_idx, n)
+    return _grad_outputs(hg, want, x, bias)
 
 
 def _head_loss_backward_fake(grad_loss, lse, x, weight, bias, *rest):
@@ -321,7 +326,8 @@ def _backward(ctx, grad_loss, *_unused_stat_grads):
                            "double backward); compute second-order terms with the eager reference instead")
     want = GradRequest(*ctx.grads)
     if ctx.fused:
-        dx, dw, db = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        scaled = HeadGrads(*ctx.saved_tensors).scaled(grad_loss)
+        dx, dw, db = scaled.hidden, scaled.weight, scaled.bias
     else:
         dx, dw, db = torch.ops.t3s.head_loss_backward(grad_loss, *ctx.saved_tensors, ctx.grads, *ctx.config)
     return (dx if want.hidden else None, dw if want.weight else None,

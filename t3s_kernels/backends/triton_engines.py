@@ -75,11 +75,11 @@ class TileEngine:
     @staticmethod
     def _distill_forward(x, weight, bias, labels, teacher, opts: HeadOptions):
         """Statistics with the per-row KD, and the per-row terms the backward needs (5 x n)."""
+        mode = kd_mode(opts)
         final, jsd_sums = tile_distill_forward(x, weight, bias, labels, _teacher(teacher), head_scalars(opts),
                                                kd_scalars(opts), opts.has_softcap, opts.has_smoothing,
-                                               jsd=kd_mode(opts) == 3)
+                                               jsd=mode == 3)
         student, kd_planes = final[:len(STATE_PLANES)], dict(zip(KD_PLANES, final[len(STATE_PLANES):]))
-        mode = kd_mode(opts)
         kl_pm = student[0].new_zeros(student[0].shape)
         if mode == 1:
             kd = kd_planes["kl_forward"]

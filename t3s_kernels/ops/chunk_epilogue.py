@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import kernel_config
+from .configs import gradient_buffer, kernel_config
 from .online_softmax import (
     block_softmax_state,
     finish_softmax_state,
@@ -81,10 +81,7 @@ def chunk_epilogue(logits, labels, col0: int, scalars: dict, has_softcap: bool, 
     return dL/dz (over ``logits`` itself for float32 ``out_dtype``), from ``lse`` or the finished state."""
     rows, width = logits.shape
     grad = row_scale is not None
-    dz = None
-    if grad:
-        dz = logits if out_dtype == torch.float32 else torch.empty(rows, width, device=logits.device,
-                                                                   dtype=out_dtype)
+    dz = gradient_buffer(logits, out_dtype) if grad else None
     cfg = kernel_config("chunk_epilogue", out_dtype or torch.float32)
     dummy = logits
     m, d, u, label_logit, sum_logits = state if state is not None else (dummy,) * 5

@@ -98,3 +98,10 @@ def grad_buffers(n: int, h: int, vocab: int, device, compute_dx: bool, compute_d
     f32 = dict(device=device, dtype=torch.float32)
     return (torch.zeros(n, h, **f32) if compute_dx else None, torch.zeros(vocab, h, **f32) if compute_dw else None,
             torch.zeros(vocab, **f32) if compute_db else None)
+
+
+def gradient_buffer(logits: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Where an epilogue writes dL/dz: over the float32 logits themselves, or a buffer of ``out_dtype``."""
+    if out_dtype == torch.float32:
+        return logits
+    return torch.empty(logits.shape, device=logits.device, dtype=out_dtype)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import kernel_config
+from .configs import gradient_buffer, kernel_config
 from .online_softmax import (
     finish_softmax_state,
     fold_kd_block,
@@ -117,8 +117,7 @@ def distill_epilogue(logits, teacher_logits, labels, row_scale, scalars: dict, k
     logits; dL/dz over ``logits`` itself for float32 ``out_dtype``."""
     rows, width = logits.shape
     grad = row_scale is not None
-    dz = (logits if out_dtype == torch.float32 else torch.empty(rows, width, device=logits.device,
-                                                                dtype=out_dtype)) if grad else None
+    dz = gradient_buffer(logits, out_dtype) if grad else None
     out = torch.empty(N_OUT, rows, device=logits.device, dtype=torch.float32)
     cfg = kernel_config("distill_epilogue", out_dtype)
     distill_epilogue_kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](
