@@ -58,6 +58,11 @@ class HeadOptions:
     def has_smoothing(self) -> bool:
         return self.label_smoothing != 0.0
 
+    @property
+    def kd_coef(self) -> float:
+        """The per-token KD term's coefficient: kd_weight, times kd_temperature^2 with kd_t2_scaling."""
+        return self.kd_weight * (self.kd_temperature ** 2 if self.kd_t2_scaling else 1.0)
+
 
 @dataclass(frozen=True)
 class GradRequest:

@@ -49,8 +49,7 @@ def per_token_loss(stats: RowStats, opts: HeadOptions) -> torch.Tensor:
     if opts.z_loss:
         loss = loss + opts.z_loss * stats.lse.square()
     if stats.kd is not None and opts.kd_weight:
-        scale = opts.kd_temperature ** 2 if opts.kd_t2_scaling else 1.0
-        loss = loss + (opts.kd_weight * scale) * stats.kd
+        loss = loss + opts.kd_coef * stats.kd
     return loss
 
 
@@ -87,16 +86,21 @@ class Engine(Protocol):
                  grads: GradRequest) -> HeadGrads: ...
 
 
+def _plane(k: int) -> property:
+    """Row plane k of an ``OnlineState``; assigning writes into it (``+=`` included)."""
+    return property(lambda self: self.planes[k], lambda self, value: self.planes[k].copy_(value))
+
+
 class OnlineState:
-    """Running softmax state of a block of rows, merged chunk by chunk over the vocabulary."""
+    """Running softmax state of a block of rows, merged chunk by chunk over the vocabulary: the
+    planes m, d, u, label_logit, sum_logits of one float32 [5, rows] tensor (``planes``, the
+    layout the Triton epilogue reads and writes in place)."""
 
     def __init__(self, rows: int, device: torch.device):
-        f32 = dict(device=device, dtype=torch.float32)
-        self.m = torch.full((rows,), float("-inf"), **f32)
-        self.d = torch.zeros(rows, **f32)
-        self.u = torch.zeros(rows, **f32)
-        self.label_logit = torch.zeros(rows, **f32)
-        self.sum_logits = torch.zeros(rows, **f32)
+        self.planes = torch.zeros(5, rows, device=device, dtype=torch.float32)
+        self.planes[0] = float("-inf")
+
+    m, d, u, label_logit, sum_logits = (_plane(k) for k in range(5))
 
     def merge(self, m_b: torch.Tensor, d_b: torch.Tensor, u_b: torch.Tensor) -> None:
         m = torch.maximum(self.m, m_b)

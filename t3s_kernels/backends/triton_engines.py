@@ -11,9 +11,10 @@ import torch
 
 from ..ops.chunk_epilogue import chunk_epilogue
 from ..ops.distill_epilogue import distill_epilogue
+from ..ops.merge_splits import KD_PLANES, STATE_PLANES
 from ..ops.tile_backward import tile_backward
-from ..ops.tile_distill import KD_PLANES, tile_distill_backward, tile_distill_forward
-from ..ops.tile_forward import STATE_PLANES, tile_forward
+from ..ops.tile_distill import tile_distill_backward, tile_distill_forward
+from ..ops.tile_forward import tile_forward
 from ..options import GradRequest, HeadOptions
 from .base import HeadGrads, OnlineState, RowStats
 from .distill import distill_chunk
@@ -45,9 +46,8 @@ def kd_scalars(opts: HeadOptions) -> dict:
 
 
 def kd_grad_scalars(opts: HeadOptions) -> dict:
-    """The KD term's coefficient (times T^2 with kd_t2_scaling) and the scalars of its gradient."""
-    t2 = opts.kd_temperature ** 2 if opts.kd_t2_scaling else 1.0
-    return dict(kd_coef=opts.kd_weight * t2, beta=float(opts.jsd_beta), **kd_scalars(opts))
+    """The KD term's coefficient (``HeadOptions.kd_coef``) and the scalars of its gradient."""
+    return dict(kd_coef=opts.kd_coef, beta=float(opts.jsd_beta), **kd_scalars(opts))
 
 
 def row_stats(planes, kd=None) -> RowStats:
@@ -60,8 +60,7 @@ def _head_grads(x, dx, dw, db) -> HeadGrads:
 
 
 def _teacher(teacher) -> tuple:
-    if not teacher.dense:
-        raise ValueError("a sparse (top-k) teacher runs on the chunked strategies; use strategy='chunked'")
+    assert teacher.dense, "the API refuses a sparse teacher on the tile strategy"
     return teacher.hidden, teacher.weight, teacher.bias
 
 
@@ -142,9 +141,9 @@ class TritonEpilogue:
 
     def _launch(self, logits, labels, col0, opts, *, state: Optional[OnlineState] = None, lse=None,
                 row_scale=None, out_dtype=None):
-        planes = None if state is None else (state.m, state.d, state.u, state.label_logit, state.sum_logits)
         return chunk_epilogue(logits, labels, col0, {**head_scalars(opts), **grad_scalars(opts)}, opts.has_softcap,
-                              opts.has_smoothing, state=planes, lse=lse, row_scale=row_scale, out_dtype=out_dtype)
+                              opts.has_smoothing, state=None if state is None else state.planes, lse=lse,
+                              row_scale=row_scale, out_dtype=out_dtype)
 
     def accumulate(self, logits, labels, col0, state, opts):
         self._launch(logits, labels, col0, opts, state=state)

@@ -22,31 +22,29 @@ from triton.compiler import ASTSource
 from .chunk_epilogue import chunk_epilogue_kernel
 from .configs import KERNEL_CONFIGS
 from .distill_epilogue import distill_epilogue_kernel
+from .merge_splits import merge_splits_kernel
 from .tile_backward import tile_backward_kernel
-from .tile_distill import (
-    merge_distill_splits_kernel,
-    tile_distill_backward_kernel,
-    tile_distill_forward_kernel,
-    tile_jsd_kernel,
-)
-from .tile_forward import merge_splits_kernel, tile_forward_kernel
+from .tile_distill import tile_distill_backward_kernel, tile_distill_forward_kernel
+from .tile_forward import tile_forward_kernel
 
-KERNELS = {
-    "tile_forward": tile_forward_kernel,
-    "tile_backward": tile_backward_kernel,
-    "chunk_epilogue": chunk_epilogue_kernel,
-    "merge_splits": merge_splits_kernel,
-    "distill_epilogue": distill_epilogue_kernel,
-    "tile_distill_forward": tile_distill_forward_kernel,
-    "tile_jsd": tile_jsd_kernel,
-    "tile_distill_backward": tile_distill_backward_kernel,
-    "merge_distill_splits": merge_distill_splits_kernel,
+# What is compiled and reported, by name: a kernel, the KERNEL_CONFIGS entry it launches with,
+# and the constexpr flags that make it this variant (the rest take their most demanding value).
+VARIANTS = {
+    "tile_forward": (tile_forward_kernel, "tile_forward", {}),
+    "tile_backward": (tile_backward_kernel, "tile_backward", {}),
+    "chunk_epilogue": (chunk_epilogue_kernel, "chunk_epilogue", {}),
+    "merge_splits": (merge_splits_kernel, "merge_splits", dict(DISTILL=False)),
+    "distill_epilogue": (distill_epilogue_kernel, "distill_epilogue", {}),
+    "tile_distill_forward": (tile_distill_forward_kernel, "tile_distill_forward", dict(JSD_PASS=False)),
+    "tile_jsd": (tile_distill_forward_kernel, "tile_jsd", dict(JSD_PASS=True)),
+    "tile_distill_backward": (tile_distill_backward_kernel, "tile_distill_backward", {}),
+    "merge_distill_splits": (merge_splits_kernel, "merge_splits", dict(DISTILL=True)),
 }
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _INPUT_POINTERS = {"X", "W", "B", "DZ", "Xt", "Wt", "Bt"}  # in the inputs' dtype
 _FP32_POINTERS = {"PART", "OUT", "LSE", "ROW_SCALE", "DX", "DW", "DB", "LOGITS", "TEACHER_LOGITS", "LSE_S", "LSE_T",
-                  "STATS"}
+                  "STATS", "STATE"}
 _INT_SCALARS = {"N", "V", "H", "Ht", "n_rows", "width", "col0", "n_splits", "blocks_per_split"}  # and every stride_*
 _FLOAT_SCALARS = {"softcap", "logit_scale", "ce_weight", "smoothing", "inv_vocab", "z_loss", "kd_coef", "inv_temp",
                   "beta", "log_beta", "log_1m_beta"}
@@ -67,9 +65,9 @@ class CompileReport:
     num_warps: int
 
 
-def _signature(kernel, dtype: torch.dtype, config: dict):
+def _signature(kernel, dtype: torch.dtype, config: dict, flags: dict):
     signature, constexprs = {}, {}
-    meta = {**_FLAGS, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", **config}
+    meta = {**_FLAGS, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", **flags, **config}
     for param in kernel.params:
         name = param.name
         if param.is_constexpr:
@@ -79,7 +77,7 @@ def _signature(kernel, dtype: torch.dtype, config: dict):
             signature[name] = "*i64"
         elif name in _INPUT_POINTERS:
             signature[name] = "*" + _TRITON_DTYPE[dtype]
-        elif name in _FP32_POINTERS or name.startswith("STATE_"):
+        elif name in _FP32_POINTERS:
             signature[name] = "*fp32"
         elif name in _FLOAT_SCALARS:
             signature[name] = "fp32"
@@ -119,10 +117,10 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
 
 
 def compile_kernel(name: str, dtype: torch.dtype, arch: int) -> CompileReport:
-    kernel = KERNELS[name]
-    config = dict(KERNEL_CONFIGS[name]["fp32" if dtype == torch.float32 else "half"])
+    kernel, config_name, flags = VARIANTS[name]
+    config = dict(KERNEL_CONFIGS[config_name]["fp32" if dtype == torch.float32 else "half"])
     options = {k: config.pop(k) for k in ("num_warps", "num_stages")}
-    signature, constexprs = _signature(kernel, dtype, config)
+    signature, constexprs = _signature(kernel, dtype, config, flags)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     regs, spill_st, spill_ld = _ptxas_usage(compiled.asm["ptx"], arch)
@@ -132,7 +130,7 @@ def compile_kernel(name: str, dtype: torch.dtype, arch: int) -> CompileReport:
 
 
 def compile_all(archs=(90, 80), dtypes=(torch.bfloat16, torch.float32)) -> list[CompileReport]:
-    return [compile_kernel(name, dtype, arch) for arch in archs for dtype in dtypes for name in KERNELS]
+    return [compile_kernel(name, dtype, arch) for arch in archs for dtype in dtypes for name in VARIANTS]
 
 
 def format_reports(reports: list[CompileReport]) -> str:

@@ -28,7 +28,7 @@ KERNEL_CONFIGS = {
     "tile_backward": _HALF_AND_FP32(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
                                     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1)),
     "chunk_epilogue": {dtype: dict(BLOCK_R=2, BLOCK_V=2048, num_warps=8, num_stages=1) for dtype in ("half", "fp32")},
-    "merge_splits": {dtype: dict(BLOCK=256, num_warps=4, num_stages=1) for dtype in ("half", "fp32")},
+    "merge_splits": {dtype: dict(BLOCK=128, num_warps=4, num_stages=1) for dtype in ("half", "fp32")},
     "distill_epilogue": {dtype: dict(BLOCK_R=1, BLOCK_V=1024, num_warps=8, num_stages=1) for dtype in ("half", "fp32")},
     "tile_distill_forward": _HALF_AND_FP32(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
                                            dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1)),
@@ -36,7 +36,6 @@ KERNEL_CONFIGS = {
                                dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=1)),
     "tile_distill_backward": _HALF_AND_FP32(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=1),
                                             dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1)),
-    "merge_distill_splits": {dtype: dict(BLOCK=128, num_warps=4, num_stages=1) for dtype in ("half", "fp32")},
 }
 
 # Under TRITON_INTERPRET=1 (tests on CPU): small blocks, so odd shapes cross several of them.
@@ -44,7 +43,7 @@ _TILE, _ROWS = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16), dict(BLOCK_R=4, BLOCK_V
 INTERPRETER_CONFIGS = {
     "tile_forward": _TILE, "tile_backward": _TILE, "tile_distill_forward": _TILE, "tile_jsd": _TILE,
     "tile_distill_backward": _TILE, "chunk_epilogue": _ROWS, "distill_epilogue": _ROWS,
-    "merge_splits": dict(BLOCK=16), "merge_distill_splits": dict(BLOCK=16),
+    "merge_splits": dict(BLOCK=16),
 }
 
 

@@ -19,8 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_epilogue import column_block
 from .configs import gradient_buffer, kernel_config
+from .merge_splits import N_STATE, STATE_OFFSET
 from .online_softmax import (
+    empty_state,
+    empty_student_state,
+    finish_kd_state,
     finish_softmax_state,
     fold_kd_block,
     fold_student_block,
@@ -52,63 +57,52 @@ def distill_epilogue_kernel(LOGITS, TEACHER_LOGITS, stride_l, stride_lt, DZ, str
     l_row = LOGITS + rows[:, None] * stride_l
     lt_row = TEACHER_LOGITS + rows[:, None] * stride_lt
 
-    zero = tl.zeros((BLOCK_R,), tl.float32)
-    neg_inf = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    m, d, u, label_logit, sum_logits = neg_inf, zero, zero, zero, zero
-    m_s, d_s, a_r = neg_inf, zero, zero
-    m_t, d_t, a_f = neg_inf, zero, zero
+    m, d, u, label_logit, sum_logits = empty_student_state(BLOCK_R)
+    m_s, d_s, a_r = empty_state(BLOCK_R)
+    m_t, d_t, a_f = empty_state(BLOCK_R)
     for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_valid = cols < V
-        mask = row_valid[:, None] & col_valid[None, :]
+        cols, col_valid, mask = column_block(v0, V, row_valid, BLOCK_V)
         s, t = _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
-        m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid[None, :], y, m, d, u, label_logit,
+        m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid, y, m, d, u, label_logit,
                                                               sum_logits, HAS_SMOOTHING)
-        m_s, d_s, a_r, m_t, d_t, a_f = fold_kd_block(s, t, col_valid[None, :], inv_temp, m_s, d_s, a_r, m_t, d_t, a_f)
+        m_s, d_s, a_r, m_t, d_t, a_f = fold_kd_block(s, t, col_valid, inv_temp, m_s, d_s, a_r, m_t, d_t, a_f)
     lse, entropy = finish_softmax_state(m, d, u)
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
-    kl_forward = a_f / d_t - lse_t + lse_s
-    kl_reverse = a_r / d_s - lse_s + lse_t
+    lse_s, lse_t, kl_forward, kl_reverse = finish_kd_state(m_s, d_s, a_r, m_t, d_t, a_f)
 
-    kl_pm = zero
+    kl_pm = tl.zeros((BLOCK_R,), tl.float32)
     if KD_MODE == 1:
         kd = kl_forward
     elif KD_MODE == 2:
         kd = kl_reverse
     else:
-        kl_qm = zero
+        kl_qm = tl.zeros((BLOCK_R,), tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_valid = cols < V
-            mask = row_valid[:, None] & col_valid[None, :]
+            cols, col_valid, mask = column_block(v0, V, row_valid, BLOCK_V)
             s, t = _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
-            pm, qm = jsd_terms(s, t, col_valid[None, :], lse_s, lse_t, inv_temp, log_beta, log_1m_beta)
+            pm, qm = jsd_terms(s, t, col_valid, lse_s, lse_t, inv_temp, log_beta, log_1m_beta)
             kl_pm += pm
             kl_qm += qm
         kd = beta * kl_qm + (1.0 - beta) * kl_pm
 
     store_row_stats(OUT, n_rows, rows, row_valid, lse, label_logit, sum_logits, entropy, m)
-    tl.store(OUT + 5 * n_rows + rows, kd, mask=row_valid)
+    tl.store(OUT + STATE_OFFSET * n_rows + rows, kd, mask=row_valid)
 
     if GRAD:
         g = tl.load(ROW_SCALE + rows, mask=row_valid, other=0.0)
         dz_row = DZ + rows[:, None] * stride_dz
         for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_valid = cols < V
-            mask = row_valid[:, None] & col_valid[None, :]
+            cols, col_valid, mask = column_block(v0, V, row_valid, BLOCK_V)
             s, t = _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
             dkd = kd_grad_wrt_student(s, t, lse_s, lse_t, kl_reverse, kl_pm, inv_temp, beta, log_beta, log_1m_beta,
                                       KD_MODE)
-            dz = loss_grad_wrt_logits(s, col_valid[None, :], cols[None, :] == y[:, None], lse, g, ce_weight,
+            dz = loss_grad_wrt_logits(s, col_valid, cols[None, :] == y[:, None], lse, g, ce_weight,
                                       smoothing, inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP,
                                       extra_ds=kd_coef * dkd)
             tl.store(dz_row + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
 
 
-# The output planes: the student's final state (tile_forward.STATE_PLANES), then the per-row KD.
-N_OUT = 6
+# The output planes: the student's final state (merge_splits.STATE_PLANES), then the per-row KD.
+N_OUT = N_STATE + 1
 
 
 def distill_epilogue(logits, teacher_logits, labels, row_scale, scalars: dict, kd_mode: int, has_softcap: bool,

@@ -40,6 +40,24 @@ def head_logits_tile(X, W, B, row0, col0, N, V, H, stride_xn, stride_xh, stride_
 
 
 @triton.jit
+def forward_tile_rows(N, BLOCK_M: tl.constexpr):
+    """This forward program's row block (grid axis 0): its first row, its rows, which of them are < N."""
+    row0 = tl.program_id(0) * BLOCK_M
+    rows = row0 + tl.arange(0, BLOCK_M)
+    return row0, rows, rows < N
+
+
+@triton.jit
+def split_vocab_block(i, blocks_per_split, V, BLOCK_N: tl.constexpr):
+    """The i-th vocabulary block of this program's split (grid axis 1): whether it exists, its first
+    column, its columns and which of them are < V (as a [1, BLOCK_N] mask). The last split may hold
+    fewer blocks; a scalar guard, not a tensor loop bound, keeps the loop valid in every Triton's interpreter."""
+    col0 = (tl.program_id(1) * blocks_per_split + i) * BLOCK_N
+    cols = col0 + tl.arange(0, BLOCK_N)
+    return col0 < V, col0, cols, (cols < V)[None, :]
+
+
+@triton.jit
 def push_tile_grads(dz, X, W, DX, DW, DB, rows, cols, row_valid, col_valid, H, stride_xn, stride_xh, stride_wv,
                     stride_wh, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -127,6 +127,80 @@ def fold_student_block(s, cols, col_valid, y, m, d, u, label_logit, sum_logits, 
 
 
 @triton.jit
+def empty_state(BLOCK: tl.constexpr):
+    """The state of BLOCK rows over no columns: m = -inf and zero sums (merges as the identity)."""
+    zero = tl.zeros((BLOCK,), tl.float32)
+    return tl.full((BLOCK,), float("-inf"), tl.float32), zero, zero
+
+
+@triton.jit
+def empty_student_state(BLOCK: tl.constexpr):
+    """(m, d, u, label_logit, sum_logits) of BLOCK rows over no columns."""
+    m, d, u = empty_state(BLOCK)
+    return m, d, u, d, d
+
+
+# A student's partial state is five planes, ``plane`` floats apart: m, d, u, label_logit, sum_logits.
+# With a teacher, six more follow: the tempered student's (m_s, d_s, A_r) and teacher's (m_t, d_t, A_f).
+# Masked rows load as (0, 1, 0, ...): finite, so merging them computes no NaN.
+
+@triton.jit
+def load_student_state(P, plane, valid):
+    m = tl.load(P, mask=valid, other=0.0)
+    d = tl.load(P + plane, mask=valid, other=1.0)
+    u = tl.load(P + 2 * plane, mask=valid, other=0.0)
+    return m, d, u, tl.load(P + 3 * plane, mask=valid, other=0.0), tl.load(P + 4 * plane, mask=valid, other=0.0)
+
+
+@triton.jit
+def store_student_state(P, plane, valid, m, d, u, label_logit, sum_logits):
+    tl.store(P, m, mask=valid)
+    tl.store(P + plane, d, mask=valid)
+    tl.store(P + 2 * plane, u, mask=valid)
+    tl.store(P + 3 * plane, label_logit, mask=valid)
+    tl.store(P + 4 * plane, sum_logits, mask=valid)
+
+
+@triton.jit
+def merge_student_state(m, d, u, label_logit, sum_logits, P, plane, valid):
+    """The rows' state merged with the partial state stored at P."""
+    m_p, d_p, u_p, label_p, sum_p = load_student_state(P, plane, valid)
+    m, d, u = merge_softmax_state(m, d, u, m_p, d_p, u_p)
+    return m, d, u, label_logit + label_p, sum_logits + sum_p
+
+
+@triton.jit
+def store_kd_state(P, plane, valid, m_s, d_s, a_r, m_t, d_t, a_f):
+    tl.store(P, m_s, mask=valid)
+    tl.store(P + plane, d_s, mask=valid)
+    tl.store(P + 2 * plane, a_r, mask=valid)
+    tl.store(P + 3 * plane, m_t, mask=valid)
+    tl.store(P + 4 * plane, d_t, mask=valid)
+    tl.store(P + 5 * plane, a_f, mask=valid)
+
+
+@triton.jit
+def merge_kd_state(m_s, d_s, a_r, m_t, d_t, a_f, P, plane, valid):
+    """Both tempered states merged with the partial ones stored at P."""
+    m_s, d_s, a_r = merge_weighted_sum(m_s, d_s, a_r, tl.load(P, mask=valid, other=0.0),
+                                       tl.load(P + plane, mask=valid, other=1.0),
+                                       tl.load(P + 2 * plane, mask=valid, other=0.0))
+    m_t, d_t, a_f = merge_weighted_sum(m_t, d_t, a_f, tl.load(P + 3 * plane, mask=valid, other=0.0),
+                                       tl.load(P + 4 * plane, mask=valid, other=1.0),
+                                       tl.load(P + 5 * plane, mask=valid, other=0.0))
+    return m_s, d_s, a_r, m_t, d_t, a_f
+
+
+@triton.jit
+def finish_kd_state(m_s, d_s, a_r, m_t, d_t, a_f):
+    """(lse_s, lse_t, KL(q || p), KL(p || q)) of the tempered heads from their final states:
+    KL(q || p) = A_f / d_t - lse_t + lse_s and KL(p || q) = A_r / d_s - lse_s + lse_t."""
+    lse_s = m_s + tl.log(d_s)
+    lse_t = m_t + tl.log(d_t)
+    return lse_s, lse_t, a_f / d_t - lse_t + lse_s, a_r / d_s - lse_s + lse_t
+
+
+@triton.jit
 def fold_kd_block(s, t, col_valid, inv_temp, m_s, d_s, a_r, m_t, d_t, a_f):
     """Fold one tile of both heads into the tempered states: (m_s, d_s, A_r) of the student and
     (m_t, d_t, A_f) of the teacher, A_r = sum e^(s/T - m_s) (s - t)/T, A_f = sum e^(t/T - m_t) (t - s)/T."""
