@@ -1,4 +1,7 @@
-"""Inputs, tolerances and the reference comparison that every test module shares."""
+"""Inputs, tolerances, the reference comparison and the two-process launcher the test modules share."""
+
+import os
+import socket
 
 import torch
 
@@ -134,3 +137,28 @@ def count_head_rows(monkeypatch):
 
     monkeypatch.setattr(function, "make_engine", counting_engine)
     return seen
+
+
+def _two_rank_entry(rank, worker, port, out_dir, args):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.save(worker(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_two_ranks(worker, out_dir, *args) -> list:
+    """``worker(rank, *args)`` in two spawned processes joined in a gloo group (with torchrun's
+    environment variables); the two ranks' return values, passed back through ``out_dir``.
+    ``worker`` must be a module-level function (spawn pickles it by name)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port, not a random one that another test may hold
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_entry, args=(worker, port, str(out_dir), args), nprocs=2, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in (0, 1)]

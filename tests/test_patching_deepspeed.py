@@ -4,12 +4,10 @@ head is partitioned away is gathered by the op (the same as its whole head); ``t
 partitioned head too; and a partitioned head that needs a gradient outside the engine's forward is
 refused. Skipped where DeepSpeed is not installed (it is in the CI's test environment)."""
 
-import os
-import random
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, run_on_two_ranks
 from models import batch, tiny_model
 
 import t3s_kernels as t3s
@@ -30,59 +28,50 @@ def _full_grads(model):
     return {n: safe_get_full_grad(p).clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-    deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        ids, labels, keep = batch(seed=1 + rank)
-        results = {}
-        for patch in (False, True):
-            model = tiny_model("qwen3").train()
-            if patch:
-                t3s.apply_t3s(model, backend="torch")
-            engine, *_ = deepspeed.initialize(model=model, config=CONFIG, model_parameters=model.parameters())
-            out = engine(input_ids=ids, labels=labels, t3s_weights=keep) if patch else \
-                engine(input_ids=ids, labels=labels.masked_fill(~keep, -100))
-            engine.backward(out.loss)
-            results[patch] = {"loss": out.loss.detach(), **_full_grads(model)}
+def _worker(rank):
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's communication over the existing group
+    ids, labels, keep = batch(seed=1 + rank)
+    results = {}
+    for patch in (False, True):
+        model = tiny_model("qwen3").train()
+        if patch:
+            t3s.apply_t3s(model, backend="torch")
+        engine, *_ = deepspeed.initialize(model=model, config=CONFIG, model_parameters=model.parameters())
+        out = engine(input_ids=ids, labels=labels, t3s_weights=keep) if patch else \
+            engine(input_ids=ids, labels=labels.masked_fill(~keep, -100))
+        engine.backward(out.loss)
+        results[patch] = {"loss": out.loss.detach(), **_full_grads(model)}
 
-        teacher = tiny_model("llama", seed=3, tie_word_embeddings=False).eval()
-        whole_head = teacher.lm_head.weight.detach().clone()
-        teacher_engine, *_ = deepspeed.initialize(model=teacher, config=CONFIG, model_parameters=teacher.parameters())
-        with torch.no_grad():
-            t_hidden = teacher_engine.module.model(input_ids=ids).last_hidden_state
-        partitioned = teacher.lm_head.weight
-        assert partitioned.numel() == 0, "the teacher's head should be partitioned away outside its forward"
-        for kind, t_weight in (("whole", whole_head), ("partitioned", partitioned)):
-            model = t3s.apply_t3s(tiny_model("qwen3").train(), backend="torch", teacher_weight=t_weight,
-                                  kd_weight=0.5, kd_temperature=2.0)
-            engine, *_ = deepspeed.initialize(model=model, config=CONFIG, model_parameters=model.parameters())
-            out = engine(input_ids=ids, labels=labels, t3s_weights=keep, teacher_hidden=t_hidden)
-            engine.backward(out.loss)
-            results[kind] = {"loss": out.loss.detach(), **_full_grads(model)}
+    teacher = tiny_model("llama", seed=3, tie_word_embeddings=False).eval()
+    whole_head = teacher.lm_head.weight.detach().clone()
+    teacher_engine, *_ = deepspeed.initialize(model=teacher, config=CONFIG, model_parameters=teacher.parameters())
+    with torch.no_grad():
+        t_hidden = teacher_engine.module.model(input_ids=ids).last_hidden_state
+    partitioned = teacher.lm_head.weight
+    assert partitioned.numel() == 0, "the teacher's head should be partitioned away outside its forward"
+    for kind, t_weight in (("whole", whole_head), ("partitioned", partitioned)):
+        model = t3s.apply_t3s(tiny_model("qwen3").train(), backend="torch", teacher_weight=t_weight,
+                              kd_weight=0.5, kd_temperature=2.0)
+        engine, *_ = deepspeed.initialize(model=model, config=CONFIG, model_parameters=model.parameters())
+        out = engine(input_ids=ids, labels=labels, t3s_weights=keep, teacher_hidden=t_hidden)
+        engine.backward(out.loss)
+        results[kind] = {"loss": out.loss.detach(), **_full_grads(model)}
 
-        with torch.no_grad():
-            stats = t3s.token_stats(t_hidden, partitioned, labels, backend="torch")
-        refused = ""
-        try:  # the student's own partitioned head, with a gradient, outside the engine's forward
-            t3s.fused_linear_t3s_loss(t_hidden[..., :32].detach().float(), model.lm_head.weight, labels,
-                                      backend="torch")
-        except ValueError as e:
-            refused = str(e)
-        torch.save({"results": results, "stats": stats, "t_hidden": t_hidden, "refused": refused},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    with torch.no_grad():
+        stats = t3s.token_stats(t_hidden, partitioned, labels, backend="torch")
+    refused = ""
+    try:  # the student's own partitioned head, with a gradient, outside the engine's forward
+        t3s.fused_linear_t3s_loss(t_hidden[..., :32].detach().float(), model.lm_head.weight, labels,
+                                  backend="torch")
+    except ValueError as e:
+        refused = str(e)
+    return {"results": results, "stats": stats, "t_hidden": t_hidden, "refused": refused}
 
 
 def test_zero3_patched_teacher_gathered_and_refusals(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(random.randint(20001, 30000), str(tmp_path)), nprocs=2, join=True)
+    ranks = run_on_two_ranks(_worker, tmp_path)
     teacher_head = tiny_model("llama", seed=3, tie_word_embeddings=False).lm_head.weight.detach()
-    for rank in (0, 1):
-        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for rank, saved in enumerate(ranks):
         res = saved["results"]
         for ref_kind, got_kind in ((False, True), ("whole", "partitioned")):
             ref, got = res[ref_kind], res[got_kind]

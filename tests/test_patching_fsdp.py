@@ -5,7 +5,7 @@ module's FSDP call)."""
 import os
 
 import pytest
-from helpers import assert_close
+from helpers import assert_close, run_on_two_ranks
 from models import batch, tiny_model
 
 import t3s_kernels as t3s
@@ -62,39 +62,25 @@ def test_fsdp2_groupings_are_exact(process_group, grouping):
         assert_close(grads[name], ref_grads[name], 1e-4, name)
 
 
-def _two_rank_worker(rank, port, out_dir, grouping):
-    import torch
+def _two_rank_worker(rank, grouping):
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {}
-        for patch in (False, True):
-            model = _sharded(patch, grouping)
-            ids, labels, keep = batch(seed=1 + rank)  # each rank its own data, as data parallelism has
-            out = model(input_ids=ids, labels=labels, t3s_weights=keep if patch else None) if patch else \
-                model(input_ids=ids, labels=labels.masked_fill(~keep, -100))
-            out.loss.backward()
-            results[patch] = {"loss": out.loss.detach(),
-                              **{n: p.grad.full_tensor() for n, p in model.named_parameters()}}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for patch in (False, True):
+        model = _sharded(patch, grouping)
+        ids, labels, keep = batch(seed=1 + rank)  # each rank its own data, as data parallelism has
+        out = model(input_ids=ids, labels=labels, t3s_weights=keep if patch else None) if patch else \
+            model(input_ids=ids, labels=labels.masked_fill(~keep, -100))
+        out.loss.backward()
+        results[patch] = {"loss": out.loss.detach(),
+                          **{n: p.grad.full_tensor() for n, p in model.named_parameters()}}
+    return results
 
 
 @pytest.mark.parametrize("grouping", ["head", "norm+head"])
 def test_fsdp2_two_ranks_sharded_head_is_exact(tmp_path, grouping):
     """Two processes (gloo), the head's weight really split between them: the patched loss (T3S mask as
     weights) equals the unpatched model's with anchors labelled -100, and every gathered gradient too."""
-    import random
-
-    import torch
-    import torch.multiprocessing as mp
-
-    port = random.randint(30000, 40000)
-    mp.spawn(_two_rank_worker, args=(port, str(tmp_path), grouping), nprocs=2, join=True)
-    for rank in (0, 1):
-        res = torch.load(tmp_path / f"rank{rank}.pt")
+    for res in run_on_two_ranks(_two_rank_worker, tmp_path, grouping):
         ref, got = res[False], res[True]
         assert_close(got["loss"], ref["loss"], 1e-5, "loss")
         for name in ref:
@@ -122,7 +108,7 @@ def test_fsdp2_bf16_policy_with_the_head_alone(process_group):
         assert_close(grads[name], ref_grads[name], TOLERANCE[torch.bfloat16]["grad"], name)
 
 
-def _fsdp1_worker(rank, port, out_dir):
+def _fsdp1_worker(rank):
     """FSDP1 (patch, then wrap): the head with the root or in a unit of its own, with the original
     parameters exposed or not; the gradients are each rank's shards of the flat parameters."""
     import functools
@@ -131,43 +117,31 @@ def _fsdp1_worker(rank, port, out_dir):
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {}
-        for grouping in ("root", "head"):
-            for orig in (True, False):
-                for patch in (False, True):
-                    model = tiny_model("qwen3").train()
-                    if patch:
-                        t3s.apply_t3s(model, backend="torch")
-                    head = model.lm_head
-                    policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m is head) \
-                        if grouping == "head" else None
-                    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=orig,
-                                                       device_id=torch.device("cpu"))
-                    ids, labels, keep = batch(seed=1 + rank)
-                    out = wrapped(input_ids=ids, labels=labels, t3s_weights=keep) if patch else \
-                        wrapped(input_ids=ids, labels=labels.masked_fill(~keep, -100))
-                    out.loss.backward()
-                    flat = [p.grad.clone() for p in wrapped.parameters() if p.grad is not None]
-                    results[grouping, orig, patch] = {"loss": out.loss.detach(), "grads": flat}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for grouping in ("root", "head"):
+        for orig in (True, False):
+            for patch in (False, True):
+                model = tiny_model("qwen3").train()
+                if patch:
+                    t3s.apply_t3s(model, backend="torch")
+                head = model.lm_head
+                policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: m is head) \
+                    if grouping == "head" else None
+                wrapped = FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=orig,
+                                                   device_id=torch.device("cpu"))
+                ids, labels, keep = batch(seed=1 + rank)
+                out = wrapped(input_ids=ids, labels=labels, t3s_weights=keep) if patch else \
+                    wrapped(input_ids=ids, labels=labels.masked_fill(~keep, -100))
+                out.loss.backward()
+                flat = [p.grad.clone() for p in wrapped.parameters() if p.grad is not None]
+                results[grouping, orig, patch] = {"loss": out.loss.detach(), "grads": flat}
+    return results
 
 
 def test_fsdp1_groupings_two_ranks_are_exact(tmp_path):
     """The patched loss under FSDP1 equals the unpatched one (anchors labelled -100), and so does
     every rank's shard of every reduced gradient, whether the head is its own unit or not."""
-    import random
-
-    import torch
-    import torch.multiprocessing as mp
-
-    mp.spawn(_fsdp1_worker, args=(random.randint(30000, 40000), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        res = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, res in enumerate(run_on_two_ranks(_fsdp1_worker, tmp_path)):
         for grouping in ("root", "head"):
             for orig in (True, False):
                 ref, got = res[grouping, orig, False], res[grouping, orig, True]

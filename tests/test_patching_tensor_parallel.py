@@ -4,11 +4,10 @@ two gloo ranks: with ``apply_t3s(model, tensor_parallel=True)`` the loss runs vo
 and equals the unpatched model's (loss 1e-5, every gradient 1e-4); without the flag it is refused."""
 
 import os
-import random
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, run_on_two_ranks
 from models import batch, tiny_model
 
 import t3s_kernels as t3s
@@ -17,45 +16,36 @@ pytest.importorskip("transformers")
 dist = pytest.importorskip("torch.distributed")
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        mesh = init_device_mesh("cpu", (2,))
-        ids, labels, keep = batch(seed=3)  # tensor parallelism: every rank sees the same tokens
-        results, refused = {}, ""
-        for patch in (False, True):
-            model = tiny_model("qwen3").train()
-            if patch:
-                t3s.apply_t3s(model, backend="torch", tensor_parallel=True)
-            parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
-            out = model(input_ids=ids, labels=labels, t3s_weights=keep) if patch else \
-                model(input_ids=ids, labels=labels.masked_fill(~keep, -100))
-            out.loss.backward()
-            grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
-                     for n, p in model.named_parameters()}
-            results[patch] = {"loss": out.loss.detach(), **grads}
-        model = t3s.apply_t3s(tiny_model("qwen3").train(), backend="torch")
+    mesh = init_device_mesh("cpu", (2,))
+    ids, labels, keep = batch(seed=3)  # tensor parallelism: every rank sees the same tokens
+    results, refused = {}, ""
+    for patch in (False, True):
+        model = tiny_model("qwen3").train()
+        if patch:
+            t3s.apply_t3s(model, backend="torch", tensor_parallel=True)
         parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
-        try:
-            model(input_ids=ids, labels=labels)
-        except ValueError as e:
-            refused = str(e)
-        torch.save({"results": results, "refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        out = model(input_ids=ids, labels=labels, t3s_weights=keep) if patch else \
+            model(input_ids=ids, labels=labels.masked_fill(~keep, -100))
+        out.loss.backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                 for n, p in model.named_parameters()}
+        results[patch] = {"loss": out.loss.detach(), **grads}
+    model = t3s.apply_t3s(tiny_model("qwen3").train(), backend="torch")
+    parallelize_module(model.lm_head, mesh, ColwiseParallel(output_layouts=Replicate()))
+    try:
+        model(input_ids=ids, labels=labels)
+    except ValueError as e:
+        refused = str(e)
+    return {"results": results, "refused": refused}
 
 
 def test_tensor_parallel_head_is_exact_and_needs_saying(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(random.randint(50001, 60000), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for saved in run_on_two_ranks(_worker, tmp_path):
         ref, got = saved["results"][False], saved["results"][True]
         assert_close(got["loss"], ref["loss"], 1e-5, "loss")
         for name in ref:
@@ -69,53 +59,46 @@ def _grads(model):
             for n, p in model.named_parameters()}
 
 
-def _tp_plan_worker(rank, port, folder, out_dir):
+def _tp_plan_worker(rank, folder):
     """Models loaded by transformers with ``tp_plan="auto"`` (every layer sharded, the head Shard(0)),
     patched with ``tensor_parallel=True``: T3S weights, distillation from a whole teacher head and
     from a teacher loaded with ``tp_plan`` too, and ``token_stats`` on the local shard."""
     import transformers as tf
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        ids, labels, keep = batch(seed=3)
-        load = (lambda name: tf.AutoModelForCausalLM.from_pretrained(  # noqa: E731
-            os.path.join(folder, name), tp_plan="auto", dtype=torch.float32))
-        results = {}
-        student = t3s.apply_t3s(load("student").train(), backend="torch", tensor_parallel=True)
-        out = student(input_ids=ids, labels=labels, t3s_weights=keep)
+    ids, labels, keep = batch(seed=3)
+    load = (lambda name: tf.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+        os.path.join(folder, name), tp_plan="auto", dtype=torch.float32))
+    results = {}
+    student = t3s.apply_t3s(load("student").train(), backend="torch", tensor_parallel=True)
+    out = student(input_ids=ids, labels=labels, t3s_weights=keep)
+    out.loss.backward()
+    results["t3s"] = {"loss": out.loss.detach(), **_grads(student)}
+    teacher = load("teacher").eval()
+    with torch.no_grad():
+        t_hidden = teacher.model(input_ids=ids).last_hidden_state
+    for kind, t_weight in (("whole teacher", torch.load(os.path.join(folder, "teacher_head.pt"))),
+                           ("tp teacher", teacher.lm_head.weight.detach())):
+        student = t3s.apply_t3s(load("student").train(), backend="torch", tensor_parallel=True,
+                                teacher_weight=t_weight, kd_weight=0.5, kd_loss="jsd", kd_temperature=2.0)
+        out = student(input_ids=ids, labels=labels, t3s_weights=keep, teacher_hidden=t_hidden)
         out.loss.backward()
-        results["t3s"] = {"loss": out.loss.detach(), **_grads(student)}
-        teacher = load("teacher").eval()
-        with torch.no_grad():
-            t_hidden = teacher.model(input_ids=ids).last_hidden_state
-        for kind, t_weight in (("whole teacher", torch.load(os.path.join(folder, "teacher_head.pt"))),
-                               ("tp teacher", teacher.lm_head.weight.detach())):
-            student = t3s.apply_t3s(load("student").train(), backend="torch", tensor_parallel=True,
-                                    teacher_weight=t_weight, kd_weight=0.5, kd_loss="jsd", kd_temperature=2.0)
-            out = student(input_ids=ids, labels=labels, t3s_weights=keep, teacher_hidden=t_hidden)
-            out.loss.backward()
-            results[kind] = {"loss": out.loss.detach(), **_grads(student)}
-        head = student.lm_head.weight
-        with torch.no_grad():
-            hidden = student.model(input_ids=ids).last_hidden_state
-        # The op on the Shard(0) DTensor itself, told it is tensor-parallel by its mesh.
-        stats = t3s.token_stats(hidden[:, :-1], head.detach(), labels[:, 1:], backend="torch",
-                                vocab_parallel=head.device_mesh)
-        try:
-            t3s.token_stats(hidden[:, :-1], head.detach(), labels[:, 1:], vocab_parallel=t3s.VocabShard(0, 257))
-        except TypeError as e:
-            results["refused"] = str(e)
-        torch.save({"results": results, "stats": stats, "hidden": hidden}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        results[kind] = {"loss": out.loss.detach(), **_grads(student)}
+    head = student.lm_head.weight
+    with torch.no_grad():
+        hidden = student.model(input_ids=ids).last_hidden_state
+    # The op on the Shard(0) DTensor itself, told it is tensor-parallel by its mesh.
+    stats = t3s.token_stats(hidden[:, :-1], head.detach(), labels[:, 1:], backend="torch",
+                            vocab_parallel=head.device_mesh)
+    try:
+        t3s.token_stats(hidden[:, :-1], head.detach(), labels[:, 1:], vocab_parallel=t3s.VocabShard(0, 257))
+    except TypeError as e:
+        results["refused"] = str(e)
+    return {"results": results, "stats": stats, "hidden": hidden}
 
 
 def test_tp_plan_auto_models_patched_are_exact(tmp_path):
     """Against the same models in one process without tensor parallelism (loss 1e-5, gradients 1e-4;
     statistics against token_stats of the whole head, 1e-5)."""
-    import torch.multiprocessing as mp
 
     student, teacher = tiny_model("qwen3", tie_word_embeddings=True), tiny_model("llama", seed=3)
     with torch.no_grad():
@@ -123,8 +106,7 @@ def test_tp_plan_auto_models_patched_are_exact(tmp_path):
     student.save_pretrained(tmp_path / "student")
     teacher.save_pretrained(tmp_path / "teacher")
     torch.save(teacher.lm_head.weight.detach(), tmp_path / "teacher_head.pt")
-    mp.spawn(_tp_plan_worker, args=(random.randint(30001, 40000), str(tmp_path), str(tmp_path)), nprocs=2,
-             join=True)
+    ranks = run_on_two_ranks(_tp_plan_worker, tmp_path, str(tmp_path))
     ids, labels, keep = batch(seed=3)
     ref = {}
     model = tiny_model("qwen3", tie_word_embeddings=True).train()
@@ -142,8 +124,7 @@ def test_tp_plan_auto_models_patched_are_exact(tmp_path):
     with torch.no_grad():
         hidden = model.model(input_ids=ids).last_hidden_state
     whole = t3s.token_stats(hidden[:, :-1], model.lm_head.weight, labels[:, 1:], backend="torch")
-    for rank in (0, 1):
-        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for saved in ranks:
         for kind, want in ref.items():
             got = saved["results"][kind]
             assert_close(got["loss"], want["loss"], 1e-5, f"{kind} loss")

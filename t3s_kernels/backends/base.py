@@ -78,12 +78,13 @@ class Engine(Protocol):
     # backward (the tile strategy: recomputing in backward costs nothing extra).
     fuses_backward: bool
 
+    # ``teacher`` (a ``distill.TeacherRows`` over the same rows) adds the distillation term.
     def forward(self, x, weight, bias, labels, opts: HeadOptions,
                 row_scale: Optional[torch.Tensor] = None,
-                grads: GradRequest = GradRequest()) -> "tuple[RowStats, Optional[HeadGrads]]": ...
+                grads: GradRequest = GradRequest(), teacher=None) -> "tuple[RowStats, Optional[HeadGrads]]": ...
 
     def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions,
-                 grads: GradRequest) -> HeadGrads: ...
+                 grads: GradRequest, teacher=None) -> HeadGrads: ...
 
 
 def _plane(k: int) -> property:

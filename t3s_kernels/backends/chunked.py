@@ -24,8 +24,10 @@ from .matmul import addmm_f32_, mm_f32
 
 
 class Epilogue(Protocol):
-    # Bytes of chunk memory one logit costs (its fp32 buffer plus the epilogue's temporaries).
+    # Bytes of chunk memory one logit costs (its fp32 buffer plus the epilogue's temporaries),
+    # and one logit of both heads with a teacher.
     bytes_per_logit: int
+    distill_bytes_per_logit: int
 
     def accumulate(self, logits: torch.Tensor, labels: torch.Tensor, col0: int,
                    state: OnlineState, opts: HeadOptions) -> None: ...
@@ -36,6 +38,12 @@ class Epilogue(Protocol):
     def accumulate_and_gradient(self, logits: torch.Tensor, labels: torch.Tensor, state: OnlineState,
                                 row_scale: torch.Tensor, opts: HeadOptions,
                                 out_dtype: torch.dtype) -> torch.Tensor: ...
+
+    def distill(self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor], teacher,
+                row_scale: Optional[torch.Tensor], opts: HeadOptions,
+                out_dtype: torch.dtype) -> "tuple[RowStats, Optional[torch.Tensor]]":
+        """Statistics with the per-row KD, and dL/dz when ``row_scale`` is given, of a chunk of whole
+        vocabulary rows of both heads (``teacher_logits`` None for a sparse teacher)."""
 
 
 def plan_chunks(n_rows: int, vocab: int, bytes_per_logit: int, budget_bytes: int,

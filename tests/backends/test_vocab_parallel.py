@@ -4,12 +4,9 @@ weights; token_stats and distillation (dense teacher split the same way, sparse 
 dX is summed across ranks, dW stays each rank's rows. Tolerances are
 the single-process fp32 ones (helpers.TOLERANCE): the merge adds one exp/log per row."""
 
-import os
-import random
-
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close, make_inputs
+from helpers import TOLERANCE, assert_close, make_inputs, run_on_two_ranks
 
 import t3s_kernels as t3s
 
@@ -66,48 +63,39 @@ def _distill_run(inputs, options, rows=slice(None), **kw):
             "correct": out.correct, "dx": dx, "dw": dw}
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        inputs = _inputs()
-        rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, 203)
-        shard = t3s.VocabShard(start=rows.start, vocab_size=203)
-        results = []
-        for options, backend, strategy in OPTION_SETS:
-            hidden = inputs["hidden"].clone().requires_grad_(True)
-            weight = inputs["weight"][rows].clone().requires_grad_(True)
-            bias = inputs["bias"][rows].clone().requires_grad_(True)
-            out = t3s.fused_linear_t3s_loss(hidden, weight, inputs["labels"], bias=bias,
-                                            token_weights=inputs["token_weights"], return_stats=True,
-                                            backend=backend, strategy=strategy, vocab_parallel=shard, **options)
-            g = torch.linspace(0.5, 1.5, out.loss.numel()).view(out.loss.shape)
-            dx, dw, db = torch.autograd.grad(out.loss, (hidden, weight, bias), g)
-            results.append({"loss": out.loss.detach(), "logprob": out.logprob, "entropy": out.entropy,
-                            "correct": out.correct, "lse": out.lse, "dx": dx, "dw": dw, "db": db})
-        distilled = [_distill_run(inputs, options, rows, backend=backend, vocab_parallel=shard)
-                     for options in DISTILL_SETS for backend in ("torch", "triton")]
-        stats = t3s.token_stats(inputs["hidden"], inputs["weight"][rows], inputs["labels"], bias=inputs["bias"][rows],
-                                softcap=4.0, temperature=2.0, backend="torch", vocab_parallel=shard)
-        refused = ""
-        try:  # both ranks claim rows from 0: the shards overlap
-            t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"][rows], inputs["labels"], backend="torch",
-                                      vocab_parallel=t3s.VocabShard(start=0, vocab_size=203))
-        except ValueError as e:
-            refused = str(e)
-        torch.save({"results": results, "distilled": distilled, "stats": stats, "refused": refused},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank):
+    inputs = _inputs()
+    rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, 203)
+    shard = t3s.VocabShard(start=rows.start, vocab_size=203)
+    results = []
+    for options, backend, strategy in OPTION_SETS:
+        hidden = inputs["hidden"].clone().requires_grad_(True)
+        weight = inputs["weight"][rows].clone().requires_grad_(True)
+        bias = inputs["bias"][rows].clone().requires_grad_(True)
+        out = t3s.fused_linear_t3s_loss(hidden, weight, inputs["labels"], bias=bias,
+                                        token_weights=inputs["token_weights"], return_stats=True,
+                                        backend=backend, strategy=strategy, vocab_parallel=shard, **options)
+        g = torch.linspace(0.5, 1.5, out.loss.numel()).view(out.loss.shape)
+        dx, dw, db = torch.autograd.grad(out.loss, (hidden, weight, bias), g)
+        results.append({"loss": out.loss.detach(), "logprob": out.logprob, "entropy": out.entropy,
+                        "correct": out.correct, "lse": out.lse, "dx": dx, "dw": dw, "db": db})
+    distilled = [_distill_run(inputs, options, rows, backend=backend, vocab_parallel=shard)
+                 for options in DISTILL_SETS for backend in ("torch", "triton")]
+    stats = t3s.token_stats(inputs["hidden"], inputs["weight"][rows], inputs["labels"], bias=inputs["bias"][rows],
+                            softcap=4.0, temperature=2.0, backend="torch", vocab_parallel=shard)
+    refused = ""
+    try:  # both ranks claim rows from 0: the shards overlap
+        t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"][rows], inputs["labels"], backend="torch",
+                                  vocab_parallel=t3s.VocabShard(start=0, vocab_size=203))
+    except ValueError as e:
+        refused = str(e)
+    return {"results": results, "distilled": distilled, "stats": stats, "refused": refused}
 
 
 def test_vocab_parallel_head_equals_the_whole_head(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(random.randint(40000, 50000), str(tmp_path)), nprocs=2, join=True)
+    ranks = run_on_two_ranks(_worker, tmp_path)
     inputs = _inputs()
     tol = TOLERANCE[torch.float32]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for k, (options, backend, strategy) in enumerate(OPTION_SETS):
         options_name = f"{backend}/{strategy} {options}"
         ref_in = [inputs[n].double().requires_grad_(True) for n in ("hidden", "weight", "bias")]
