@@ -41,7 +41,7 @@ timeout 90 python3 benchmarks/bench_distill.py --tokens 8192 --hidden 4096 --voc
 # 4. Correctness on the GPU, compiled kernels (not the interpreter): a subset that exercises every
 #    kernel and option family, in the time left.
 #    The packed (padding-free) path runs with flash-attn's varlen kernels where flash-attn is carried.
-timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops/test_triton_backends.py tests/test_distill.py \
+timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/backends \
   tests/adapters/test_packing.py \
   2>&1 | tee "$out/tests.log"
 echo "tests exit: ${PIPESTATUS[0]}" | tee -a "$out/tests.log"

@@ -9,7 +9,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from helpers import DEVICE  # noqa: E402
+
+from tests.helpers import DEVICE  # noqa: E402
 
 
 @pytest.fixture

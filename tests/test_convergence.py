@@ -9,10 +9,10 @@ The bounds leave a 10-30x margin: 1e-5, 5e-5 and 2e-5."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
-from models import batch, tiny_model
 
 import t3s_kernels as t3s
+from tests.helpers import assert_close
+from tests.models import batch, tiny_model
 
 pytest.importorskip("transformers")
 STEPS = 30

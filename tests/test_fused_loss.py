@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from cases import CASE_PARAMS
-from helpers import DEVICE, assert_close, check_token_stats, make_inputs, run_and_compare
 
 import t3s_kernels as t3s
+from tests.cases import CASE_PARAMS
+from tests.helpers import DEVICE, assert_close, check_token_stats, make_inputs, run_and_compare
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -4,10 +4,10 @@ unchanged in eval, masked loss = eager masked loss, gradient accumulation = one 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
-from models import FAMILIES, batch, tiny_model
 
 import t3s_kernels as t3s
+from tests.helpers import assert_close
+from tests.models import FAMILIES, batch, tiny_model
 
 pytest.importorskip("transformers")
 
@@ -245,7 +245,7 @@ def test_patch_without_aux_term_would_differ():
     ("hyperclovax", dict(logits_scaling=3.0)), ("recurrent_gemma", dict(logits_soft_cap=5.0)),
 ])
 def test_models_own_head_math(family, kw):
-    import hf_sweep
+    from tests import hf_sweep
 
     model = hf_sweep.build(family, **kw)
     math_ = t3s.patching.head_math(model)
@@ -255,10 +255,9 @@ def test_models_own_head_math(family, kw):
 
 def test_scoring_uses_the_models_head_math():
     """t3s scoring of a Granite model (logits divided by logits_scaling) equals its own log-softmax."""
-    import hf_sweep
-
     from t3s_kernels.pipeline.data import Example
     from t3s_kernels.pipeline.scoring import score_batch_causal
+    from tests import hf_sweep
 
     model = hf_sweep.build("granite", logits_scaling=4.0).eval()
     ids, labels = hf_sweep.make_batch(hf_sweep.VOCAB)
@@ -286,7 +285,7 @@ def test_ignore_index_passed_to_the_forward():
 
 
 def test_refusals_name_the_reason():
-    import hf_sweep
+    from tests import hf_sweep
 
     with pytest.raises(ValueError, match="does not shift its labels"):
         t3s.apply_t3s(hf_sweep.build("bart"))

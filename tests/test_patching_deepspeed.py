@@ -7,10 +7,10 @@ refused. Skipped where DeepSpeed is not installed (it is in the CI's test enviro
 
 import pytest
 import torch
-from helpers import assert_close, run_on_two_ranks
-from models import batch, tiny_model
 
 import t3s_kernels as t3s
+from tests.helpers import assert_close, run_on_two_ranks
+from tests.models import batch, tiny_model
 
 pytest.importorskip("transformers")
 deepspeed = pytest.importorskip("deepspeed")

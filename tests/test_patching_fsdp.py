@@ -5,10 +5,10 @@ module's FSDP call)."""
 import os
 
 import pytest
-from helpers import assert_close, run_on_two_ranks
-from models import batch, tiny_model
 
 import t3s_kernels as t3s
+from tests.helpers import assert_close, run_on_two_ranks
+from tests.models import batch, tiny_model
 
 pytest.importorskip("transformers")
 dist = pytest.importorskip("torch.distributed")
@@ -93,7 +93,8 @@ def test_fsdp2_bf16_policy_with_the_head_alone(process_group):
     the loss moves by at most about 2 u max|z| (u = 2^-8; |z| < 4 here), and the gradients, through
     bf16 matmuls on both sides, agree to bf16 resolution (TOLERANCE[bf16] = 1.5e-2 of the largest)."""
     import torch
-    from helpers import TOLERANCE
+
+    from tests.helpers import TOLERANCE
 
     results = []
     for patch in (False, True):

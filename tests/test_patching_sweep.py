@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-import hf_sweep  # noqa: E402
+from tests import hf_sweep  # noqa: E402
 
 # model_type -> what the patch must do with it. The families cover each piece of head math
 # (logit scales that multiply or divide, soft caps under three names, hidden scales, vocabulary

@@ -1,11 +1,11 @@
 """Property tests of the PyTorch backend: any shape and option mix equals the fp64 reference."""
 
 import torch
-from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import t3s_kernels as t3s
+from tests.helpers import assert_close
 
 
 @settings(max_examples=150, deadline=None)

@@ -6,10 +6,10 @@ gradients, as every patch test)."""
 
 import pytest
 import torch
-from helpers import assert_close, make_inputs
-from models import batch, tiny_model
 
 import t3s_kernels as t3s
+from tests.helpers import assert_close, make_inputs
+from tests.models import batch, tiny_model
 
 dynamo = pytest.importorskip("torch._dynamo")
 

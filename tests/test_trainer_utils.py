@@ -3,10 +3,10 @@ batch, and refuses what a trainer would silently drop or misread."""
 
 import pytest
 import torch
-from models import tiny_model
 
 import t3s_kernels as t3s
 from t3s_kernels.trainer_utils import T3SDataCollator
+from tests.models import tiny_model
 
 pytest.importorskip("transformers")
 

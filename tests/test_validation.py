@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from helpers import make_inputs
 
 import t3s_kernels as t3s
+from tests.helpers import make_inputs
 
 
 def call(**changes):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, count_head_rows
 
 import t3s_kernels.adapters.causal as causal
+from tests.helpers import assert_close, count_head_rows
 
 
 def data(seed=0, b=3, t=10, h=12, v=41):

@@ -3,9 +3,9 @@
 
 import pytest
 import torch
-from helpers import assert_close, count_head_rows
 
 import t3s_kernels.adapters.masked_diffusion as md
+from tests.helpers import assert_close, count_head_rows
 
 B, T, H, V, MASK = 4, 13, 16, 97, 96
 

@@ -3,12 +3,12 @@ epilogues: PyTorch and the Triton kernel."""
 
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close, make_inputs
 
 import t3s_kernels as t3s
 from t3s_kernels.backends.chunked import plan_chunks
 from t3s_kernels.function import LossConfig, fused_head_loss
 from t3s_kernels.options import HeadOptions
+from tests.helpers import TOLERANCE, assert_close, make_inputs
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

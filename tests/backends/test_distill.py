@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, TOLERANCE, assert_close, make_inputs
 
 import t3s_kernels as t3s
 from t3s_kernels.reference import divergence
+from tests.helpers import DEVICE, TOLERANCE, assert_close, make_inputs
 
 HT = 40
 

@@ -6,9 +6,9 @@ the single-process fp32 ones (helpers.TOLERANCE): the merge adds one exp/log per
 
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close, make_inputs, run_on_two_ranks
 
 import t3s_kernels as t3s
+from tests.helpers import TOLERANCE, assert_close, make_inputs, run_on_two_ranks
 
 dist = pytest.importorskip("torch.distributed")
 

@@ -6,9 +6,9 @@ import math
 import pathlib
 
 import pytest
-from helpers import count_head_rows
 
 from t3s_kernels.toy import synthetic_traces
+from tests.helpers import count_head_rows
 
 pytest.importorskip("transformers")
 RECIPES = pathlib.Path(__file__).resolve().parents[2] / "integrations"

@@ -5,10 +5,10 @@ shapes (N=37, H=48, V=203: no dimension a multiple of any block size)."""
 
 import pytest
 import torch
-from cases import CASE_PARAMS
-from helpers import DEVICE, assert_close, check_token_stats, make_inputs, run_and_compare
 
 import t3s_kernels as t3s
+from tests.cases import CASE_PARAMS
+from tests.helpers import DEVICE, assert_close, check_token_stats, make_inputs, run_and_compare
 
 STRATEGIES = ["tile", "chunked"]
 

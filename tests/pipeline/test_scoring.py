@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
-from helpers import assert_close
 
 from t3s_kernels.pipeline.data import Example, load_examples
 from t3s_kernels.pipeline.scoring import score_dataset
 from t3s_kernels.pipeline.store import ScoreStore
 from t3s_kernels.toy import MASK_ID, synthetic_traces, tiny_bidirectional_lm, tiny_causal_lm
+from tests.helpers import assert_close
 
 pytest.importorskip("transformers")
 
