@@ -46,6 +46,8 @@ def _bench(args: argparse.Namespace) -> int:
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
     if not 0.0 < args.select <= 1.0:
         raise SystemExit(f"--select must be in (0, 1]; got {args.select}")
+    if args.sweep:
+        return _sweep(args, on_gpu)
     report = run_bench(**shape, select=args.select, providers=args.providers, device=args.device,
                        repeat=args.repeat, check_error=not args.no_error, progress=not args.quiet)
     print(format_report(report))
@@ -60,6 +62,24 @@ def _bench(args: argparse.Namespace) -> int:
             with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
                 f.write(text)
             os.replace(f.name, args.json)
+    return 0
+
+
+def _sweep(args: argparse.Namespace, on_gpu: bool) -> int:
+    from .bench.sweep import CPU_SWEEP, GPU_SWEEP, run_sweep
+
+    grid = GPU_SWEEP if on_gpu else CPU_SWEEP
+    reports, written = run_sweep(tokens=args.sweep_tokens or grid["tokens"], vocab=args.sweep_vocab or grid["vocab"],
+                                 hidden=args.hidden or grid["hidden"], dtype=args.dtype or grid["dtype"],
+                                 out=args.out, providers=args.providers, device=args.device, repeat=args.repeat,
+                                 check_error=not args.no_error, progress=not args.quiet)
+    from .bench import format_report
+
+    for report in reports:
+        print(format_report(report), end="\n\n")
+    print("wrote " + ", ".join(written))
+    if not any(path.endswith(".png") for path in written):
+        print("(no plots: install matplotlib, the 'plot' extra, to draw them)")
     return 0
 
 
@@ -183,13 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--select", type=float, default=1.0,
                        help="fraction of tokens in the loss (the rest get weight 0 / an ignored label)")
     bench.add_argument("--providers", nargs="+", metavar="NAME",
-                       help="subset of: eager compile liger cce t3s-torch t3s-triton-chunked "
+                       help="subset of: eager compile liger cce quack t3s-torch t3s-triton-chunked "
                             "t3s-triton-tile t3s-token-stats")
     bench.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
     bench.add_argument("--repeat", type=_positive_int, default=3, help="timed runs per measurement (median)")
     bench.add_argument("--no-error", action="store_true", help="skip the float64 reference")
     bench.add_argument("--json", metavar="PATH", help="also write the report as JSON (- for stdout)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--sweep", action="store_true",
+                       help="run over a grid of N and V instead of one shape; write JSON and plots (time and peak "
+                            "memory against N, one figure per V) into OUT/<date>-<card>/")
+    bench.add_argument("--sweep-tokens", type=_positive_int, nargs="+", metavar="N",
+                       help="the sweep's token counts (GPU: 2048 to 32768; CPU: 256 to 2048)")
+    bench.add_argument("--sweep-vocab", type=_positive_int, nargs="+", metavar="V",
+                       help="the sweep's vocabulary sizes (GPU: 32768 151936 262144; CPU: 8192 32768)")
+    bench.add_argument("--out", default="benchmarks/results", help="the sweep's results folder")
     bench.set_defaults(func=_bench)
 
     score = sub.add_parser("score", help="store every token's confidence under a checkpoint (forward only)")

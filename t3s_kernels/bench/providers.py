@@ -1,0 +1,164 @@
+"""The providers ``t3s bench`` times: one function (mean cross-entropy over the selected tokens
+of ``hidden @ weight.T``) as each library computes it.
+
+The peers see unselected tokens as ignored labels; ours sees them as weight-0 tokens, which it
+still scores. A provider maps (inputs, grad) to a callable returning (loss, dX, dW); it raises
+ImportError when its library is missing and another error, with the reason, where it cannot run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from ..api import fused_linear_t3s_loss, token_stats, triton_available
+from ..reference import reference_t3s_loss
+
+IGNORE = -100
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Inputs:
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor  # full labels
+    masked_labels: torch.Tensor  # IGNORE at unselected tokens, for providers without token weights
+    token_weights: torch.Tensor  # 1 selected, 0 not
+
+    @staticmethod
+    def make(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, select: float,
+             seed: int = 0) -> "Inputs":
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype)
+        w = (torch.randn(vocab, hidden, generator=g) * (2.0 / hidden**0.5)).to(device=device, dtype=dtype)
+        y = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+        selected = (torch.rand(tokens, generator=g) < select).to(device)
+        return Inputs(x, w, y, torch.where(selected, y, torch.full_like(y, IGNORE)), selected.float())
+
+
+# A provider maps inputs to a callable that runs the loss (and its backward when grad=True) and
+# returns (loss, dX, dW); the callable's ``backend`` says which implementation ran.
+Provider = Callable[[Inputs, bool], Callable[[], tuple]]
+
+
+def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
+    return t.detach().requires_grad_(grad)
+
+
+def package_version(name: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _needs_cuda(inputs: Inputs) -> None:
+    if not inputs.hidden.is_cuda:
+        raise RuntimeError("needs CUDA")
+
+
+def _runner(loss_fn, inputs: Inputs, grad: bool, backend: str = ""):
+    x, w = _leaf(inputs.hidden, grad), _leaf(inputs.weight, grad)
+
+    def run():
+        x.grad = w.grad = None
+        if not grad:
+            with torch.no_grad():
+                return loss_fn(x, w), None, None
+        loss = loss_fn(x, w)
+        loss.backward()
+        return loss, x.grad, w.grad
+
+    run.backend = backend
+    return run
+
+
+def eager_loss(x, w, labels):
+    """What a HF model does: full logits in the inputs' dtype, upcast to fp32, cross-entropy (the
+    reference in that mode)."""
+    return reference_t3s_loss(x, w, labels, ignore_index=IGNORE, dtype=None, with_stats=False)[0]
+
+
+def provider_eager(inputs: Inputs, grad: bool):
+    return _runner(lambda x, w: eager_loss(x, w, inputs.masked_labels), inputs, grad, "PyTorch eager")
+
+
+_COMPILED = {}
+
+
+def provider_compile(inputs: Inputs, grad: bool):
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(eager_loss, dynamic=False)
+    fn = _COMPILED["fn"]
+    return _runner(lambda x, w: fn(x, w, inputs.masked_labels), inputs, grad, "torch.compile (inductor)")
+
+
+def provider_t3s(backend: str, strategy: str = "auto"):
+    def make(inputs: Inputs, grad: bool):
+        if backend == "triton" and not (inputs.hidden.is_cuda and triton_available(inputs.hidden.device)):
+            raise RuntimeError("needs CUDA")
+        return _runner(lambda x, w: fused_linear_t3s_loss(x, w, inputs.labels, token_weights=inputs.token_weights,
+                                                          backend=backend, strategy=strategy).loss, inputs, grad,
+                       f"t3s {backend}/{strategy}")
+
+    return make
+
+
+def provider_token_stats(inputs: Inputs, grad: bool):
+    """Scoring: forward only, per-token statistics (the Triton tile kernel on a GPU)."""
+    if grad:
+        raise NotImplementedError("forward only")
+
+    def run():
+        return token_stats(inputs.hidden, inputs.weight, inputs.labels).lse, None, None
+
+    run.backend = "t3s token_stats"
+    return run
+
+
+def provider_liger(inputs: Inputs, grad: bool):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    _needs_cuda(inputs)
+    # Liger runs its CuTe-DSL kernels only where NVIDIA's cutlass DSL imports; Triton otherwise.
+    cute = importlib.util.find_spec("cutlass") is not None
+    return _runner(lambda x, w: liger_fused_linear_cross_entropy(x, w, inputs.masked_labels, ignore_index=IGNORE),
+                   inputs, grad, f"liger-kernel {package_version('liger-kernel')}, cutlass "
+                   f"{'importable' if cute else 'not importable'}")
+
+
+def provider_cce(inputs: Inputs, grad: bool):
+    from cut_cross_entropy import linear_cross_entropy
+
+    _needs_cuda(inputs)
+    return _runner(lambda x, w: linear_cross_entropy(x, w, inputs.masked_labels, ignore_index=IGNORE), inputs, grad,
+                   f"cut-cross-entropy {package_version('cut-cross-entropy')}, impl cce")
+
+
+def provider_quack(inputs: Inputs, grad: bool):
+    """QuACK's chunked linear cross-entropy (CuTe-DSL kernels, sm_90 and newer)."""
+    from quack.linear_cross_entropy import chunked_linear_cross_entropy
+
+    _needs_cuda(inputs)
+    if torch.cuda.get_device_capability(inputs.hidden.device) < (9, 0):
+        raise RuntimeError("needs sm_90 or newer")
+    return _runner(lambda x, w: chunked_linear_cross_entropy(x, w, inputs.masked_labels, ignore_index=IGNORE),
+                   inputs, grad, f"quack-kernels {package_version('quack-kernels')}, chunked_linear_cross_entropy")
+
+
+PROVIDERS: dict[str, Provider] = {
+    "eager": provider_eager,
+    "compile": provider_compile,
+    "liger": provider_liger,
+    "cce": provider_cce,
+    "quack": provider_quack,
+    "t3s-torch": provider_t3s("torch"),
+    "t3s-triton-chunked": provider_t3s("triton", "chunked"),
+    "t3s-triton-tile": provider_t3s("triton", "tile"),
+    "t3s-token-stats": provider_token_stats,
+}
