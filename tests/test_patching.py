@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import t3s_kernels as t3s
 from tests.helpers import assert_close
-from tests.models import FAMILIES, batch, tiny_model
+from tests.models import FAMILIES, TINY, batch, tiny_model
 
 pytest.importorskip("transformers")
 
@@ -351,7 +351,7 @@ def _doubling_llama():
             return type(out)(loss=loss, logits=logits)
 
     torch.manual_seed(0)
-    return DoublingLlama(tf.LlamaConfig(**__import__("models").TINY))
+    return DoublingLlama(tf.LlamaConfig(**TINY))
 
 
 def test_unknown_head_math_is_refused_at_patch_time():
@@ -370,7 +370,7 @@ def test_unknown_extra_loss_term_is_caught_by_the_equivalence_check():
             return out
 
     torch.manual_seed(0)
-    model = ExtraTermLlama(tf.LlamaConfig(**__import__("models").TINY))
+    model = ExtraTermLlama(tf.LlamaConfig(**TINY))
     with pytest.raises(ValueError, match=r"does not reproduce the unpatched model.*ExtraTermLlama|ExtraTermLlama.*"
                                          r"does not reproduce"):
         t3s.apply_t3s(model, backend="torch")

@@ -97,7 +97,7 @@ def test_patched_model_compiles_fullgraph_and_is_exact(family):
 
 def test_compiled_patched_model_refuses_an_unmodelled_head():
     """The per-forward probe of the head math becomes an in-graph assertion when compiled."""
-    from test_patching import _doubling_llama
+    from tests.test_patching import _doubling_llama
 
     model = t3s.apply_t3s(_doubling_llama().train(), backend="torch", check=False)
     ids, labels, _ = batch()

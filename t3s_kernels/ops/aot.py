@@ -1,61 +1,78 @@
-"""Ahead-of-time compilation of every kernel for a GPU target, without a GPU.
+"""Ahead-of-time compilation of every kernel variant for a GPU target, without a GPU, as a launch
+compiles it.
 
-Triton compiles to PTX and cubin for any CUDA target on a CPU-only machine. This builds
-each kernel with exactly the launch configurations of ``configs.KERNEL_CONFIGS`` and reads
-back what matters for performance: shared memory (Triton's metadata), registers and
-spills (``ptxas -v`` on the generated PTX). ``python -m t3s_kernels.ops.aot`` prints it.
+A launch specializes its arguments before compiling: an integer equal to 1 (a unit stride) becomes
+a constant, and integers and pointers divisible by 16 are marked so (``tt.divisibility``). Those
+marks are what let the compiler vectorize loads and pipeline a K loop; a kernel compiled without
+them has other registers, spills and shared memory than the one that runs. So this module does not
+type the kernels' parameters by hand: it calls every launcher (the files beside it) on meta-device
+tensors of realistic shapes, captures each kernel launch instead of running it, specializes the
+captured arguments by Triton's rules (``specialize``) and compiles that, with the launch's own
+block sizes, warps and stages, for sm_90 and sm_80. ``ptxas -v`` gives registers and spills.
+``python -m t3s_kernels.ops.aot`` (or ``t3s compile-report``) prints the table.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .chunk_epilogue import chunk_epilogue_kernel
-from .configs import KERNEL_CONFIGS
-from .distill_epilogue import distill_epilogue_kernel
+from . import configs
+from .chunk_epilogue import chunk_epilogue, chunk_epilogue_kernel
+from .distill_epilogue import distill_epilogue, distill_epilogue_kernel
 from .merge_splits import merge_splits_kernel
-from .tile_backward import tile_backward_kernel
-from .tile_distill import tile_distill_backward_kernel, tile_distill_forward_kernel
-from .tile_forward import tile_forward_kernel
+from .tile_backward import tile_backward, tile_backward_kernel
+from .tile_distill import (
+    tile_distill_backward,
+    tile_distill_backward_kernel,
+    tile_distill_forward,
+    tile_distill_forward_kernel,
+)
+from .tile_forward import tile_forward, tile_forward_kernel
 
-# What is compiled and reported, by name: a kernel, the KERNEL_CONFIGS entry it launches with,
-# and the constexpr flags that make it this variant (the rest take their most demanding value).
-VARIANTS = {
-    "tile_forward": (tile_forward_kernel, "tile_forward", {}),
-    "tile_backward": (tile_backward_kernel, "tile_backward", {}),
-    "chunk_epilogue": (chunk_epilogue_kernel, "chunk_epilogue", {}),
-    "merge_splits": (merge_splits_kernel, "merge_splits", dict(DISTILL=False)),
-    "distill_epilogue": (distill_epilogue_kernel, "distill_epilogue", {}),
-    "tile_distill_forward": (tile_distill_forward_kernel, "tile_distill_forward", dict(JSD_PASS=False)),
-    "tile_jsd": (tile_distill_forward_kernel, "tile_jsd", dict(JSD_PASS=True)),
-    "tile_distill_backward": (tile_distill_backward_kernel, "tile_distill_backward", {}),
-    "merge_distill_splits": (merge_splits_kernel, "merge_splits", dict(DISTILL=True)),
-}
+KERNELS = [tile_forward_kernel, tile_backward_kernel, merge_splits_kernel, chunk_epilogue_kernel,
+           distill_epilogue_kernel, tile_distill_forward_kernel, tile_distill_backward_kernel]
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_INPUT_POINTERS = {"X", "W", "B", "DZ", "Xt", "Wt", "Bt"}  # in the inputs' dtype
-_FP32_POINTERS = {"PART", "OUT", "LSE", "ROW_SCALE", "DX", "DW", "DB", "LOGITS", "TEACHER_LOGITS", "LSE_S", "LSE_T",
-                  "STATS", "STATE"}
-_INT_SCALARS = {"N", "V", "H", "Ht", "n_rows", "width", "col0", "n_splits", "blocks_per_split"}  # and every stride_*
-_FLOAT_SCALARS = {"softcap", "logit_scale", "ce_weight", "smoothing", "inv_vocab", "z_loss", "kd_coef", "inv_temp",
-                  "beta", "log_beta", "log_1m_beta"}
-# The most demanding variant of each feature flag.
-_FLAGS = dict(HAS_BIAS=True, HAS_SOFTCAP=True, HAS_SMOOTHING=True, COMPUTE_DX=True, COMPUTE_DW=True,
-              COMPUTE_DB=True, ACCUMULATE=True, GRAD=True, UPCAST=False, KD_MODE=3, HAS_TEACHER_BIAS=True)
+# Shapes the launches are modelled at: Qwen3-8B's head (every size divisible by 16), and one where
+# the token count (after compaction: any number) and the vocabulary (GPT-2's) are not (there, the
+# variants with every option).
+SHAPES = {"aligned": dict(n=16384, h=4096, v=151936), "odd": dict(n=16383, h=4096, v=50257)}
+# SMs of the cards a target stands for (the vocabulary-split count depends on it): H100/H200, A100.
+SM_COUNT = {90: 132, 80: 108}
+_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+                 torch.int32: "i32"}
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One captured launch: which kernel, and its arguments as the launcher passed them."""
+
+    kernel: str
+    variant: str  # the constexpr flags that select this variant
+    shape: str
+    signature: tuple  # ((name, type), ...), "constexpr" for constants
+    constexprs: tuple  # ((name, value), ...)
+    divisible: tuple  # names of arguments marked divisible by 16
+    num_warps: int
+    num_stages: int
 
 
 @dataclass
 class CompileReport:
     kernel: str
+    variant: str
+    shape: str
     dtype: str
     arch: int
     shared_bytes: int
@@ -63,30 +80,183 @@ class CompileReport:
     spill_stores: int
     spill_loads: int
     num_warps: int
+    num_stages: int
+    stage_bytes: int  # shared memory one K-loop stage of a tile kernel's operands needs (0 elsewhere)
 
 
-def _signature(kernel, dtype: torch.dtype, config: dict, flags: dict):
-    signature, constexprs = {}, {}
-    meta = {**_FLAGS, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", **flags, **config}
+def specialize(value):
+    """(type, constant or None, divisible by 16) of one non-constexpr argument, by the rules a Triton
+    launch applies (Triton 3.2 to 3.9): tensors by dtype, marked when their address is 16-aligned;
+    an int equal to 1 becomes a constant; ints marked when divisible by 16; floats and bools as they are."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_DTYPE[value.dtype], None, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "i1", None, False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1, False
+        return ("i32" if -2**31 <= value < 2**31 else "i64"), None, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None, False
+    raise TypeError(f"aot: cannot specialize an argument of type {type(value).__name__}")
+
+
+def _variant_name(kernel: str, constexprs: dict) -> tuple[str, str]:
+    """The report's kernel name (the DISTILL merge and the JSD pass by their own names, as the
+    launch configurations know them) and the flags that make this variant."""
+    name = kernel.removesuffix("_kernel")
+    if name == "merge_splits" and constexprs.get("DISTILL"):
+        name = "merge_distill_splits"
+    if name == "tile_distill_forward" and constexprs.get("JSD_PASS"):
+        name = "tile_jsd"
+    flags = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(constexprs.items())
+             if k.isupper() and not k.startswith("BLOCK") and k not in ("DOT_PRECISION", "UPCAST", "DISTILL",
+                                                                         "JSD_PASS")]
+    return name, " ".join(flags)
+
+
+def to_launch(kernel, args: tuple, kwargs: dict, shape: str) -> Launch:
+    """The launch ``kernel[grid](*args, **kwargs)``, specialized as Triton specializes it."""
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    params = [p.name for p in kernel.params]
+    bound = dict(zip(params, args), **kwargs)
+    missing = [p for p in params if p not in bound]
+    if missing:
+        raise TypeError(f"aot: the launch of {kernel.fn.__name__} misses {missing}")
+    signature, constants, divisible = [], {}, []
     for param in kernel.params:
         name = param.name
         if param.is_constexpr:
-            signature[name] = "constexpr"
-            constexprs[name] = meta[name]
-        elif name == "Y":
-            signature[name] = "*i64"
-        elif name in _INPUT_POINTERS:
-            signature[name] = "*" + _TRITON_DTYPE[dtype]
-        elif name in _FP32_POINTERS:
-            signature[name] = "*fp32"
-        elif name in _FLOAT_SCALARS:
-            signature[name] = "fp32"
-        elif name in _INT_SCALARS or name.startswith("stride_"):
-            signature[name] = "i32"
-        else:  # a new parameter must be typed here: guessing would compile a float as an int silently
-            raise ValueError(f"aot: {kernel.fn.__name__} has a parameter {name!r} of no known type; add it to "
-                             "_INPUT_POINTERS, _FP32_POINTERS, _FLOAT_SCALARS or _INT_SCALARS")
-    return signature, constexprs
+            signature.append((name, "constexpr"))
+            constants[name] = bound[name]
+            continue
+        kind, constant, aligned = specialize(bound[name])
+        signature.append((name, kind))
+        if constant is not None:
+            constants[name] = constant
+        if aligned:
+            divisible.append(name)
+    name, variant = _variant_name(kernel.fn.__name__, constants)
+    return Launch(name, variant, shape, tuple(signature), tuple(sorted(constants.items())), tuple(divisible),
+                  options.get("num_warps", 4), options.get("num_stages", 3))
+
+
+def _capture(kernel, into: list):
+    """Replace ``kernel.run`` (what ``kernel[grid](...)`` calls) by one that records (kernel, args, kwargs)."""
+    def run(*args, grid, warmup, **kwargs):
+        into.append((kernel, args, kwargs))
+
+    return mock.patch.object(kernel, "run", run, create=True)
+
+
+def _launcher_calls(dtype: torch.dtype, n: int, h: int, v: int, plain: bool = True):
+    """Every variant the engines launch: each launcher called with each option family (without the
+    plain one, no options at all, unless ``plain``)."""
+    meta = dict(device="meta")
+    x, w, b = (torch.empty(n, h, dtype=dtype, **meta), torch.empty(v, h, dtype=dtype, **meta),
+               torch.empty(v, dtype=dtype, **meta))
+    y, f32 = torch.empty(n, dtype=torch.int64, **meta), dict(dtype=torch.float32, **meta)
+    row_scale, lse = torch.empty(n, **f32), torch.empty(n, **f32)
+    teacher = (torch.empty(n, h, dtype=dtype, **meta), torch.empty(v, h, dtype=dtype, **meta),
+               torch.empty(v, dtype=dtype, **meta))
+    head = dict(softcap=30.0, logit_scale=1.0)
+    grad = dict(ce_weight=1.0, smoothing=0.1, inv_vocab=1.0 / v, z_loss=1e-4)
+    kd = dict(inv_temp=0.5, log_beta=-0.7, log_1m_beta=-0.7)
+    kd_grad = dict(kd_coef=1.0, beta=0.5, **kd)
+    for rich in (False, True)[0 if plain else 1:]:
+        bias = b if rich else None
+        yield lambda: tile_forward(x, w, bias, y, head, rich, rich)
+        for dx, dw in ((True, True), (True, False), (False, True)):
+            yield lambda: tile_backward(x, w, bias, y, lse, row_scale, {**head, **grad}, rich, dx, dw, rich)
+        for jsd in (False, True):
+            yield lambda: tile_distill_forward(x, w, bias, y, teacher, head, kd, rich, rich, jsd)
+        for mode in (1, 2, 3):
+            yield lambda: tile_distill_backward(x, w, bias, y, torch.empty(5, n, **f32), teacher, row_scale,
+                                                {**head, **grad, **kd_grad}, mode, rich, True, True, rich)
+    # The chunked epilogues: a chunk of whole vocabulary rows (1 GiB of fp32 logits).
+    rows = min(n, max(1, (1 << 30) // (6 * v)))
+    logits = torch.empty(rows, v, **f32)
+    for rich in (False, True)[0 if plain else 1:]:
+        state = torch.empty(5, rows, **f32)
+        yield lambda: chunk_epilogue(logits, y[:rows], 0, {**head, **grad}, rich, rich, state=state)
+        yield lambda: chunk_epilogue(logits, y[:rows], 0, {**head, **grad}, rich, rich, lse=lse[:rows],
+                                     row_scale=row_scale[:rows], out_dtype=dtype)
+        yield lambda: chunk_epilogue(logits, y[:rows], 0, {**head, **grad}, rich, rich, state=state,
+                                     row_scale=row_scale[:rows], out_dtype=dtype)
+        for mode, with_grad in ((1, True), (2, True), (3, True), (3, False)):
+            yield lambda: distill_epilogue(logits, logits, y[:rows], row_scale[:rows] if with_grad else None,
+                                           {**head, **grad, **kd_grad}, mode, rich, rich, dtype)
+
+
+def launcher_arguments(dtype: torch.dtype, arch: int, shape: str) -> list[tuple]:
+    """(kernel, args, kwargs) of every launch the launchers make at ``shape``, as on a card of compute
+    capability ``arch`` (its SM count sets the vocabulary splits); nothing runs (meta tensors)."""
+    calls: list[tuple] = []
+    sms = mock.Mock(multi_processor_count=SM_COUNT[arch])
+    patches = [_capture(k, calls) for k in KERNELS]
+    with mock.patch.object(torch.cuda, "get_device_properties", return_value=sms), \
+            mock.patch.object(configs, "interpreting", return_value=False):
+        for p in patches:
+            p.start()
+        try:
+            for call in _launcher_calls(dtype, **SHAPES[shape], plain=shape == "aligned"):
+                call()
+        finally:
+            for p in patches:
+                p.stop()
+    return calls
+
+
+def capture_launches(dtype: torch.dtype, arch: int, shapes=tuple(SHAPES)) -> list[Launch]:
+    """The distinct specialized launches of every variant at ``shapes``."""
+    seen, unique = set(), []
+    for shape in shapes:
+        for kernel, args, kwargs in launcher_arguments(dtype, arch, shape):
+            launch = to_launch(kernel, args, kwargs, shape)
+            key = (launch.kernel, launch.signature, launch.constexprs, launch.divisible, launch.num_warps,
+                   launch.num_stages)
+            if key not in seen:
+                seen.add(key)
+                unique.append(launch)
+    return unique
+
+
+def triton_specialization(kernel, args: tuple, kwargs: dict, arch: int):
+    """(signature, constants, divisible) as this Triton's own launch path computes them for the
+    call, through its private binder; None where this Triton has no such binder. For checking
+    ``specialize`` against the real thing."""
+    try:
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError:
+        return None
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = kernel._pack_args(backend, dict(kwargs), bound, specialization, options)
+    names = [p.name for p in kernel.params]
+    constants = {names[path[0]]: value for path, value in constexprs.items()}
+    divisible = sorted(names[path[0]] for path, marks in attrs.items() if ["tt.divisibility", 16] in marks)
+    return dict(signature), constants, divisible
+
+
+def check_specialization(archs=(90, 80), dtypes=(torch.bfloat16, torch.float32)) -> list[str]:
+    """Where ``specialize`` and this Triton's launch path disagree, for every captured launch
+    (empty when they agree everywhere); raises LookupError where the Triton has no binder to ask."""
+    mismatches = []
+    for arch, dtype, shape in itertools.product(archs, dtypes, SHAPES):
+        for kernel, args, kwargs in launcher_arguments(dtype, arch, shape):
+            ours = to_launch(kernel, args, kwargs, shape)
+            theirs = triton_specialization(kernel, args, kwargs, arch)
+            if theirs is None:
+                raise LookupError(f"triton {triton.__version__} has no launch binder to compare with")
+            signature, constants, divisible = theirs
+            mine = (dict(ours.signature), dict(ours.constexprs), sorted(ours.divisible))
+            if mine != (signature, constants, divisible):
+                mismatches.append(f"{ours.kernel} {ours.variant} {shape}: ours {mine}, triton's "
+                                  f"{(signature, constants, divisible)}")
+    return mismatches
 
 
 def _ptxas_candidates() -> list[str]:
@@ -116,28 +286,49 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     raise RuntimeError(f"no ptxas could assemble the kernel for {gpu}:\n" + "\n".join(errors))
 
 
-def compile_kernel(name: str, dtype: torch.dtype, arch: int) -> CompileReport:
-    kernel, config_name, flags = VARIANTS[name]
-    config = dict(KERNEL_CONFIGS[config_name]["fp32" if dtype == torch.float32 else "half"])
-    options = {k: config.pop(k) for k in ("num_warps", "num_stages")}
-    signature, constexprs = _signature(kernel, dtype, config, flags)
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+_BY_NAME = {k.fn.__name__.removesuffix("_kernel"): k for k in KERNELS}
+_BY_NAME.update(merge_distill_splits=merge_splits_kernel, tile_jsd=tile_distill_forward_kernel)
+
+
+def _stage_bytes(launch: Launch, dtype: torch.dtype) -> int:
+    """Shared memory of one K-loop stage (an X and a W tile) for the tile kernels, else 0."""
+    c = dict(launch.constexprs)
+    if "BLOCK_K" not in c:
+        return 0
+    return (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * torch.finfo(dtype).bits // 8
+
+
+def compile_launch(launch: Launch, dtype: torch.dtype, arch: int) -> CompileReport:
+    kernel = _BY_NAME[launch.kernel]
+    signature = dict(launch.signature)
+    index = {name: k for k, name in enumerate(kernel.arg_names)}
+    attrs = {(index[name],): [["tt.divisibility", 16]] for name in launch.divisible}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages))
     regs, spill_st, spill_ld = _ptxas_usage(compiled.asm["ptx"], arch)
-    return CompileReport(kernel=name, dtype=_TRITON_DTYPE[dtype], arch=arch, shared_bytes=compiled.metadata.shared,
-                         registers=regs, spill_stores=spill_st, spill_loads=spill_ld,
-                         num_warps=options["num_warps"])
+    return CompileReport(kernel=launch.kernel, variant=launch.variant, shape=launch.shape,
+                         dtype=_TRITON_DTYPE[dtype], arch=arch, shared_bytes=compiled.metadata.shared,
+                         registers=regs, spill_stores=spill_st, spill_loads=spill_ld, num_warps=launch.num_warps,
+                         num_stages=launch.num_stages, stage_bytes=_stage_bytes(launch, dtype))
 
 
-def compile_all(archs=(90, 80), dtypes=(torch.bfloat16, torch.float32)) -> list[CompileReport]:
-    return [compile_kernel(name, dtype, arch) for arch in archs for dtype in dtypes for name in VARIANTS]
+def _compile_job(job) -> CompileReport:
+    return compile_launch(*job)
+
+
+def compile_all(archs=(90, 80), dtypes=(torch.bfloat16, torch.float32), workers=None) -> list[CompileReport]:
+    jobs = [(launch, dtype, arch) for arch in archs for dtype in dtypes for launch in capture_launches(dtype, arch)]
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        return list(pool.map(_compile_job, jobs))
 
 
 def format_reports(reports: list[CompileReport]) -> str:
-    lines = [f"{'kernel':<22}{'dtype':<7}{'arch':<7}{'smem KiB':>9}{'regs':>6}{'spill st/ld B':>15}{'warps':>6}"]
+    lines = [f"{'kernel':<22}{'variant':<44}{'shape':<8}{'dtype':<6}{'arch':<7}{'smem KiB':>9}{'stage':>6}"
+             f"{'regs':>6}{'spill st/ld B':>15}{'warps':>6}"]
     for r in reports:
-        lines.append(f"{r.kernel:<22}{r.dtype:<7}sm_{r.arch:<4}{r.shared_bytes / 1024:>9.1f}{r.registers:>6}"
-                     f"{f'{r.spill_stores}/{r.spill_loads}':>15}{r.num_warps:>6}")
+        lines.append(f"{r.kernel:<22}{r.variant:<44}{r.shape:<8}{r.dtype:<6}sm_{r.arch:<4}{r.shared_bytes / 1024:>9.1f}"
+                     f"{r.num_stages:>6}{r.registers:>6}{f'{r.spill_stores}/{r.spill_loads}':>15}{r.num_warps:>6}")
     return "\n".join(lines)
 
 
@@ -146,14 +337,21 @@ def main(argv=None) -> None:
     import json
     from dataclasses import asdict
 
-    parser = argparse.ArgumentParser(description="Compile every kernel for GPU targets; report smem/regs/spills.")
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser = argparse.ArgumentParser(description="Compile every kernel variant as a launch would, for GPU targets; "
+                                                 "report shared memory, registers and spills.")
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SM_COUNT))
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp16", "fp32"], choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--check-specialization", action="store_true",
+                        help="only compare the modelled launch specialization with this Triton's own")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels this compiles")
     dtypes = [{v: k for k, v in _TRITON_DTYPE.items()}[d] for d in args.dtype]
+    if args.check_specialization:
+        mismatches = check_specialization(args.arch, dtypes)
+        print("\n".join(mismatches) or f"the modelled specialization equals triton {triton.__version__}'s")
+        raise SystemExit(1 if mismatches else 0)
     reports = compile_all(args.arch, dtypes)
     if args.json:
         print(json.dumps({"triton": triton.__version__, "reports": [asdict(r) for r in reports]}))
