@@ -11,6 +11,8 @@ import torch
 from .options import BACKENDS, KD_LOSSES, REDUCTIONS, SPARSE_TAILS, STRATEGIES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The dtypes by the names the command line and the tools take.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
-
 from ..ops.chunk_epilogue import chunk_epilogue
 from ..ops.distill_epilogue import distill_epilogue
 from ..ops.merge_splits import KD_PLANES, STATE_PLANES
@@ -73,7 +71,7 @@ class TileEngine:
 
     @staticmethod
     def _distill_forward(x, weight, bias, labels, teacher, opts: HeadOptions):
-        """Statistics with the per-row KD, and the per-row terms the backward needs (5 x n)."""
+        """Statistics with the per-row KD, and the per-row terms the backward needs (``BACKWARD_STATS``)."""
         mode = kd_mode(opts)
         final, jsd_sums = tile_distill_forward(x, weight, bias, labels, _teacher(teacher), head_scalars(opts),
                                                kd_scalars(opts), opts.has_softcap, opts.has_smoothing,
@@ -87,8 +85,9 @@ class TileEngine:
         else:
             kl_pm, kl_qm = jsd_sums
             kd = opts.jsd_beta * kl_qm + (1.0 - opts.jsd_beta) * kl_pm
-        aux = (student[0], kd_planes["lse_s"], kd_planes["lse_t"], kd_planes["kl_reverse"], kl_pm)
-        return row_stats(student, kd), torch.stack(aux)
+        aux = dict(lse=student[0], lse_s=kd_planes["lse_s"], lse_t=kd_planes["lse_t"],
+                   kl_reverse=kd_planes["kl_reverse"], kl_pm=kl_pm)
+        return row_stats(student, kd), aux
 
     @staticmethod
     def _distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts: HeadOptions, grads: GradRequest):

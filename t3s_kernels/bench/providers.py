@@ -19,7 +19,6 @@ from ..api import fused_linear_t3s_loss, token_stats, triton_available
 from ..reference import reference_t3s_loss
 
 IGNORE = -100
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

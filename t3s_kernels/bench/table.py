@@ -15,8 +15,9 @@ from typing import Optional
 
 import torch
 
+from ..validation import DTYPES
 from .measure import device_name, matmul_floor, max_rel_error, peak_memory_bytes, reference_grads, time_ms
-from .providers import DTYPES, PROVIDERS, Inputs, package_version
+from .providers import PROVIDERS, Inputs, package_version
 
 GPU_DEFAULT = dict(tokens=16384, hidden=4096, vocab=151936, dtype="bf16")  # Qwen3-8B's head
 CPU_DEFAULT = dict(tokens=2048, hidden=256, vocab=65536, dtype="fp32")

@@ -34,6 +34,7 @@ from .distill_epilogue import distill_epilogue, distill_epilogue_kernel
 from .merge_splits import merge_splits_kernel
 from .tile_backward import tile_backward, tile_backward_kernel
 from .tile_distill import (
+    BACKWARD_STATS,
     tile_distill_backward,
     tile_distill_backward_kernel,
     tile_distill_forward,
@@ -172,7 +173,7 @@ def _launcher_calls(dtype: torch.dtype, n: int, h: int, v: int, plain: bool = Tr
         for jsd in (False, True):
             yield lambda: tile_distill_forward(x, w, bias, y, teacher, head, kd, rich, rich, jsd)
         for mode in (1, 2, 3):
-            yield lambda: tile_distill_backward(x, w, bias, y, torch.empty(5, n, **f32), teacher, row_scale,
+            yield lambda: tile_distill_backward(x, w, bias, y, {k: lse for k in BACKWARD_STATS}, teacher, row_scale,
                                                 {**head, **grad, **kd_grad}, mode, rich, True, True, rich)
     # The chunked epilogues: a chunk of whole vocabulary rows (1 GiB of fp32 logits).
     rows = min(n, max(1, (1 << 30) // (6 * v)))

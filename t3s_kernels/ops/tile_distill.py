@@ -100,7 +100,7 @@ def tile_distill_backward_kernel(X, W, B, Xt, Wt, Bt, Y, STATS, ROW_SCALE, DX, D
                                  COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, DOT_PRECISION: tl.constexpr,
                                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr):
-    """STATS rows: lse, lse_s, lse_t, KL(p || q), KL(p || m) (5 x N)."""
+    """STATS planes: ``BACKWARD_STATS`` (lse, lse_s, lse_t, KL(p || q), KL(p || m)), N apart."""
     row0, col0, rows, cols, row_valid, col_valid = backward_tile_coords(N, V, BLOCK_M, BLOCK_N)
     s, t = _both_tiles(X, W, B, Xt, Wt, Bt, row0, col0, N, V, H, Ht, stride_xn, stride_xh,
                        stride_wv, stride_wh, stride_tn, stride_th, stride_tv, stride_twh, softcap, logit_scale,
@@ -158,21 +158,26 @@ def tile_distill_forward(x, weight, bias, labels, teacher: tuple, scalars: dict,
     return final, jpart.sum(1)
 
 
-def tile_distill_backward(x, weight, bias, labels, aux, teacher: tuple, row_scale, scalars: dict, kd_mode: int,
+# The per-row terms the backward reads, in the order of its STATS planes.
+BACKWARD_STATS = ("lse", "lse_s", "lse_t", "kl_reverse", "kl_pm")
+
+
+def tile_distill_backward(x, weight, bias, labels, aux: dict, teacher: tuple, row_scale, scalars: dict, kd_mode: int,
                           has_softcap: bool, compute_dx: bool, compute_dw: bool, compute_db: bool):
-    """float32 (dX, dW, db) of CE + KD from ``aux`` (lse, lse_s, lse_t, KL(p || q), KL(p || m); 5 x n);
+    """float32 (dX, dW, db) of CE + KD from ``aux``, the per-row ``BACKWARD_STATS`` by name;
     ``scalars``: the head's, the gradient's and the KD's (kd_coef, inv_temp, beta, log_beta, log_1m_beta)."""
     n, h = x.shape
     vocab = weight.shape[0]
     t_ptrs, t_dims = _teacher_layout(*teacher)
+    stats = torch.stack([aux[name].float() for name in BACKWARD_STATS])
     dx, dw, db = grad_buffers(n, h, vocab, x.device, compute_dx, compute_dw, compute_db and bias is not None)
     if n:
         cfg = kernel_config("tile_distill_backward", x.dtype)
         grid = (triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(vocab, cfg["BLOCK_N"]),)
         tile_distill_backward_kernel[grid](
-            x, weight, bias if bias is not None else x, *t_ptrs, labels, aux.contiguous(),
-            row_scale.float().contiguous(), aux if dx is None else dx, aux if dw is None else dw,
-            aux if db is None else db, n, vocab, h, t_dims[0], x.stride(0), x.stride(1), weight.stride(0),
+            x, weight, bias if bias is not None else x, *t_ptrs, labels, stats,
+            row_scale.float().contiguous(), stats if dx is None else dx, stats if dw is None else dw,
+            stats if db is None else db, n, vocab, h, t_dims[0], x.stride(0), x.stride(1), weight.stride(0),
             weight.stride(1), *t_dims[1:], KD_MODE=kd_mode, HAS_BIAS=bias is not None,
             HAS_TEACHER_BIAS=teacher[2] is not None, HAS_SOFTCAP=has_softcap, COMPUTE_DX=dx is not None,
             COMPUTE_DW=dw is not None, COMPUTE_DB=db is not None, **dot_flags(x.dtype), **scalars, **cfg)

@@ -22,6 +22,7 @@ import torch
 
 from ..api import token_stats
 from ..patching import HeadInputs, model_head_inputs
+from ..validation import DTYPES
 from .data import IGNORE, Example
 from .store import ScoreStore, iter_batches, token_hash
 
@@ -212,7 +213,9 @@ def load_local_model(path: str, dtype: str = "fp32", device: str = "cpu", trust_
 
     if not os.path.isdir(path):
         raise ValueError(f"model must be a local folder; {path!r} is not one")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
     return model.to(device).eval()
