@@ -37,7 +37,7 @@ def main(argv=None):
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(0)
     n, h, v, dt = args.tokens, args.hidden, args.vocab, DTYPES[args.dtype]
-    mk = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dev, dt)  # noqa: E731
+    mk = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dev, dt)
     x, w, th, tw = mk(n, h), mk(v, h, scale=h ** -0.5), mk(n, h), mk(v, h, scale=h ** -0.5)
     y = torch.randint(0, v, (n,), generator=g).to(dev)
     beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}[args.kd_loss]

@@ -51,21 +51,21 @@ class TokenStats:
 
 
 @contextlib.contextmanager
-def zero3_gathered(student: dict, teacher: dict = {}):  # noqa: B006 - read only
+def zero3_gathered(student: dict, teacher: Optional[dict] = None):
     """DeepSpeed ZeRO-3 parameters partitioned away (outside the engine's forward: an own loop, a
     teacher's head) gathered for the call with DeepSpeed's own context, on every rank: each rank
     must call the op the same number of times. A partitioned parameter that needs a gradient is
     refused: DeepSpeed gathers and reduce-scatters a parameter's gradient only around its module's
     forward and backward, which a call outside them does not run."""
-    parts = [(name, t) for name, t in {**student, **teacher}.items() if is_zero3_partitioned(t)]
+    parts = [(name, t) for name, t in {**student, **(teacher or {})}.items() if is_zero3_partitioned(t)]
     if not parts:
         yield
         return
     for name, t in parts:
         if name in student and t.requires_grad and torch.is_grad_enabled():  # a teacher gets no gradient
             raise ValueError(f"{name} is a DeepSpeed ZeRO-3 partitioned parameter (ds_id {t.ds_id}) that needs a "
-                             "gradient, outside the "
-                             "engine's forward, where DeepSpeed cannot reduce its gradient: compute the loss inside "
+                             "gradient, outside the engine's forward, where DeepSpeed cannot reduce its gradient: "
+                             "compute the loss inside "
                              "the engine's forward (a model patched by apply_t3s does), or pass it detached or under "
                              "torch.no_grad() for statistics")
     import deepspeed

@@ -607,7 +607,7 @@ def check_t3s_patch(model, *, seed: int = 0) -> None:
             torch.manual_seed(seed)
             try:
                 ref = original(labels=labels, **kwargs)
-            except Exception as e:  # noqa: BLE001 - any failure of the unpatched model itself
+            except Exception as e:  # any failure of the unpatched model itself
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 warnings.warn(f"apply_t3s: the equivalence check was skipped: the unpatched {name} could not run a "
                               f"tiny random batch ({reason}). The per-forward probe of the head math still runs.",
@@ -620,7 +620,7 @@ def check_t3s_patch(model, *, seed: int = 0) -> None:
                                      teacher={k: None for k in TEACHER_INPUTS})
             except (TypeError, ValueError):
                 raise
-            except Exception as e:  # noqa: BLE001 - said with its cause, at patch time rather than in training
+            except Exception as e:  # said with its cause, at patch time rather than in training
                 raise ValueError(f"apply_t3s: the patched {name} failed on a tiny random batch where the unpatched "
                                  f"model ran ({type(e).__name__}: {str(e).splitlines()[0][:200]}); refused") from e
     finally:

@@ -56,7 +56,7 @@ def make_inputs(n=37, h=48, v=203, dtype=torch.float32, *, seed=0, bias=False, w
     if lead is not None:
         x, y = x.view(*lead, h), y.view(*lead)
         tw = None if tw is None else tw.view(*lead)
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    to = lambda t: None if t is None else t.to(device)
     x, w = x.to(device=device, dtype=dtype), w.to(device=device, dtype=dtype)
     b = None if b is None else b.to(device=device, dtype=dtype)
     return dict(hidden=x, weight=w, labels=to(y), bias=b, token_weights=to(tw))

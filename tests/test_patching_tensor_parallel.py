@@ -66,7 +66,7 @@ def _tp_plan_worker(rank, folder):
     import transformers as tf
 
     ids, labels, keep = batch(seed=3)
-    load = (lambda name: tf.AutoModelForCausalLM.from_pretrained(  # noqa: E731
+    load = (lambda name: tf.AutoModelForCausalLM.from_pretrained(
         os.path.join(folder, name), tp_plan="auto", dtype=torch.float32))
     results = {}
     student = t3s.apply_t3s(load("student").train(), backend="torch", tensor_parallel=True)
