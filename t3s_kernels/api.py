@@ -98,7 +98,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           reduction: str = "mean",
                           normalizer: Union[None, float, int, torch.Tensor] = None, return_stats: bool = False,
                           backend: str = "auto", strategy: str = "auto",
-                          chunk_budget_bytes: Optional[int] = None,
+                          chunk_budget_bytes: Optional[int] = None, grad_accum_dtype: str = "float32",
                           vocab_parallel=None) -> T3SLossOutput:
     """LM head + T3S loss in one pass, never holding the [tokens x vocab] logits.
 
@@ -118,6 +118,10 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         strategy: Triton training strategy, "chunked" (token chunks, cuBLAS matmuls, fused
             epilogue; default) or "tile" (recomputing tile kernels, least memory).
         chunk_budget_bytes: memory one chunk's [rows x vocab] buffers may use (default 1 GiB on GPU, 256 MiB on CPU).
+        grad_accum_dtype: what the chunked strategies accumulate dW and db in across token chunks:
+            "float32" (default: rounded to the weight's dtype once, at the end) or "weight" (the
+            weight's dtype: no float32 copy of dW, half its memory, one rounding per chunk, as
+            Liger-Kernel and Cut Cross-Entropy do). The tile strategy adds in float32 either way.
         vocab_parallel: a head split over the vocabulary across ranks (tensor parallelism):
             ``VocabShard(start, vocab_size, group)`` with ``weight`` and ``bias`` this rank's rows, or
             ``weight.device_mesh`` for a ``Shard(0)`` DTensor ``weight``; labels index the whole
@@ -150,7 +154,8 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         teacher_bias = rows_of(teacher_bias, vocab_parallel, weight.shape[0], "teacher_bias")
     check_options(backend=backend, strategy=strategy, softcap=softcap, label_smoothing=label_smoothing,
                   z_loss=z_loss, ce_weight=ce_weight, temperature=1.0, reduction=reduction,
-                  normalizer=normalizer, chunk_budget_bytes=chunk_budget_bytes, logit_scale=logit_scale)
+                  normalizer=normalizer, chunk_budget_bytes=chunk_budget_bytes, logit_scale=logit_scale,
+                  grad_accum_dtype=grad_accum_dtype)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if teacher_hidden is not None and teacher_weight is not None:  # the teacher's head is cast as the student's
         teacher_hidden, teacher_weight, teacher_bias = _autocast(teacher_hidden, teacher_weight, teacher_bias)
@@ -184,7 +189,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                          kd_t2_scaling=bool(kd_t2_scaling), sparse_tail=sparse_tail),
         ignore_index=ignore_index, reduction=reduction,
         normalizer=None if normalizer is None or isinstance(normalizer, torch.Tensor) else float(normalizer),
-        backend=backend, strategy=strategy, chunk_budget_bytes=chunk_budget_bytes,
+        backend=backend, strategy=strategy, chunk_budget_bytes=chunk_budget_bytes, grad_accum_dtype=grad_accum_dtype,
         vocab_parallel=None if vocab_parallel is None else (vocab_parallel.start, vocab_parallel.vocab_size,
                                                             process_group_name(vocab_parallel.group)))
     loss, logprob, entropy, correct, lse, kd = fused_head_loss(
@@ -260,7 +265,8 @@ class T3SLoss(torch.nn.Module):
                       softcap=probe.get("softcap"), label_smoothing=probe.get("label_smoothing", 0.0),
                       z_loss=probe.get("z_loss", 0.0), ce_weight=probe.get("ce_weight", 1.0), temperature=1.0,
                       reduction=probe.get("reduction", "mean"), normalizer=probe.get("normalizer"),
-                      chunk_budget_bytes=probe.get("chunk_budget_bytes"), logit_scale=probe.get("logit_scale", 1.0))
+                      chunk_budget_bytes=probe.get("chunk_budget_bytes"), logit_scale=probe.get("logit_scale", 1.0),
+                      grad_accum_dtype=probe.get("grad_accum_dtype", "float32"))
         check_kd_options(kd_weight=probe.get("kd_weight", 0.0), kd_loss=probe.get("kd_loss", "forward_kl"),
                          jsd_beta=probe.get("jsd_beta", 0.5), kd_temperature=probe.get("kd_temperature", 1.0),
                          sparse_tail=probe.get("sparse_tail", "renormalize"))

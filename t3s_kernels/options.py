@@ -20,6 +20,9 @@ STRATEGIES = ("auto", "chunked", "tile")
 REDUCTIONS = ("mean", "sum", "none")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 SPARSE_TAILS = ("renormalize", "bucket")
+# What dW and db accumulate in across the chunked strategies' token chunks: float32 (one rounding,
+# at the end), or the weight's own dtype (no float32 copy of dW: half its memory, one rounding a chunk).
+GRAD_ACCUM_DTYPES = ("float32", "weight")
 
 # The strategy "auto" picks for training on a GPU: measured on an H200 (2026-11-28, N=16384,
 # V=151936, bf16) at 110.8 ms fwd+bwd against the tile strategy's 1311 ms (benchmarks/RESULTS.md).

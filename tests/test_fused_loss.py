@@ -197,3 +197,17 @@ def test_no_vocabulary_sized_gradient_outlives_backward(reduction):
     del out
     alive = [shape for shape, ref in saved if ref() is not None]
     assert alive == [], alive
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.25])
+def test_unit_upstream_gradient_skips_the_rescale(upstream, monkeypatch):
+    """loss.backward() (an upstream gradient of 1) hands back the fused gradient as it is, with no pass
+    over dW; any other scale rescales it. Both equal the reference."""
+    from t3s_kernels.backends.base import HeadGrads
+
+    calls = []
+    original = HeadGrads.scaled
+    monkeypatch.setattr(HeadGrads, "scaled", lambda self, scale: calls.append(scale) or original(self, scale))
+    inputs = make_inputs(device="cpu")
+    run_and_compare(inputs, backend="torch", grad_scale=upstream)
+    assert len(calls) == (0 if upstream == 1.0 else 1)

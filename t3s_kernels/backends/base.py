@@ -58,8 +58,8 @@ class HeadGrads:
     """Gradients of sum_i g_i * l_i over the rows a backend was given (None where not requested)."""
 
     hidden: Optional[torch.Tensor]  # [rows, H], dtype of hidden
-    weight: Optional[torch.Tensor]  # [V, H], float32 accumulator
-    bias: Optional[torch.Tensor]  # [V], float32 accumulator
+    weight: Optional[torch.Tensor]  # [V, H], the accumulator: float32, or the weight's dtype (grad_accum_dtype)
+    bias: Optional[torch.Tensor]  # [V], likewise
 
     def cast(self, weight_dtype: torch.dtype, bias_dtype: Optional[torch.dtype]) -> "HeadGrads":
         """The accumulators in the parameters' dtypes (dX already is in the hidden states')."""

@@ -20,7 +20,7 @@ import torch
 
 from ..options import DEFAULT_CHUNK_BUDGET_BYTES, GradRequest, HeadOptions
 from .base import HeadGrads, OnlineState, RowStats
-from .matmul import addmm_f32_, mm_f32
+from .matmul import addmm_f32_, mm_f32, mm_into_
 
 
 class Epilogue(Protocol):
@@ -69,11 +69,13 @@ class ChunkedEngine:
     fuses_backward = True
 
     def __init__(self, epilogue: Epilogue, budget_bytes: Optional[int] = None,
-                 chunk_rows: Optional[int] = None, vocab_chunk: Optional[int] = None):
+                 chunk_rows: Optional[int] = None, vocab_chunk: Optional[int] = None,
+                 grad_accum_dtype: str = "float32"):
         self.epilogue = epilogue
         self.budget_bytes = budget_bytes
         self.chunk_rows = chunk_rows
         self.vocab_chunk = vocab_chunk
+        self.grad_accum_dtype = grad_accum_dtype
 
     def _budget(self, device: torch.device) -> int:
         return self.budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
@@ -99,28 +101,38 @@ class ChunkedEngine:
             return None
         return torch.empty(rows, vocab_chunk, device=x.device, dtype=torch.float32)
 
-    @staticmethod
-    def _alloc_grads(x, weight, bias, grads: GradRequest) -> HeadGrads:
+    def _alloc_grads(self, x, weight, bias, grads: GradRequest) -> HeadGrads:
+        """dX, and the dW and db accumulators (float32 or the weight's dtype, ``grad_accum_dtype``),
+        left unfilled: the first token chunk writes them (``_backprop``), unless there is none."""
+        f32 = self.grad_accum_dtype == "float32"
+        new = torch.empty if x.shape[0] else torch.zeros
         return HeadGrads(
             hidden=torch.empty_like(x, memory_format=torch.contiguous_format) if grads.hidden else None,
-            weight=torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if grads.weight else None,
-            bias=torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32)
+            weight=new(weight.shape, device=weight.device, dtype=torch.float32 if f32 else weight.dtype)
+            if grads.weight else None,
+            bias=new(weight.shape[0], device=weight.device, dtype=torch.float32 if f32 else bias.dtype)
             if grads.bias and bias is not None else None,
         )
 
     @staticmethod
     def _backprop(dz: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, v0: int, v1: int,
-                  out: HeadGrads, dx_acc: Optional[torch.Tensor], rows: Optional[slice] = None) -> None:
+                  out: HeadGrads, dx_acc: Optional[torch.Tensor], rows: Optional[slice] = None,
+                  first: bool = False) -> None:
         """dX, dW and db of one [rows x vocab chunk] gradient. dX goes into ``dx_acc`` (float32,
-        summed over vocabulary chunks), or, for whole vocabulary rows, straight into ``out.hidden[rows]``."""
+        summed over vocabulary chunks), or, for whole vocabulary rows, straight into ``out.hidden[rows]``.
+        The first token chunk (``first``) writes dW and db; the others add to them."""
         if dx_acc is not None:
             addmm_f32_(dx_acc, dz, weight[v0:v1])
         elif rows is not None and out.hidden is not None:
             torch.mm(dz, weight, out=out.hidden[rows])
         if out.weight is not None:
-            addmm_f32_(out.weight[v0:v1], dz.t(), x)
+            mm_into_(out.weight[v0:v1], dz.t(), x, accumulate=not first)
         if out.bias is not None:
-            out.bias[v0:v1] += dz.sum(0, dtype=torch.float32)
+            db = dz.sum(0, dtype=torch.float32)
+            if first:
+                out.bias[v0:v1] = db
+            else:
+                out.bias[v0:v1] += db
 
     def _gradient_pass(self, x, weight, bias, labels, lse, row_scale, opts, out: HeadGrads,
                        r0: int, r1: int, vocab_chunk: int, buffer: Optional[torch.Tensor]) -> None:
@@ -131,7 +143,8 @@ class ChunkedEngine:
             v1 = min(v0 + vocab_chunk, vocab)
             dz = self.epilogue.gradient(self._logits(x[r0:r1], weight, bias, v0, v1, buffer), labels[r0:r1],
                                         v0, lse, row_scale, opts, x.dtype)
-            self._backprop(dz, x[r0:r1], weight, v0, v1, out, dx_acc)
+            self._backprop(dz, x[r0:r1], weight, v0, v1, out, dx_acc, first=r0 == 0)
+            del dz  # freed before the next chunk's logits are made
         if dx_acc is not None:
             out.hidden[r0:r1] = dx_acc
 
@@ -152,7 +165,8 @@ class ChunkedEngine:
                                            None if row_scale is None else row_scale[r0:r1], opts, x.dtype)
             parts.append(st)
             if dz is not None:
-                self._backprop(dz, xc, weight, 0, vocab, out, None, rows=slice(r0, r1))
+                self._backprop(dz, xc, weight, 0, vocab, out, None, rows=slice(r0, r1), first=r0 == 0)
+            del dz, t_logits
         return RowStats.cat(parts)
 
     def forward(self, x, weight, bias, labels, opts: HeadOptions, row_scale=None,
@@ -176,7 +190,8 @@ class ChunkedEngine:
                 logits = self._logits(xc, weight, bias, 0, vocab, buffer)
                 dz = self.epilogue.accumulate_and_gradient(logits, yc, state, row_scale[r0:r1], opts, x.dtype)
                 del logits
-                self._backprop(dz, xc, weight, 0, vocab, out, None, rows=slice(r0, r1))
+                self._backprop(dz, xc, weight, 0, vocab, out, None, rows=slice(r0, r1), first=r0 == 0)
+                del dz  # freed before the next chunk's logits are made
             else:
                 for v0 in range(0, vocab, vocab_chunk):
                     v1 = min(v0 + vocab_chunk, vocab)

@@ -24,6 +24,8 @@ def _supports(kind: str, t: torch.Tensor) -> bool:
             a = torch.ones(2, 2, device=t.device, dtype=t.dtype)
             if kind == "mm":
                 torch.mm(a, a, out_dtype=torch.float32)
+            elif kind == "mm_out":
+                torch.mm(a, a, out_dtype=torch.float32, out=torch.empty(2, 2, device=t.device))
             else:
                 acc = torch.zeros(2, 2, device=t.device)
                 torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
@@ -43,6 +45,24 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None)
     if _supports("mm", a):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a, b).float()
+
+
+def mm_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``out = a @ b`` (or ``out += a @ b`` with ``accumulate``) in place, ``out`` float32 or of the
+    operands' dtype. Writing the first product instead of adding it to zeros saves a fill and a read."""
+    if accumulate:
+        if out.dtype == a.dtype:
+            out.addmm_(a, b)
+        else:
+            addmm_f32_(out, a, b)
+    elif out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif a.device.type != "cuda":
+        torch.mm(a.float(), b.float(), out=out)
+    elif _supports("mm_out", a):
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.copy_(mm_f32(a, b))
 
 
 def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

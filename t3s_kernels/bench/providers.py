@@ -97,13 +97,14 @@ def provider_compile(inputs: Inputs, grad: bool):
     return _runner(lambda x, w: fn(x, w, inputs.masked_labels), inputs, grad, "torch.compile (inductor)")
 
 
-def provider_t3s(backend: str, strategy: str = "auto"):
+def provider_t3s(backend: str, strategy: str = "auto", grad_accum_dtype: str = "float32"):
     def make(inputs: Inputs, grad: bool):
         if backend == "triton" and not (inputs.hidden.is_cuda and triton_available(inputs.hidden.device)):
             raise RuntimeError("needs CUDA")
         return _runner(lambda x, w: fused_linear_t3s_loss(x, w, inputs.labels, token_weights=inputs.token_weights,
-                                                          backend=backend, strategy=strategy).loss, inputs, grad,
-                       f"t3s {backend}/{strategy}")
+                                                          backend=backend, strategy=strategy,
+                                                          grad_accum_dtype=grad_accum_dtype).loss, inputs, grad,
+                       f"t3s {backend}/{strategy}, dW accumulated in {grad_accum_dtype}")
 
     return make
 
@@ -158,6 +159,7 @@ PROVIDERS: dict[str, Provider] = {
     "quack": provider_quack,
     "t3s-torch": provider_t3s("torch"),
     "t3s-triton-chunked": provider_t3s("triton", "chunked"),
+    "t3s-triton-chunked-weight-accum": provider_t3s("triton", "chunked", "weight"),
     "t3s-triton-tile": provider_t3s("triton", "tile"),
     "t3s-token-stats": provider_token_stats,
 }

@@ -40,3 +40,60 @@ def test_plan_prefers_whole_vocabulary_rows():
     assert vchunk == 65536 and rows * 65536 * 12 <= 256 << 20 and rows % 64 == 0
     rows, vchunk = plan_chunks(16384, 151936, 12, 64 << 20)  # too small for 128 whole rows
     assert vchunk < 151936 and rows * vchunk * 12 <= 64 << 20
+
+
+# One rounding to the accumulator's dtype per token chunk: |error| <= chunks * u * max|dW| (u: unit roundoff).
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("chunk_rows,vocab_chunk", [(8, 203), (8, 50)], ids=["whole-rows", "vocab-chunks"])
+@pytest.mark.parametrize("epilogue", ["torch", "triton"])
+def test_grad_accum_in_the_weights_dtype(epilogue, chunk_rows, vocab_chunk, dtype):
+    """grad_accum_dtype="weight" changes dW and db only, by at most one rounding per token chunk;
+    the loss, the statistics and dX are bitwise those of float32 accumulation."""
+    inputs = make_inputs(dtype=dtype, bias=True, weights="zeros", ignored=3)
+    opts = dict(label_smoothing=0.1, softcap=4.0)
+    outs = {}
+    for accum in ("float32", "weight"):
+        cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), backend=epilogue, strategy="chunked",
+                         chunk_rows=chunk_rows, vocab_chunk=vocab_chunk, grad_accum_dtype=accum)
+        x, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+        loss, logprob, *_ = fused_head_loss(x, w, b, inputs["labels"], inputs["token_weights"], cfg)
+        outs[accum] = (loss, logprob, *torch.autograd.grad(loss, (x, w, b)))
+    (loss32, lp32, dx32, dw32, db32), (loss_w, lp_w, dx_w, dw_w, db_w) = outs["float32"], outs["weight"]
+    assert torch.equal(loss32, loss_w) and torch.equal(lp32, lp_w) and torch.equal(dx32, dx_w)
+    assert dw_w.dtype == dtype and db_w.dtype == dtype
+    chunks = -(-37 // chunk_rows)
+    for name, got, want in (("dW", dw_w, dw32), ("db", db_w, db32)):
+        bound = (chunks + 1) * UNIT_ROUNDOFF[dtype] * want.float().abs().max().item()
+        err = (got.float() - want.float()).abs().max().item()
+        assert err <= bound, f"{name}: {err:.3g} > {bound:.3g}"
+    if dtype != torch.float32:  # the half accumulator really rounds per chunk (the test can tell the two apart)
+        assert not torch.equal(dw_w, dw32)
+
+
+@pytest.mark.parametrize("accum", ["float32", "weight"])
+def test_chunk_memory_is_released_before_the_next_chunk(accum):
+    """Peak memory of a fused forward + backward over several token chunks (bf16, CPU): the dW
+    accumulator, dX and one chunk's buffers. A gradient chunk kept alive into the next chunk, or a
+    float32 dW under grad_accum_dtype="weight", exceeds the bound (measured: each adds exactly its
+    size to the peak); the bound leaves less than one bf16 chunk of slack."""
+    from t3s_kernels.bench import peak_memory_bytes
+
+    n, h, v, rows = 256, 64, 4096, 64
+    inputs = make_inputs(n=n, h=h, v=v, dtype=torch.bfloat16)
+    x, w = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight"))
+    cfg = LossConfig(opts=HeadOptions(vocab_size=v), backend="torch", strategy="chunked", chunk_rows=rows,
+                     grad_accum_dtype=accum)
+
+    def step():
+        loss, *_ = fused_head_loss(x, w, None, inputs["labels"], None, cfg)
+        loss.backward()
+
+    _, peak = peak_memory_bytes(step, torch.device("cpu"))
+    dw = v * h * (4 if accum == "float32" else 2)  # (the bf16 copy of a float32 dW comes after the chunks)
+    chunk = rows * v * (4 + 2 + 2)  # the fp32 logits, the bf16 gradient, one bf16 temporary of the epilogue
+    bound = dw + n * h * 2 + chunk + 64 * (n + v) + (32 << 10)
+    assert peak <= bound, f"peak {peak / 2**20:.2f} MiB > bound {bound / 2**20:.2f} MiB"
+    assert peak + rows * v * 2 > bound, "the bound is loose: a leaked bf16 chunk would pass it"
