@@ -10,6 +10,7 @@ import torch
 
 from ..options import DEFAULT_STRATEGY
 from .chunked import ChunkedEngine
+from .cpu_epilogue import cpu_epilogue
 from .torch_epilogue import TorchEpilogue
 
 
@@ -39,7 +40,8 @@ def make_engine(device: torch.device, backend: str, strategy: str, chunk_budget_
     if backend == "torch":
         if strategy == "tile":
             raise ValueError("strategy='tile' needs backend='triton'; the torch backend is chunked")
-        return ChunkedEngine(TorchEpilogue(), chunk_budget_bytes, chunk_rows, vocab_chunk, grad_accum_dtype)
+        epilogue = cpu_epilogue() if device.type == "cpu" else TorchEpilogue()
+        return ChunkedEngine(epilogue, chunk_budget_bytes, chunk_rows, vocab_chunk, grad_accum_dtype)
     if not triton_available(device):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the triton package; "
                          f"got tensors on {device}")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from ..api import fused_linear_t3s_loss, token_stats, triton_available
+from ..backends.cpu_epilogue import native_module
 from ..reference import reference_t3s_loss
 
 IGNORE = -100
@@ -97,16 +99,41 @@ def provider_compile(inputs: Inputs, grad: bool):
     return _runner(lambda x, w: fn(x, w, inputs.masked_labels), inputs, grad, "torch.compile (inductor)")
 
 
+def _cpu_epilogue_name() -> str:
+    return "native" if native_module() is not None else "PyTorch"
+
+
 def provider_t3s(backend: str, strategy: str = "auto", grad_accum_dtype: str = "float32"):
     def make(inputs: Inputs, grad: bool):
         if backend == "triton" and not (inputs.hidden.is_cuda and triton_available(inputs.hidden.device)):
             raise RuntimeError("needs CUDA")
+        label = f"t3s {backend}/{strategy}, dW accumulated in {grad_accum_dtype}"
+        if backend == "torch" and not inputs.hidden.is_cuda:
+            label += f", {_cpu_epilogue_name()} epilogue"
         return _runner(lambda x, w: fused_linear_t3s_loss(x, w, inputs.labels, token_weights=inputs.token_weights,
                                                           backend=backend, strategy=strategy,
                                                           grad_accum_dtype=grad_accum_dtype).loss, inputs, grad,
-                       f"t3s {backend}/{strategy}, dW accumulated in {grad_accum_dtype}")
+                       label)
 
     return make
+
+
+def provider_t3s_pytorch_epilogue(inputs: Inputs, grad: bool):
+    """The torch backend on a CPU with its PyTorch epilogue instead of the native one (csrc/)."""
+    if inputs.hidden.is_cuda:
+        raise RuntimeError("CPU only")
+    run = provider_t3s("torch")(inputs, grad)
+
+    def with_pytorch_epilogue():
+        saved = os.environ.get("T3S_CPU_EPILOGUE")
+        os.environ["T3S_CPU_EPILOGUE"] = "torch"
+        try:
+            return run()
+        finally:
+            os.environ.pop("T3S_CPU_EPILOGUE") if saved is None else os.environ.update(T3S_CPU_EPILOGUE=saved)
+
+    with_pytorch_epilogue.backend = "t3s torch/auto, PyTorch epilogue"
+    return with_pytorch_epilogue
 
 
 def provider_token_stats(inputs: Inputs, grad: bool):
@@ -158,6 +185,7 @@ PROVIDERS: dict[str, Provider] = {
     "cce": provider_cce,
     "quack": provider_quack,
     "t3s-torch": provider_t3s("torch"),
+    "t3s-torch-pytorch-epilogue": provider_t3s_pytorch_epilogue,
     "t3s-triton-chunked": provider_t3s("triton", "chunked"),
     "t3s-triton-chunked-weight-accum": provider_t3s("triton", "chunked", "weight"),
     "t3s-triton-tile": provider_t3s("triton", "tile"),

@@ -1,0 +1,328 @@
+// The chunked strategy's epilogue on the CPU: the twin of ops/chunk_epilogue.py (Triton) and of
+// backends/torch_epilogue.py (PyTorch), over one chunk's float32 logits buffer, rows in parallel.
+//
+// Per row, with s = logit_scale * softcap * tanh(z / softcap) (identity without a cap):
+//   accumulate: fold the row into its online state, five planes of `state` [5, rows]:
+//       m = max s,  d = sum e^(s - m),  u = sum e^(s - m) (s - m),  the label's s,  sum s;
+//     two sweeps (the maximum, then the exponentials) over a row that stays in cache; s is written
+//     back over z so that a gradient sweep after it need not recompute the tanh.
+//   gradient: from the row's logsumexp,
+//       dl/ds_j = ce_weight (p_j - (1 - eps) [j = y] - eps / V) + 2 z_loss lse p_j,
+//       dL/dz_j = row_scale * logit_scale * dl/ds_j * (1 - t_j^2),  t = s / (logit_scale * softcap),
+//     written over the buffer (float32) or into a half-precision one.
+// Vectorized with ATen's Vectorized<float> (Sleef's exp and tanh, 1 ulp), rows over ATen's threads.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kWidth = Vec::size();
+
+struct Head {
+  bool has_softcap;
+  float softcap;
+  float logit_scale;
+};
+
+inline bool transforms(const Head& h) { return h.has_softcap || h.logit_scale != 1.0f; }
+
+inline Vec transform(Vec z, const Head& h) {
+  if (h.has_softcap) z = Vec(h.softcap) * (z / Vec(h.softcap)).tanh();
+  return z * Vec(h.logit_scale);
+}
+
+inline float transform(float z, const Head& h) {
+  if (h.has_softcap) z = h.softcap * std::tanh(z / h.softcap);
+  return z * h.logit_scale;
+}
+
+inline float reduce_max(Vec v) {
+  float lanes[kWidth];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int64_t k = 1; k < kWidth; ++k) m = std::max(m, lanes[k]);
+  return m;
+}
+
+inline float reduce_sum(Vec v) {
+  float lanes[kWidth];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int64_t k = 0; k < kWidth; ++k) s += lanes[k];
+  return s;
+}
+
+void check_logits(const torch::Tensor& logits) {
+  TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 && logits.dim() == 2 &&
+                  logits.stride(1) == 1,
+              "cpu_epilogue: logits must be a CPU float32 [rows, width] tensor with unit column stride");
+}
+
+// Columns per block: a block's logits stay in L1 between its maximum and its exponentials, so
+// each row is read from memory once.
+constexpr int64_t kBlock = 512;
+
+// The state (m, d, u) of one block of a row, its logit sum and, with `keep_exp`, e^(s - m) written
+// over it (the block's maximum returned in m); s (transformed where it must be) otherwise.
+struct BlockState {
+  float m, d, u, sum;
+};
+
+inline BlockState fold_block(float* s, int64_t width, const Head& h, bool has_smoothing, bool keep_exp) {
+  const bool store = transforms(h);
+  Vec vmax(-std::numeric_limits<float>::infinity()), vsum(0.0f);
+  int64_t j = 0;
+  for (; j + kWidth <= width; j += kWidth) {
+    Vec v = Vec::loadu(s + j);
+    if (store) {
+      v = transform(v, h);
+      v.store(s + j);
+    }
+    vmax = at::vec::maximum(vmax, v);
+    if (has_smoothing) vsum = vsum + v;
+  }
+  float m = reduce_max(vmax), sum = has_smoothing ? reduce_sum(vsum) : 0.0f;
+  for (; j < width; ++j) {
+    if (store) s[j] = transform(s[j], h);
+    m = std::max(m, s[j]);
+    sum += has_smoothing ? s[j] : 0.0f;
+  }
+  Vec vd(0.0f), vu(0.0f);
+  const Vec vm(m);
+  j = 0;
+  for (; j + kWidth <= width; j += kWidth) {
+    const Vec shifted = Vec::loadu(s + j) - vm;
+    const Vec e = shifted.exp();
+    if (keep_exp) e.store(s + j);
+    vd = vd + e;
+    vu = at::vec::fmadd(e, shifted, vu);
+  }
+  float d = reduce_sum(vd), u = reduce_sum(vu);
+  for (; j < width; ++j) {
+    const float shifted = s[j] - m, e = std::exp(shifted);
+    if (keep_exp) s[j] = e;
+    d += e;
+    u += e * shifted;
+  }
+  return {m, d, u, sum};
+}
+
+// The union of two disjoint column sets' states; an empty state (d = 0) adds nothing.
+inline void merge(float& m, float& d, float& u, const BlockState& b) {
+  if (d > 0.0f) {
+    const float m_new = std::max(m, b.m), x = std::exp(m - m_new), y = std::exp(b.m - m_new);
+    u = x * (u + (m - m_new) * d) + y * (b.u + (b.m - m_new) * b.d);
+    d = x * d + y * b.d;
+    m = m_new;
+  } else {
+    m = b.m;
+    d = b.d;
+    u = b.u;
+  }
+}
+
+// Fold one row into its state (planes `plane` floats apart); `block_max` (keep_exp) receives each
+// block's maximum. Returns nothing: the row holds s, or e^(s - block max) with keep_exp.
+inline void fold_row(float* s, int64_t width, int64_t label_col, const Head& h, bool has_smoothing, bool keep_exp,
+                     float* st, int64_t plane, float* block_max) {
+  float m = st[0], d = st[plane], u = st[2 * plane], label = st[3 * plane], sum = st[4 * plane];
+  for (int64_t b0 = 0, k = 0; b0 < width; b0 += kBlock, ++k) {
+    const int64_t w = std::min(kBlock, width - b0);
+    const bool has_label = label_col >= b0 && label_col < b0 + w;
+    float label_z = has_label ? s[label_col] : 0.0f;
+    const BlockState block = fold_block(s + b0, w, h, has_smoothing, keep_exp);
+    if (has_label) label += transform(label_z, h);
+    if (keep_exp) block_max[k] = block.m;
+    merge(m, d, u, block);
+    sum += block.sum;
+  }
+  st[0] = m;
+  st[plane] = d;
+  st[2 * plane] = u;
+  st[3 * plane] = label;
+  st[4 * plane] = sum;
+}
+
+// Fold each row of `logits` (columns col0 .. col0 + width of the vocabulary) into `state`.
+void accumulate(torch::Tensor logits, torch::Tensor labels, int64_t col0, torch::Tensor state, bool has_softcap,
+                double softcap, double logit_scale, bool has_smoothing) {
+  check_logits(logits);
+  const int64_t rows = logits.size(0), width = logits.size(1), ld = logits.stride(0);
+  TORCH_CHECK(state.is_contiguous() && state.scalar_type() == torch::kFloat32 && state.size(0) == 5 &&
+                  state.size(1) == rows,
+              "cpu_epilogue: state must be a contiguous float32 [5, rows] tensor");
+  auto y = labels.contiguous().to(torch::kInt64);
+  const Head h{has_softcap, static_cast<float>(softcap), static_cast<float>(logit_scale)};
+  float* base = logits.data_ptr<float>();
+  float* st = state.data_ptr<float>();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      fold_row(base + r * ld, width, yp[r] - col0, h, has_smoothing, false, st + r, rows, nullptr);
+  });
+}
+
+// dL/dz of each row from its logsumexp; over `logits` itself for float32 `out_dtype`, else a new
+// buffer of that dtype. `transformed`: the buffer already holds s (after accumulate).
+torch::Tensor gradient(torch::Tensor logits, torch::Tensor labels, int64_t col0, torch::Tensor lse,
+                       torch::Tensor row_scale, bool transformed, bool has_softcap, double softcap,
+                       double logit_scale, double ce_weight, double smoothing, double inv_vocab, double z_loss,
+                       torch::ScalarType out_dtype) {
+  check_logits(logits);
+  const int64_t rows = logits.size(0), width = logits.size(1), ld = logits.stride(0);
+  auto y = labels.contiguous().to(torch::kInt64);
+  auto lse_c = lse.contiguous().to(torch::kFloat32);
+  auto g_c = row_scale.contiguous().to(torch::kFloat32);
+  const bool in_place = out_dtype == torch::kFloat32;
+  torch::Tensor out = in_place ? logits : torch::empty({rows, width}, logits.options().dtype(out_dtype));
+  const Head h{has_softcap, static_cast<float>(softcap), static_cast<float>(logit_scale)};
+  const float ce = ce_weight, eps_term = ce_weight * smoothing * inv_vocab, hit = ce_weight * (1.0 - smoothing);
+  const float inv_cap = has_softcap ? 1.0f / static_cast<float>(logit_scale * softcap) : 0.0f;
+  float* base = logits.data_ptr<float>();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  const float* lp = lse_c.data_ptr<float>();
+  const float* gp = g_c.data_ptr<float>();
+  const bool recompute = !transformed && transforms(h);
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* s = base + r * ld;
+      const float lse_r = lp[r], scale = gp[r] * h.logit_scale, a = ce + 2.0f * static_cast<float>(z_loss) * lse_r;
+      const int64_t label_col = yp[r] - col0;
+      // the label's entry, read before the sweep overwrites it (grad1 transforms it where needed)
+      const float label_s = (label_col >= 0 && label_col < width) ? s[label_col] : 0.0f;
+      const Vec vlse(lse_r), va(a), veps(eps_term), vscale(scale), vinv(inv_cap), one(1.0f);
+      auto grad = [&](Vec v) {
+        if (recompute) v = transform(v, h);
+        Vec ds = (v - vlse).exp() * va - veps;
+        ds = ds * vscale;
+        if (has_softcap) {
+          Vec t = v * vinv;
+          ds = ds * (one - t * t);
+        }
+        return ds;
+      };
+      auto grad1 = [&](float v, bool is_label) {
+        if (recompute) v = transform(v, h);
+        float ds = std::exp(v - lse_r) * a - eps_term - (is_label ? hit : 0.0f);
+        ds *= scale;
+        if (has_softcap) {
+          const float t = v * inv_cap;
+          ds *= 1.0f - t * t;
+        }
+        return ds;
+      };
+      int64_t j = 0;
+      if (in_place) {
+        for (; j + kWidth <= width; j += kWidth) grad(Vec::loadu(s + j)).store(s + j);
+        for (; j < width; ++j) s[j] = grad1(s[j], false);
+        if (label_col >= 0 && label_col < width) s[label_col] = grad1(label_s, true);
+      } else {
+        float row[kWidth];
+        AT_DISPATCH_REDUCED_FLOATING_TYPES(out_dtype, "cpu_epilogue_gradient", [&] {
+          scalar_t* o = out.data_ptr<scalar_t>() + r * width;
+          for (; j + kWidth <= width; j += kWidth) {
+            grad(Vec::loadu(s + j)).store(row);
+            for (int64_t k = 0; k < kWidth; ++k) o[j + k] = static_cast<scalar_t>(row[k]);
+          }
+          for (; j < width; ++j) o[j] = static_cast<scalar_t>(grad1(s[j], false));
+          if (label_col >= 0 && label_col < width) o[label_col] = static_cast<scalar_t>(grad1(label_s, true));
+        });
+      }
+    }
+  });
+  return out;
+}
+
+// Whole vocabulary rows: fold each row into its state, then write dL/dz from the finished
+// logsumexp while the row is still in cache. Without a softcap the fold leaves e^(s - block max)
+// in the buffer, so the gradient sweep needs no second exponential: p_j = e_j e^(block max - lse).
+torch::Tensor accumulate_and_gradient(torch::Tensor logits, torch::Tensor labels, torch::Tensor state,
+                                      torch::Tensor row_scale, bool has_softcap, double softcap, double logit_scale,
+                                      bool has_smoothing, double ce_weight, double smoothing, double inv_vocab,
+                                      double z_loss, torch::ScalarType out_dtype) {
+  check_logits(logits);
+  const int64_t rows = logits.size(0), width = logits.size(1), ld = logits.stride(0);
+  TORCH_CHECK(state.is_contiguous() && state.scalar_type() == torch::kFloat32 && state.size(0) == 5 &&
+                  state.size(1) == rows,
+              "cpu_epilogue: state must be a contiguous float32 [5, rows] tensor");
+  auto y = labels.contiguous().to(torch::kInt64);
+  auto g_c = row_scale.contiguous().to(torch::kFloat32);
+  const bool in_place = out_dtype == torch::kFloat32;
+  torch::Tensor out = in_place ? logits : torch::empty({rows, width}, logits.options().dtype(out_dtype));
+  const Head h{has_softcap, static_cast<float>(softcap), static_cast<float>(logit_scale)};
+  const float eps_term = ce_weight * smoothing * inv_vocab, hit = ce_weight * (1.0 - smoothing);
+  const float inv_cap = has_softcap ? 1.0f / static_cast<float>(logit_scale * softcap) : 0.0f;
+  const bool keep_exp = !has_softcap;
+  const int64_t n_blocks = (width + kBlock - 1) / kBlock;
+  float* base = logits.data_ptr<float>();
+  float* st = state.data_ptr<float>();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  const float* gp = g_c.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> block_max(n_blocks), row(in_place ? 0 : width);
+    for (int64_t r = r0; r < r1; ++r) {
+      float* s = base + r * ld;
+      const int64_t label_col = yp[r];
+      fold_row(s, width, label_col, h, has_smoothing, keep_exp, st + r, rows, block_max.data());
+      const float lse = st[r] + std::log(st[rows + r]);
+      const float a = ce_weight + 2.0f * static_cast<float>(z_loss) * lse, scale = gp[r] * h.logit_scale;
+      const bool has_label = label_col >= 0 && label_col < width;
+      const float label_s = has_label && !keep_exp ? s[label_col] : 0.0f;
+      float* o = in_place ? s : row.data();
+      const Vec va(a), veps(eps_term), vscale(scale), vinv(inv_cap), vlse(lse), one(1.0f);
+      for (int64_t b0 = 0, k = 0; b0 < width; b0 += kBlock, ++k) {
+        const int64_t w = std::min(kBlock, width - b0);
+        const float coef = keep_exp ? std::exp(block_max[k] - lse) : 0.0f;
+        const Vec vcoef(coef);
+        int64_t j = b0;
+        for (; j + kWidth <= b0 + w; j += kWidth) {
+          const Vec v = Vec::loadu(s + j);
+          if (keep_exp) {
+            ((v * vcoef * va - veps) * vscale).store(o + j);
+          } else {
+            const Vec t = v * vinv;
+            (((v - vlse).exp() * va - veps) * vscale * (one - t * t)).store(o + j);
+          }
+        }
+        for (; j < b0 + w; ++j) {
+          const float v = s[j];
+          if (keep_exp) {
+            o[j] = (v * coef * a - eps_term) * scale;
+          } else {
+            const float t = v * inv_cap;
+            o[j] = ((std::exp(v - lse) * a - eps_term) * scale) * (1.0f - t * t);
+          }
+        }
+      }
+      if (has_label) {
+        const float t = label_s * inv_cap;
+        o[label_col] -= hit * scale * (keep_exp ? 1.0f : 1.0f - t * t);
+      }
+      if (!in_place) {
+        AT_DISPATCH_REDUCED_FLOATING_TYPES(out_dtype, "cpu_epilogue_accumulate_and_gradient", [&] {
+          scalar_t* dst = out.data_ptr<scalar_t>() + r * width;
+          for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<scalar_t>(row[j]);
+        });
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("accumulate", &accumulate, "fold a chunk's logits into the rows' online softmax state");
+  m.def("gradient", &gradient, "dL/dz of a chunk's logits from the rows' logsumexp");
+  m.def("accumulate_and_gradient", &accumulate_and_gradient,
+        "fold whole vocabulary rows into their state, then write dL/dz from the finished logsumexp");
+}

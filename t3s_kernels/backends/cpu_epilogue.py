@@ -1,0 +1,84 @@
+"""The chunked driver's epilogue as native CPU code (csrc/cpu_epilogue.cpp): vectorized with ATen's
+``Vectorized`` for the machine's instruction set, rows over ATen's threads. Built with
+``torch.utils.cpp_extension`` on first use (a C++ compiler and about a minute, then cached); where
+it cannot be built, ``native_module()`` is None and the torch backend keeps the PyTorch epilogue."""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import warnings
+
+import torch
+
+from .torch_epilogue import TorchEpilogue
+
+SOURCE = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cpu_epilogue.cpp"
+# ATen's vector types follow CPU_CAPABILITY: the flags for each instruction set it knows.
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+def native_module():
+    """The built extension, or None: asked not to (``T3S_CPU_EPILOGUE=torch``), no source beside the
+    package, no compiler, a failed build (said once, in a warning)."""
+    if os.environ.get("T3S_CPU_EPILOGUE", "native") == "torch":
+        return None
+    return _build()
+
+
+def cpu_epilogue() -> TorchEpilogue:
+    """The torch backend's epilogue for CPU tensors: native where it builds, else PyTorch."""
+    module = native_module()
+    return TorchEpilogue() if module is None else NativeCpuEpilogue(module)
+
+
+@functools.lru_cache(maxsize=None)
+def _build():
+    if not SOURCE.exists():
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _CAPABILITY_FLAGS.get(capability, [])
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name=f"t3s_cpu_epilogue_{capability.lower()}", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, or headers that do not match: the PyTorch epilogue serves
+        warnings.warn(f"t3s-kernels: the native CPU epilogue did not build ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the PyTorch epilogue", stacklevel=2)
+        return None
+
+
+class NativeCpuEpilogue(TorchEpilogue):
+    """The epilogue in native code for CPU tensors (with a teacher: the PyTorch chunk function)."""
+
+    bytes_per_logit = 6  # the fp32 logits buffer, and a half-precision gradient for half inputs
+
+    def __init__(self, module, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.module = module
+
+    def _head(self, opts):
+        return opts.has_softcap, float(opts.softcap or 1.0), float(opts.logit_scale)
+
+    def accumulate(self, logits, labels, col0, state, opts):
+        self.module.accumulate(logits, labels, col0, state.planes, *self._head(opts), opts.has_smoothing)
+
+    def _gradient(self, logits, labels, col0, lse, row_scale, opts, out_dtype, transformed: bool):
+        return self.module.gradient(logits, labels, col0, lse, row_scale, transformed, *self._head(opts),
+                                    float(opts.ce_weight), float(opts.label_smoothing), 1.0 / opts.vocab_size,
+                                    float(opts.z_loss), out_dtype)
+
+    def gradient(self, logits, labels, col0, lse, row_scale, opts, out_dtype):
+        return self._gradient(logits, labels, col0, lse, row_scale, opts, out_dtype, transformed=False)
+
+    def accumulate_and_gradient(self, logits, labels, state, row_scale, opts, out_dtype):
+        return self.module.accumulate_and_gradient(logits, labels, state.planes, row_scale, *self._head(opts),
+                                                   opts.has_smoothing, float(opts.ce_weight),
+                                                   float(opts.label_smoothing), 1.0 / opts.vocab_size,
+                                                   float(opts.z_loss), out_dtype)

@@ -1,0 +1,75 @@
+"""The native CPU epilogue (csrc/cpu_epilogue.cpp) against the fp64 reference through the whole op,
+every option and dtype, whole vocabulary rows and vocabulary chunks; and the PyTorch epilogue it
+falls back to, by request or when it cannot be built."""
+
+import pytest
+import torch
+
+from t3s_kernels.backends import cpu_epilogue
+from t3s_kernels.backends.chunked import ChunkedEngine
+from t3s_kernels.backends.cpu_epilogue import NativeCpuEpilogue, native_module
+from t3s_kernels.backends.select import make_engine
+from t3s_kernels.backends.torch_epilogue import TorchEpilogue
+from t3s_kernels.function import LossConfig, fused_head_loss
+from t3s_kernels.options import HeadOptions
+from t3s_kernels.reference import reference_t3s_loss
+from tests.helpers import TOLERANCE, assert_close, make_inputs
+
+CPU = torch.device("cpu")
+OPTIONS = [dict(), dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, logit_scale=0.5)]
+
+
+@pytest.fixture(scope="module")
+def native():
+    module = native_module()
+    if module is None:
+        pytest.skip("the native CPU epilogue did not build here (no compiler?); the PyTorch epilogue serves")
+    return module
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=["plain", "rich"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("chunk_rows,vocab_chunk", [(16, None), (16, 64)], ids=["whole-rows", "vocab-chunks"])
+def test_native_epilogue_matches_the_reference(native, opts, dtype, chunk_rows, vocab_chunk):
+    inputs = make_inputs(n=41, h=24, v=203, dtype=dtype, bias=True, weights="zeros", ignored=3, device="cpu")
+    assert isinstance(make_engine(CPU, "torch", "auto").epilogue, NativeCpuEpilogue)  # the default on a CPU
+    cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), backend="torch", chunk_rows=chunk_rows,
+                     vocab_chunk=vocab_chunk)
+    x, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    loss, logprob, entropy, correct, lse, _ = fused_head_loss(x, w, b, inputs["labels"], inputs["token_weights"], cfg)
+    rx, rw, rb = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref, stats = reference_t3s_loss(rx, rw, inputs["labels"], bias=rb, token_weights=inputs["token_weights"], **opts)
+    tol = TOLERANCE[dtype]
+    assert_close(loss, ref, tol["value"], "loss")
+    for name, got in (("logprob", logprob), ("entropy", entropy), ("lse", lse)):
+        assert_close(got, stats[name], tol["value"], name)
+    assert torch.equal(correct, stats["correct"])
+    for name, got, want in zip(("dX", "dW", "db"), torch.autograd.grad(loss, (x, w, b)),
+                               torch.autograd.grad(ref, (rx, rw, rb))):
+        assert got.dtype == dtype
+        assert_close(got, want, tol["grad"], name)
+
+
+def test_state_merges_across_vocabulary_chunks_like_the_pytorch_epilogue(native):
+    """The raw online state (m, d, u, label logit, logit sum) after every vocabulary chunk, against
+    the PyTorch epilogue's, for logits far from 0 (where an unshifted sum would overflow)."""
+    from t3s_kernels.backends.base import OnlineState
+
+    torch.manual_seed(0)
+    logits = torch.randn(9, 300) * 30 + 80
+    labels = torch.tensor([0, 5, 99, 100, 150, 299, 7, 200, 250])
+    opts = HeadOptions(vocab_size=300, softcap=50.0, label_smoothing=0.1)
+    states = [OnlineState(9, CPU), OnlineState(9, CPU)]
+    for col0 in (0, 100, 200):
+        for epilogue, state in zip((TorchEpilogue(), NativeCpuEpilogue(native)), states):
+            epilogue.accumulate(logits[:, col0:col0 + 100].clone(), labels, col0, state, opts)
+    assert_close(states[1].planes, states[0].planes, 1e-5, "state")
+
+
+def test_pytorch_epilogue_on_request_and_without_a_build(monkeypatch):
+    monkeypatch.setenv("T3S_CPU_EPILOGUE", "torch")
+    assert type(make_engine(CPU, "torch", "auto").epilogue) is TorchEpilogue
+    monkeypatch.delenv("T3S_CPU_EPILOGUE")
+    monkeypatch.setattr(cpu_epilogue, "_build", lambda: None)  # no compiler, no source: the fallback
+    engine = make_engine(CPU, "torch", "auto")
+    assert isinstance(engine, ChunkedEngine) and type(engine.epilogue) is TorchEpilogue
