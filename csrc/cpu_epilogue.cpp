@@ -4,12 +4,15 @@
 // Per row, with s = logit_scale * softcap * tanh(z / softcap) (identity without a cap):
 //   accumulate: fold the row into its online state, five planes of `state` [5, rows]:
 //       m = max s,  d = sum e^(s - m),  u = sum e^(s - m) (s - m),  the label's s,  sum s;
-//     two sweeps (the maximum, then the exponentials) over a row that stays in cache; s is written
-//     back over z so that a gradient sweep after it need not recompute the tanh.
+//     block by block (kBlock columns that stay in L1 between their maximum and their
+//     exponentials), merged with the online logsumexp rule, so each row is read from memory once.
 //   gradient: from the row's logsumexp,
 //       dl/ds_j = ce_weight (p_j - (1 - eps) [j = y] - eps / V) + 2 z_loss lse p_j,
 //       dL/dz_j = row_scale * logit_scale * dl/ds_j * (1 - t_j^2),  t = s / (logit_scale * softcap),
 //     written over the buffer (float32) or into a half-precision one.
+//   accumulate_and_gradient (whole vocabulary rows): both, row by row while the row is in cache;
+//     without a softcap the fold leaves e^(s - block max) in the buffer, so the gradient sweep is
+//     p_j = e_j e^(block max - lse): no second exponential.
 // Vectorized with ATen's Vectorized<float> (Sleef's exp and tanh, 1 ulp), rows over ATen's threads.
 
 #include <torch/extension.h>
@@ -171,10 +174,10 @@ void accumulate(torch::Tensor logits, torch::Tensor labels, int64_t col0, torch:
   });
 }
 
-// dL/dz of each row from its logsumexp; over `logits` itself for float32 `out_dtype`, else a new
-// buffer of that dtype. `transformed`: the buffer already holds s (after accumulate).
+// dL/dz of each row of a vocabulary chunk from the rows' logsumexp (the 4-matmul path, after the
+// logits are made again); over `logits` itself for float32 `out_dtype`, else a new buffer of that dtype.
 torch::Tensor gradient(torch::Tensor logits, torch::Tensor labels, int64_t col0, torch::Tensor lse,
-                       torch::Tensor row_scale, bool transformed, bool has_softcap, double softcap,
+                       torch::Tensor row_scale, bool has_softcap, double softcap,
                        double logit_scale, double ce_weight, double smoothing, double inv_vocab, double z_loss,
                        torch::ScalarType out_dtype) {
   check_logits(logits);
@@ -191,7 +194,7 @@ torch::Tensor gradient(torch::Tensor logits, torch::Tensor labels, int64_t col0,
   const int64_t* yp = y.data_ptr<int64_t>();
   const float* lp = lse_c.data_ptr<float>();
   const float* gp = g_c.data_ptr<float>();
-  const bool recompute = !transformed && transforms(h);
+  const bool recompute = transforms(h);
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* s = base + r * ld;

@@ -16,7 +16,7 @@ def _layout() -> str:
     return re.search(r"```\n(.*?)```", section, re.S).group(1)
 
 
-FILE = r"[\w/-]+\.(?:py|md|sh|json)\b"
+FILE = r"[\w/-]+\.(?:py|md|sh|json|cpp)\b"
 
 
 def named_paths() -> list[str]:

@@ -69,13 +69,10 @@ class NativeCpuEpilogue(TorchEpilogue):
     def accumulate(self, logits, labels, col0, state, opts):
         self.module.accumulate(logits, labels, col0, state.planes, *self._head(opts), opts.has_smoothing)
 
-    def _gradient(self, logits, labels, col0, lse, row_scale, opts, out_dtype, transformed: bool):
-        return self.module.gradient(logits, labels, col0, lse, row_scale, transformed, *self._head(opts),
-                                    float(opts.ce_weight), float(opts.label_smoothing), 1.0 / opts.vocab_size,
-                                    float(opts.z_loss), out_dtype)
-
     def gradient(self, logits, labels, col0, lse, row_scale, opts, out_dtype):
-        return self._gradient(logits, labels, col0, lse, row_scale, opts, out_dtype, transformed=False)
+        return self.module.gradient(logits, labels, col0, lse, row_scale, *self._head(opts), float(opts.ce_weight),
+                                    float(opts.label_smoothing), 1.0 / opts.vocab_size, float(opts.z_loss),
+                                    out_dtype)
 
     def accumulate_and_gradient(self, logits, labels, state, row_scale, opts, out_dtype):
         return self.module.accumulate_and_gradient(logits, labels, state.planes, row_scale, *self._head(opts),
