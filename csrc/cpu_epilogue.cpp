@@ -70,6 +70,12 @@ void check_logits(const torch::Tensor& logits) {
               "cpu_epilogue: logits must be a CPU float32 [rows, width] tensor with unit column stride");
 }
 
+void check_state(const torch::Tensor& state, int64_t rows) {
+  TORCH_CHECK(state.is_contiguous() && state.scalar_type() == torch::kFloat32 && state.size(0) == 5 &&
+                  state.size(1) == rows,
+              "cpu_epilogue: state must be a contiguous float32 [5, rows] tensor");
+}
+
 // Columns per block: a block's logits stay in L1 between its maximum and its exponentials, so
 // each row is read from memory once.
 constexpr int64_t kBlock = 512;
@@ -160,9 +166,7 @@ void accumulate(torch::Tensor logits, torch::Tensor labels, int64_t col0, torch:
                 double softcap, double logit_scale, bool has_smoothing) {
   check_logits(logits);
   const int64_t rows = logits.size(0), width = logits.size(1), ld = logits.stride(0);
-  TORCH_CHECK(state.is_contiguous() && state.scalar_type() == torch::kFloat32 && state.size(0) == 5 &&
-                  state.size(1) == rows,
-              "cpu_epilogue: state must be a contiguous float32 [5, rows] tensor");
+  check_state(state, rows);
   auto y = labels.contiguous().to(torch::kInt64);
   const Head h{has_softcap, static_cast<float>(softcap), static_cast<float>(logit_scale)};
   float* base = logits.data_ptr<float>();
@@ -254,9 +258,7 @@ torch::Tensor accumulate_and_gradient(torch::Tensor logits, torch::Tensor labels
                                       double z_loss, torch::ScalarType out_dtype) {
   check_logits(logits);
   const int64_t rows = logits.size(0), width = logits.size(1), ld = logits.stride(0);
-  TORCH_CHECK(state.is_contiguous() && state.scalar_type() == torch::kFloat32 && state.size(0) == 5 &&
-                  state.size(1) == rows,
-              "cpu_epilogue: state must be a contiguous float32 [5, rows] tensor");
+  check_state(state, rows);
   auto y = labels.contiguous().to(torch::kInt64);
   auto g_c = row_scale.contiguous().to(torch::kFloat32);
   const bool in_place = out_dtype == torch::kFloat32;
