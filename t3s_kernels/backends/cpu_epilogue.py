@@ -6,6 +6,7 @@ it cannot be built, ``native_module()`` is None and the torch backend keeps the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pathlib
 import warnings
@@ -46,8 +47,12 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name=f"t3s_cpu_epilogue_{capability.lower()}", sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+        cflags = ["-O3", "-fopenmp", *flags]
+        # The build folder is shared by every process of the user: one name per source, flags and torch,
+        # so that two versions never load each other's library.
+        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags + [torch.__version__]).encode()).hexdigest()
+        return load(name=f"t3s_cpu_epilogue_{capability.lower()}_{digest[:12]}", sources=[str(SOURCE)],
+                    extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, or headers that do not match: the PyTorch epilogue serves
         warnings.warn(f"t3s-kernels: the native CPU epilogue did not build ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the PyTorch epilogue", stacklevel=2)
