@@ -115,11 +115,12 @@ def run_bench(tokens: int, hidden: int, vocab: int, dtype: str, select: float = 
 
 def format_report(report: Report) -> str:
     s = report.shape
+    width = max([20] + [len(r.provider) + 2 for r in report.rows])
     lines = [f"t3s bench | {report.device} | {report.date} | N={s['tokens']} H={s['hidden']} V={s['vocab']} "
              f"{s['dtype']} | selected {report.select:.0%} | torch {report.versions['torch']}, "
              f"triton {report.versions['triton']}",
              f"matmul floor: 1 matmul {report.floor_1mm_ms:.1f} ms, 3 matmuls {report.floor_3mm_ms:.1f} ms",
-             f"{'provider':<20}{'fwd ms':>10}{'x1mm':>7}{'fwd+bwd ms':>12}{'x3mm':>7}{'peak MiB':>11}"
+             f"{'provider':<{width}}{'fwd ms':>10}{'x1mm':>7}{'fwd+bwd ms':>12}{'x3mm':>7}{'peak MiB':>11}"
              f"{'max rel err':>13}  note"]
 
     def num(v, fmt):
@@ -128,7 +129,7 @@ def format_report(report: Report) -> str:
     for r in report.rows:
         x1 = r.fwd_ms / report.floor_1mm_ms if r.fwd_ms else None
         x3 = r.fwd_bwd_ms / report.floor_3mm_ms if r.fwd_bwd_ms else None
-        lines.append(f"{r.provider:<20}{num(r.fwd_ms, '.1f'):>10}{num(x1, '.2f'):>7}{num(r.fwd_bwd_ms, '.1f'):>12}"
+        lines.append(f"{r.provider:<{width}}{num(r.fwd_ms, '.1f'):>10}{num(x1, '.2f'):>7}{num(r.fwd_bwd_ms, '.1f'):>12}"
                      f"{num(x3, '.2f'):>7}{num(r.peak_mib, '.0f'):>11}{num(r.max_rel_err, '.1e'):>13}  {r.note}")
     ran = [f"{r.provider}: {r.backend}" for r in report.rows if r.backend and not r.provider.startswith("t3s")]
     if ran:
