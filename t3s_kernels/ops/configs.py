@@ -22,18 +22,21 @@ _HALF_AND_FP32 = lambda half, fp32: {"half": half, "fp32": fp32}
 
 # Launch configurations on a GPU, by kernel and by input dtype ("half" = bf16/fp16).
 # fp32 inputs use IEEE-exact dots (no TF32), so they get smaller tiles. Chosen so that every
-# kernel compiles without register spills on sm_90 and sm_80 (tests/ops/test_compile.py).
+# launch variant compiles without register spills on sm_90 and sm_80, with Triton 3.6 (the GPU
+# image's) and 3.9 (tests/ops/test_compile.py runs the installed one; `python -m
+# t3s_kernels.ops.aot` under the other). Under 3.6 the tile backward spilled at 2 stages and the
+# fp32 distillation forward at 8 warps.
 KERNEL_CONFIGS = {
     "tile_forward": _HALF_AND_FP32(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
                                    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)),
-    "tile_backward": _HALF_AND_FP32(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
-                                    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)),
+    "tile_backward": _HALF_AND_FP32(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+                                    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3)),
     # BLOCK_V 2048 spills in the fused (ACCUMULATE and GRAD) variant once the launch's specialization is modelled.
     "chunk_epilogue": {dtype: dict(BLOCK_R=2, BLOCK_V=1024, num_warps=8, num_stages=1) for dtype in ("half", "fp32")},
     "merge_splits": {dtype: dict(BLOCK=128, num_warps=4, num_stages=1) for dtype in ("half", "fp32")},
     "distill_epilogue": {dtype: dict(BLOCK_R=1, BLOCK_V=1024, num_warps=8, num_stages=1) for dtype in ("half", "fp32")},
     "tile_distill_forward": _HALF_AND_FP32(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
-                                           dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1)),
+                                           dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=1)),
     "tile_jsd": _HALF_AND_FP32(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
                                dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=1)),
     "tile_distill_backward": _HALF_AND_FP32(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=1),
