@@ -48,7 +48,7 @@ UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.flo
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("chunk_rows,vocab_chunk", [(8, 203), (8, 50)], ids=["whole-rows", "vocab-chunks"])
-@pytest.mark.parametrize("epilogue", ["torch", "triton"])
+@pytest.mark.parametrize("epilogue", ["torch", pytest.param("triton", marks=pytest.mark.gpu)])
 def test_grad_accum_in_the_weights_dtype(epilogue, chunk_rows, vocab_chunk, dtype):
     """grad_accum_dtype="weight" changes dW and db only, by at most one rounding per token chunk;
     the loss, the statistics and dX are bitwise those of float32 accumulation."""
