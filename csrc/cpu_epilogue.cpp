@@ -178,6 +178,59 @@ void accumulate(torch::Tensor logits, torch::Tensor labels, int64_t col0, torch:
   });
 }
 
+// The loss gradient of one row from its logsumexp, dL/dz_j = scale (p_j a - eps / V ... ) as in the
+// header: `of_s` from the (transformed) logit s; `of_exp` from e = e^(s - m) and coef = e^(m - lse),
+// without a softcap; `label_term` the label's extra -ce_weight (1 - eps), through the same factors.
+struct RowGradient {
+  float lse, a, eps_term, hit, scale, inv_cap;
+  bool has_softcap;
+
+  RowGradient(float lse_, float row_scale, const Head& h, double ce_weight, double smoothing, double inv_vocab,
+              double z_loss)
+      : lse(lse_), a(static_cast<float>(ce_weight + 2.0 * z_loss * lse_)),
+        eps_term(static_cast<float>(ce_weight * smoothing * inv_vocab)),
+        hit(static_cast<float>(ce_weight * (1.0 - smoothing))), scale(row_scale * h.logit_scale),
+        inv_cap(h.has_softcap ? 1.0f / (h.logit_scale * h.softcap) : 0.0f), has_softcap(h.has_softcap) {}
+
+  Vec of_s(Vec s) const {
+    Vec ds = ((s - Vec(lse)).exp() * Vec(a) - Vec(eps_term)) * Vec(scale);
+    if (has_softcap) {
+      const Vec t = s * Vec(inv_cap);
+      ds = ds * (Vec(1.0f) - t * t);
+    }
+    return ds;
+  }
+  float of_s(float s) const {
+    float ds = (std::exp(s - lse) * a - eps_term) * scale;
+    return has_softcap ? ds * (1.0f - (s * inv_cap) * (s * inv_cap)) : ds;
+  }
+  Vec of_exp(Vec e, Vec coef) const { return (e * coef * Vec(a) - Vec(eps_term)) * Vec(scale); }
+  float of_exp(float e, float coef) const { return (e * coef * a - eps_term) * scale; }
+  float label_term(float s) const {
+    const float t = s * inv_cap;
+    return -hit * scale * (has_softcap ? 1.0f - t * t : 1.0f);
+  }
+};
+
+// Where a row's gradient goes: over the float32 buffer itself, or, for a half-precision `out`,
+// through a float32 row that `finish` converts.
+struct RowOutput {
+  torch::Tensor out;
+  bool in_place;
+
+  RowOutput(const torch::Tensor& logits, torch::ScalarType dtype)
+      : out(dtype == torch::kFloat32 ? logits : torch::empty(logits.sizes(), logits.options().dtype(dtype))),
+        in_place(dtype == torch::kFloat32) {}
+
+  void finish(const float* row, int64_t r, int64_t width) const {
+    if (in_place) return;
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(out.scalar_type(), "cpu_epilogue_store", [&] {
+      scalar_t* dst = out.data_ptr<scalar_t>() + r * width;
+      for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<scalar_t>(row[j]);
+    });
+  }
+};
+
 // dL/dz of each row of a vocabulary chunk from the rows' logsumexp (the 4-matmul path, after the
 // logits are made again); over `logits` itself for float32 `out_dtype`, else a new buffer of that dtype.
 torch::Tensor gradient(torch::Tensor logits, torch::Tensor labels, int64_t col0, torch::Tensor lse,
@@ -189,64 +242,33 @@ torch::Tensor gradient(torch::Tensor logits, torch::Tensor labels, int64_t col0,
   auto y = labels.contiguous().to(torch::kInt64);
   auto lse_c = lse.contiguous().to(torch::kFloat32);
   auto g_c = row_scale.contiguous().to(torch::kFloat32);
-  const bool in_place = out_dtype == torch::kFloat32;
-  torch::Tensor out = in_place ? logits : torch::empty({rows, width}, logits.options().dtype(out_dtype));
+  const RowOutput output(logits, out_dtype);
   const Head h{has_softcap, static_cast<float>(softcap), static_cast<float>(logit_scale)};
-  const float ce = ce_weight, eps_term = ce_weight * smoothing * inv_vocab, hit = ce_weight * (1.0 - smoothing);
-  const float inv_cap = has_softcap ? 1.0f / static_cast<float>(logit_scale * softcap) : 0.0f;
+  const bool recompute = transforms(h);
   float* base = logits.data_ptr<float>();
   const int64_t* yp = y.data_ptr<int64_t>();
   const float* lp = lse_c.data_ptr<float>();
   const float* gp = g_c.data_ptr<float>();
-  const bool recompute = transforms(h);
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(output.in_place ? 0 : width);
     for (int64_t r = r0; r < r1; ++r) {
       float* s = base + r * ld;
-      const float lse_r = lp[r], scale = gp[r] * h.logit_scale, a = ce + 2.0f * static_cast<float>(z_loss) * lse_r;
+      float* o = output.in_place ? s : row.data();
+      const RowGradient grad(lp[r], gp[r], h, ce_weight, smoothing, inv_vocab, z_loss);
       const int64_t label_col = yp[r] - col0;
-      // the label's entry, read before the sweep overwrites it (grad1 transforms it where needed)
-      const float label_s = (label_col >= 0 && label_col < width) ? s[label_col] : 0.0f;
-      const Vec vlse(lse_r), va(a), veps(eps_term), vscale(scale), vinv(inv_cap), one(1.0f);
-      auto grad = [&](Vec v) {
-        if (recompute) v = transform(v, h);
-        Vec ds = (v - vlse).exp() * va - veps;
-        ds = ds * vscale;
-        if (has_softcap) {
-          Vec t = v * vinv;
-          ds = ds * (one - t * t);
-        }
-        return ds;
-      };
-      auto grad1 = [&](float v, bool is_label) {
-        if (recompute) v = transform(v, h);
-        float ds = std::exp(v - lse_r) * a - eps_term - (is_label ? hit : 0.0f);
-        ds *= scale;
-        if (has_softcap) {
-          const float t = v * inv_cap;
-          ds *= 1.0f - t * t;
-        }
-        return ds;
-      };
+      const bool has_label = label_col >= 0 && label_col < width;
+      const float label_s = has_label ? (recompute ? transform(s[label_col], h) : s[label_col]) : 0.0f;
       int64_t j = 0;
-      if (in_place) {
-        for (; j + kWidth <= width; j += kWidth) grad(Vec::loadu(s + j)).store(s + j);
-        for (; j < width; ++j) s[j] = grad1(s[j], false);
-        if (label_col >= 0 && label_col < width) s[label_col] = grad1(label_s, true);
-      } else {
-        float row[kWidth];
-        AT_DISPATCH_REDUCED_FLOATING_TYPES(out_dtype, "cpu_epilogue_gradient", [&] {
-          scalar_t* o = out.data_ptr<scalar_t>() + r * width;
-          for (; j + kWidth <= width; j += kWidth) {
-            grad(Vec::loadu(s + j)).store(row);
-            for (int64_t k = 0; k < kWidth; ++k) o[j + k] = static_cast<scalar_t>(row[k]);
-          }
-          for (; j < width; ++j) o[j] = static_cast<scalar_t>(grad1(s[j], false));
-          if (label_col >= 0 && label_col < width) o[label_col] = static_cast<scalar_t>(grad1(label_s, true));
-        });
+      for (; j + kWidth <= width; j += kWidth) {
+        const Vec v = Vec::loadu(s + j);
+        grad.of_s(recompute ? transform(v, h) : v).store(o + j);
       }
+      for (; j < width; ++j) o[j] = grad.of_s(recompute ? transform(s[j], h) : s[j]);
+      if (has_label) o[label_col] += grad.label_term(label_s);
+      output.finish(o, r, width);
     }
   });
-  return out;
+  return output.out;
 }
 
 // Whole vocabulary rows: fold each row into its state, then write dL/dz from the finished
@@ -261,11 +283,8 @@ torch::Tensor accumulate_and_gradient(torch::Tensor logits, torch::Tensor labels
   check_state(state, rows);
   auto y = labels.contiguous().to(torch::kInt64);
   auto g_c = row_scale.contiguous().to(torch::kFloat32);
-  const bool in_place = out_dtype == torch::kFloat32;
-  torch::Tensor out = in_place ? logits : torch::empty({rows, width}, logits.options().dtype(out_dtype));
+  const RowOutput output(logits, out_dtype);
   const Head h{has_softcap, static_cast<float>(softcap), static_cast<float>(logit_scale)};
-  const float eps_term = ce_weight * smoothing * inv_vocab, hit = ce_weight * (1.0 - smoothing);
-  const float inv_cap = has_softcap ? 1.0f / static_cast<float>(logit_scale * softcap) : 0.0f;
   const bool keep_exp = !has_softcap;
   const int64_t n_blocks = (width + kBlock - 1) / kBlock;
   float* base = logits.data_ptr<float>();
@@ -273,54 +292,30 @@ torch::Tensor accumulate_and_gradient(torch::Tensor logits, torch::Tensor labels
   const int64_t* yp = y.data_ptr<int64_t>();
   const float* gp = g_c.data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> block_max(n_blocks), row(in_place ? 0 : width);
+    std::vector<float> block_max(n_blocks), row(output.in_place ? 0 : width);
     for (int64_t r = r0; r < r1; ++r) {
       float* s = base + r * ld;
+      float* o = output.in_place ? s : row.data();
       const int64_t label_col = yp[r];
-      fold_row(s, width, label_col, h, has_smoothing, keep_exp, st + r, rows, block_max.data());
-      const float lse = st[r] + std::log(st[rows + r]);
-      const float a = ce_weight + 2.0f * static_cast<float>(z_loss) * lse, scale = gp[r] * h.logit_scale;
       const bool has_label = label_col >= 0 && label_col < width;
-      const float label_s = has_label && !keep_exp ? s[label_col] : 0.0f;
-      float* o = in_place ? s : row.data();
-      const Vec va(a), veps(eps_term), vscale(scale), vinv(inv_cap), vlse(lse), one(1.0f);
+      fold_row(s, width, label_col, h, has_smoothing, keep_exp, st + r, rows, block_max.data());
+      const float label_s = has_label && !keep_exp ? s[label_col] : 0.0f;  // s (a softcap keeps no exp)
+      const RowGradient grad(st[r] + std::log(st[rows + r]), gp[r], h, ce_weight, smoothing, inv_vocab, z_loss);
       for (int64_t b0 = 0, k = 0; b0 < width; b0 += kBlock, ++k) {
-        const int64_t w = std::min(kBlock, width - b0);
-        const float coef = keep_exp ? std::exp(block_max[k] - lse) : 0.0f;
-        const Vec vcoef(coef);
+        const int64_t end = b0 + std::min(kBlock, width - b0);
+        const float coef = keep_exp ? std::exp(block_max[k] - grad.lse) : 0.0f;
         int64_t j = b0;
-        for (; j + kWidth <= b0 + w; j += kWidth) {
+        for (; j + kWidth <= end; j += kWidth) {
           const Vec v = Vec::loadu(s + j);
-          if (keep_exp) {
-            ((v * vcoef * va - veps) * vscale).store(o + j);
-          } else {
-            const Vec t = v * vinv;
-            (((v - vlse).exp() * va - veps) * vscale * (one - t * t)).store(o + j);
-          }
+          (keep_exp ? grad.of_exp(v, Vec(coef)) : grad.of_s(v)).store(o + j);
         }
-        for (; j < b0 + w; ++j) {
-          const float v = s[j];
-          if (keep_exp) {
-            o[j] = (v * coef * a - eps_term) * scale;
-          } else {
-            const float t = v * inv_cap;
-            o[j] = ((std::exp(v - lse) * a - eps_term) * scale) * (1.0f - t * t);
-          }
-        }
+        for (; j < end; ++j) o[j] = keep_exp ? grad.of_exp(s[j], coef) : grad.of_s(s[j]);
       }
-      if (has_label) {
-        const float t = label_s * inv_cap;
-        o[label_col] -= hit * scale * (keep_exp ? 1.0f : 1.0f - t * t);
-      }
-      if (!in_place) {
-        AT_DISPATCH_REDUCED_FLOATING_TYPES(out_dtype, "cpu_epilogue_accumulate_and_gradient", [&] {
-          scalar_t* dst = out.data_ptr<scalar_t>() + r * width;
-          for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<scalar_t>(row[j]);
-        });
-      }
+      if (has_label) o[label_col] += grad.label_term(label_s);
+      output.finish(o, r, width);
     }
   });
-  return out;
+  return output.out;
 }
 
 }  // namespace

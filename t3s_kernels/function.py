@@ -97,8 +97,7 @@ CONFIG_SCHEMA = ("int vocab_size, float? softcap, float logit_scale, float ce_we
                  "float z_loss, float kd_weight, str kd_loss, float jsd_beta, float kd_temperature, "
                  "bool kd_t2_scaling, str sparse_tail, int ignore_index, str reduction, float? normalizer_number, "
                  "str backend, str strategy, int? chunk_budget_bytes, str grad_accum_dtype, int? chunk_rows, "
-                 "int? vocab_chunk, "
-                 "int? vocab_parallel_start, int? vocab_parallel_size, str? vocab_parallel_group")
+                 "int? vocab_chunk, int? vocab_parallel_start, int? vocab_parallel_size, str? vocab_parallel_group")
 if set(_HEAD_FIELDS) != set(HeadOptions.__dataclass_fields__):  # a new option must reach the operator
     raise ImportError(f"function.py: the operator's head options {_HEAD_FIELDS} are not HeadOptions' fields")
 

@@ -53,6 +53,17 @@ def per_token_loss(stats: RowStats, opts: HeadOptions) -> torch.Tensor:
     return loss
 
 
+def head_scalars(opts: HeadOptions) -> dict:
+    """The head's transform as the native kernels take it (the Triton kernels by name, csrc/ in order)."""
+    return dict(softcap=float(opts.softcap or 1.0), logit_scale=float(opts.logit_scale))
+
+
+def grad_scalars(opts: HeadOptions) -> dict:
+    """The loss gradient's scalars as the native kernels take them (by name, or in this order)."""
+    return dict(ce_weight=float(opts.ce_weight), smoothing=float(opts.label_smoothing),
+                inv_vocab=1.0 / opts.vocab_size, z_loss=float(opts.z_loss))
+
+
 @dataclass
 class HeadGrads:
     """Gradients of sum_i g_i * l_i over the rows a backend was given (None where not requested)."""

@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from .base import grad_scalars, head_scalars
 from .torch_epilogue import TorchEpilogue
 
 SOURCE = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cpu_epilogue.cpp"
@@ -64,23 +65,21 @@ class NativeCpuEpilogue(TorchEpilogue):
 
     bytes_per_logit = 6  # the fp32 logits buffer, and a half-precision gradient for half inputs
 
-    def __init__(self, module, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, module):
+        super().__init__()
         self.module = module
 
-    def _head(self, opts):
-        return opts.has_softcap, float(opts.softcap or 1.0), float(opts.logit_scale)
+    @staticmethod
+    def _head(opts):
+        return (opts.has_softcap, *head_scalars(opts).values())
 
     def accumulate(self, logits, labels, col0, state, opts):
         self.module.accumulate(logits, labels, col0, state.planes, *self._head(opts), opts.has_smoothing)
 
     def gradient(self, logits, labels, col0, lse, row_scale, opts, out_dtype):
-        return self.module.gradient(logits, labels, col0, lse, row_scale, *self._head(opts), float(opts.ce_weight),
-                                    float(opts.label_smoothing), 1.0 / opts.vocab_size, float(opts.z_loss),
-                                    out_dtype)
+        return self.module.gradient(logits, labels, col0, lse, row_scale, *self._head(opts),
+                                    *grad_scalars(opts).values(), out_dtype)
 
     def accumulate_and_gradient(self, logits, labels, state, row_scale, opts, out_dtype):
         return self.module.accumulate_and_gradient(logits, labels, state.planes, row_scale, *self._head(opts),
-                                                   opts.has_smoothing, float(opts.ce_weight),
-                                                   float(opts.label_smoothing), 1.0 / opts.vocab_size,
-                                                   float(opts.z_loss), out_dtype)
+                                                   opts.has_smoothing, *grad_scalars(opts).values(), out_dtype)

@@ -14,7 +14,7 @@ from ..ops.tile_backward import tile_backward
 from ..ops.tile_distill import tile_distill_backward, tile_distill_forward
 from ..ops.tile_forward import tile_forward
 from ..options import GradRequest, HeadOptions
-from .base import HeadGrads, OnlineState, RowStats
+from .base import HeadGrads, OnlineState, RowStats, grad_scalars, head_scalars
 from .distill import distill_chunk
 
 KD_MODES = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
@@ -25,15 +25,6 @@ def kd_mode(opts: HeadOptions) -> int:
     if opts.kd_loss == "jsd" and opts.jsd_beta in (0.0, 1.0):
         return 1 if opts.jsd_beta == 0.0 else 2
     return KD_MODES[opts.kd_loss]
-
-
-def head_scalars(opts: HeadOptions) -> dict:
-    return dict(softcap=float(opts.softcap or 1.0), logit_scale=float(opts.logit_scale))
-
-
-def grad_scalars(opts: HeadOptions) -> dict:
-    return dict(ce_weight=opts.ce_weight, smoothing=opts.label_smoothing, inv_vocab=1.0 / opts.vocab_size,
-                z_loss=opts.z_loss)
 
 
 def kd_scalars(opts: HeadOptions) -> dict:
