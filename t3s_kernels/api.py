@@ -99,7 +99,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           normalizer: Union[None, float, int, torch.Tensor] = None, return_stats: bool = False,
                           backend: str = "auto", strategy: str = "auto",
                           chunk_budget_bytes: Optional[int] = None, grad_accum_dtype: str = "float32",
-                          vocab_parallel=None) -> T3SLossOutput:
+                          logits_dtype: str = "auto", vocab_parallel=None) -> T3SLossOutput:
     """LM head + T3S loss in one pass, never holding the [tokens x vocab] logits.
 
     Per token ``l_i = ce_weight * CE_i (label smoothing) + z_loss * lse_i^2`` on the logits
@@ -122,6 +122,11 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             "float32" (default: rounded to the weight's dtype once, at the end) or "weight" (the
             weight's dtype: no float32 copy of dW, half its memory, one rounding per chunk, as
             Liger-Kernel and Cut Cross-Entropy do). The tile strategy adds in float32 either way.
+        logits_dtype: what the chunked Triton strategy holds a chunk's logits in: "float32" (each
+            logit rounded once), "input" (the inputs' dtype, as the unpatched model computes them, with
+            dL/dz written over them: a third of the memory per logit, so larger chunks) or "auto"
+            (default: "input" unless ``return_stats``, whose statistics keep float32 logits). The
+            PyTorch backend keeps float32 logits.
         vocab_parallel: a head split over the vocabulary across ranks (tensor parallelism):
             ``VocabShard(start, vocab_size, group)`` with ``weight`` and ``bias`` this rank's rows, or
             ``weight.device_mesh`` for a ``Shard(0)`` DTensor ``weight``; labels index the whole
@@ -155,7 +160,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     check_options(backend=backend, strategy=strategy, softcap=softcap, label_smoothing=label_smoothing,
                   z_loss=z_loss, ce_weight=ce_weight, temperature=1.0, reduction=reduction,
                   normalizer=normalizer, chunk_budget_bytes=chunk_budget_bytes, logit_scale=logit_scale,
-                  grad_accum_dtype=grad_accum_dtype)
+                  grad_accum_dtype=grad_accum_dtype, logits_dtype=logits_dtype)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     if teacher_hidden is not None and teacher_weight is not None:  # the teacher's head is cast as the student's
         teacher_hidden, teacher_weight, teacher_bias = _autocast(teacher_hidden, teacher_weight, teacher_bias)
@@ -190,6 +195,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         ignore_index=ignore_index, reduction=reduction,
         normalizer=None if normalizer is None or isinstance(normalizer, torch.Tensor) else float(normalizer),
         backend=backend, strategy=strategy, chunk_budget_bytes=chunk_budget_bytes, grad_accum_dtype=grad_accum_dtype,
+        logits_dtype=("float32" if return_stats else "input") if logits_dtype == "auto" else logits_dtype,
         vocab_parallel=None if vocab_parallel is None else (vocab_parallel.start, vocab_parallel.vocab_size,
                                                             process_group_name(vocab_parallel.group)))
     loss, logprob, entropy, correct, lse, kd = fused_head_loss(
@@ -266,7 +272,8 @@ class T3SLoss(torch.nn.Module):
                       z_loss=probe.get("z_loss", 0.0), ce_weight=probe.get("ce_weight", 1.0), temperature=1.0,
                       reduction=probe.get("reduction", "mean"), normalizer=probe.get("normalizer"),
                       chunk_budget_bytes=probe.get("chunk_budget_bytes"), logit_scale=probe.get("logit_scale", 1.0),
-                      grad_accum_dtype=probe.get("grad_accum_dtype", "float32"))
+                      grad_accum_dtype=probe.get("grad_accum_dtype", "float32"),
+                      logits_dtype=probe.get("logits_dtype", "auto"))
         check_kd_options(kd_weight=probe.get("kd_weight", 0.0), kd_loss=probe.get("kd_loss", "forward_kl"),
                          jsd_beta=probe.get("jsd_beta", 0.5), kd_temperature=probe.get("kd_temperature", 1.0),
                          sparse_tail=probe.get("sparse_tail", "renormalize"))

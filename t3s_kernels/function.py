@@ -46,6 +46,7 @@ class LossConfig:
     strategy: str = "auto"
     chunk_budget_bytes: Optional[int] = None
     grad_accum_dtype: str = "float32"
+    logits_dtype: str = "float32"  # resolved: "float32" or "input" (options.LOGITS_DTYPES)
     chunk_rows: Optional[int] = None  # a fixed chunk shape instead of the budget (tests of the driver)
     vocab_chunk: Optional[int] = None
     vocab_parallel: Optional[tuple] = None  # (start, vocab_size, process group name)
@@ -55,17 +56,17 @@ class LossConfig:
         start, size, group = self.vocab_parallel or (None, None, None)
         return (*(getattr(self.opts, name) for name in _HEAD_FIELDS), self.ignore_index, self.reduction,
                 self.normalizer, self.backend, self.strategy, self.chunk_budget_bytes, self.grad_accum_dtype,
-                self.chunk_rows, self.vocab_chunk, start, size, group)
+                self.logits_dtype, self.chunk_rows, self.vocab_chunk, start, size, group)
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
     def from_args(*args) -> "LossConfig":
         k = len(_HEAD_FIELDS)
         opts = HeadOptions(**dict(zip(_HEAD_FIELDS, args[:k])))
-        (ignore_index, reduction, normalizer, backend, strategy, budget, accum, chunk_rows, vocab_chunk,
-         start, size, group) = args[k:]
-        return LossConfig(opts, ignore_index, reduction, normalizer, backend, strategy, budget, accum, chunk_rows,
-                          vocab_chunk, None if start is None else (start, size, group))
+        (ignore_index, reduction, normalizer, backend, strategy, budget, accum, logits_dtype, chunk_rows,
+         vocab_chunk, start, size, group) = args[k:]
+        return LossConfig(opts, ignore_index, reduction, normalizer, backend, strategy, budget, accum, logits_dtype,
+                          chunk_rows, vocab_chunk, None if start is None else (start, size, group))
 
     @property
     def shard(self) -> Optional[VocabShard]:
@@ -80,7 +81,7 @@ class LossConfig:
         """The engine of this call; for a vocabulary-parallel head, with the shards checked
         (collective: every rank calls) when ``local_rows`` is given."""
         inner = make_engine(device, self.backend, self.strategy, self.chunk_budget_bytes, self.chunk_rows,
-                            self.vocab_chunk, self.grad_accum_dtype)
+                            self.vocab_chunk, self.grad_accum_dtype, self.logits_dtype)
         if local_rows is not None:
             return for_shard(inner, self.shard, local_rows, device)[0]
         return inner if self.vocab_parallel is None else VocabParallelEngine(inner, self.shard)
@@ -96,8 +97,9 @@ _HEAD_FIELDS = ("vocab_size", "softcap", "logit_scale", "ce_weight", "label_smoo
 CONFIG_SCHEMA = ("int vocab_size, float? softcap, float logit_scale, float ce_weight, float label_smoothing, "
                  "float z_loss, float kd_weight, str kd_loss, float jsd_beta, float kd_temperature, "
                  "bool kd_t2_scaling, str sparse_tail, int ignore_index, str reduction, float? normalizer_number, "
-                 "str backend, str strategy, int? chunk_budget_bytes, str grad_accum_dtype, int? chunk_rows, "
-                 "int? vocab_chunk, int? vocab_parallel_start, int? vocab_parallel_size, str? vocab_parallel_group")
+                 "str backend, str strategy, int? chunk_budget_bytes, str grad_accum_dtype, str logits_dtype, "
+                 "int? chunk_rows, int? vocab_chunk, int? vocab_parallel_start, int? vocab_parallel_size, "
+                 "str? vocab_parallel_group")
 if set(_HEAD_FIELDS) != set(HeadOptions.__dataclass_fields__):  # a new option must reach the operator
     raise ImportError(f"function.py: the operator's head options {_HEAD_FIELDS} are not HeadOptions' fields")
 

@@ -23,6 +23,12 @@ SPARSE_TAILS = ("renormalize", "bucket")
 # What dW and db accumulate in across the chunked strategies' token chunks: float32 (one rounding,
 # at the end), or the weight's own dtype (no float32 copy of dW: half its memory, one rounding a chunk).
 GRAD_ACCUM_DTYPES = ("float32", "weight")
+# What the chunked strategies hold a chunk's logits in: float32 (each logit rounded once, from the
+# matmul's float32 accumulator), or the inputs' dtype with dL/dz written over them (the unpatched
+# model's own logits, as HF computes them, at a third of the bytes per logit). "auto" is the input
+# dtype where no statistics are returned and float32 where they are (T3S's confidences keep float32).
+# Where an epilogue cannot read half logits (the PyTorch and native CPU epilogues) they stay float32.
+LOGITS_DTYPES = ("auto", "float32", "input")
 
 # The strategy "auto" picks for training on a GPU: measured on an H200 (2026-11-28, N=16384,
 # V=151936, bf16) at 110.8 ms fwd+bwd against the tile strategy's 1311 ms (benchmarks/RESULTS.md).

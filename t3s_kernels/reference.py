@@ -26,13 +26,16 @@ def reference_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
                        kd_loss: str = "forward_kl", jsd_beta: float = 0.5, kd_temperature: float = 1.0,
                        kd_t2_scaling: bool = False,
                        dtype: Optional[torch.dtype] = torch.float64,
+                       round_logits: Optional[torch.dtype] = None,
                        with_stats: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss (differentiable w.r.t. hidden/weight/bias in ``dtype``) and the detached statistics.
 
     ``temperature`` divides the logits of the statistics only, as in ``token_stats``. A dense
     teacher is given by its logits ``teacher_logits`` (..., V) (softcapped as the student's, without
     its logit scale); the statistics then include the per-token ``kd``. ``dtype=None``: the matmul
-    in the inputs' dtype and the rest in float32. ``with_stats=False`` returns no statistics.
+    in the inputs' dtype and the rest in float32. ``round_logits``: the logits ``hidden @ weight.T +
+    bias`` rounded to that dtype, as a model that computes them in its own dtype has them (the
+    gradient passes through the rounding unchanged). ``with_stats=False`` returns no statistics.
     """
     lead = labels.shape
     y = labels.reshape(-1)
@@ -45,6 +48,8 @@ def reference_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         z = hidden.reshape(-1, hidden.shape[-1]).to(dtype) @ weight.to(dtype).t()
         if bias is not None:
             z = z + bias.to(dtype)
+    if round_logits is not None:
+        z = z + (z.detach().to(round_logits).to(dtype) - z.detach())
     cap = (lambda v: softcap * torch.tanh(v / softcap)) if softcap is not None else (lambda v: v)
     z = cap(z) * logit_scale
     valid = y != ignore_index

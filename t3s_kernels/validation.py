@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .options import BACKENDS, GRAD_ACCUM_DTYPES, KD_LOSSES, REDUCTIONS, SPARSE_TAILS, STRATEGIES
+from .options import BACKENDS, GRAD_ACCUM_DTYPES, KD_LOSSES, LOGITS_DTYPES, REDUCTIONS, SPARSE_TAILS, STRATEGIES
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The dtypes by the names the command line and the tools take.
@@ -127,9 +127,11 @@ def check_ignore_index(ignore_index) -> None:
 
 def check_options(*, backend: str, strategy: str, softcap, label_smoothing, z_loss, ce_weight,
                   temperature, reduction: Optional[str] = None, normalizer=None,
-                  chunk_budget_bytes=None, logit_scale=1.0, grad_accum_dtype: str = "float32") -> None:
+                  chunk_budget_bytes=None, logit_scale=1.0, grad_accum_dtype: str = "float32",
+                  logits_dtype: str = "auto") -> None:
     check_choice("backend", backend, BACKENDS)
     check_choice("grad_accum_dtype", grad_accum_dtype, GRAD_ACCUM_DTYPES)
+    check_choice("logits_dtype", logits_dtype, LOGITS_DTYPES)
     check_choice("strategy", strategy, STRATEGIES)
     if reduction is not None:
         check_choice("reduction", reduction, REDUCTIONS)

@@ -1,9 +1,10 @@
 """The chunked strategy: token chunks x vocab chunks, matmuls by PyTorch, an epilogue per chunk.
 
 For each chunk of rows, the logits of one vocabulary chunk at a time are made by one
-matmul into a float32 buffer; the *epilogue* folds them into the rows' online softmax
-state and, once the logsumexp is known, turns the same buffer into dL/dlogits, which two
-more matmuls carry to dX and dW. When a whole vocabulary row fits the memory budget the
+matmul, into a float32 buffer or (``logits_dtype="input"``, on an epilogue that reads them) in
+the inputs' dtype; the *epilogue* folds them into the rows' online softmax state and, once the
+logsumexp is known, turns them into dL/dlogits (over the same buffer where the dtypes allow),
+which two more matmuls carry to dX and dW. When a whole vocabulary row fits the memory budget the
 logits are made once and the gradient is written over them (3 matmuls); otherwise the
 gradient pass recomputes them (4 matmuls), never holding more than the budget.
 
@@ -28,6 +29,9 @@ class Epilogue(Protocol):
     # and one logit of both heads with a teacher.
     bytes_per_logit: int
     distill_bytes_per_logit: int
+    # Whether it reads logits in the inputs' half dtype (and writes dL/dz over them), needing no
+    # memory beyond them.
+    reads_half_logits: bool
 
     def accumulate(self, logits: torch.Tensor, labels: torch.Tensor, col0: int,
                    state: OnlineState, opts: HeadOptions) -> None: ...
@@ -84,29 +88,43 @@ class ChunkedEngine:
 
     def __init__(self, epilogue: Epilogue, budget_bytes: Optional[int] = None,
                  chunk_rows: Optional[int] = None, vocab_chunk: Optional[int] = None,
-                 grad_accum_dtype: str = "float32"):
+                 grad_accum_dtype: str = "float32", logits_dtype: str = "float32"):
         self.epilogue = epilogue
         self.budget_bytes = budget_bytes
         self.chunk_rows = chunk_rows
         self.vocab_chunk = vocab_chunk
         self.grad_accum_dtype = grad_accum_dtype
+        self.logits_dtype = logits_dtype
+
+    def _logits_dtype(self, x: torch.Tensor, teacher=None) -> torch.dtype:
+        """The dtype the chunks' logits are made in: the inputs' where asked and the epilogue reads it
+        (not with a sparse teacher, whose chunk function runs in PyTorch on float32 logits)."""
+        half = self.logits_dtype == "input" and self.epilogue.reads_half_logits and x.dtype != torch.float32 \
+            and (teacher is None or teacher.dense)
+        return x.dtype if half else torch.float32
 
     def _budget(self, device: torch.device) -> int:
         return self.budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
 
-    def _plan(self, n: int, vocab: int, device: torch.device, gradient: bool = True) -> tuple[int, int]:
+    def _plan(self, x: torch.Tensor, vocab: int, gradient: bool = True) -> tuple[int, int]:
+        n, device = x.shape[0], x.device
         if not gradient and device.type == "cpu" and self.chunk_rows is None and self.vocab_chunk is None:
             # Forward only, nothing to keep for a gradient sweep: blocks that stay in the CPU's last-level
             # cache between the matmul that writes them and the epilogue that reads them.
             rows = min(n, CPU_FORWARD_ROWS)
             return rows, min(vocab, max(1024, CPU_FORWARD_BLOCK_BYTES // (4 * rows)))
-        return plan_chunks(n, vocab, self.epilogue.bytes_per_logit, self._budget(device), self.chunk_rows,
-                           self.vocab_chunk)
+        half = self._logits_dtype(x) != torch.float32
+        per_logit = x.element_size() if half else self.epilogue.bytes_per_logit  # half: dL/dz over the logits
+        return plan_chunks(n, vocab, per_logit, self._budget(device), self.chunk_rows, self.vocab_chunk)
 
     @staticmethod
     def _logits(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], v0: int, v1: int,
-                buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """float32 logits of rows ``x`` and columns [v0, v1), in ``buffer`` where one is given."""
+                dtype: torch.dtype, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of rows ``x`` and columns [v0, v1) in ``dtype``, float32 or the inputs' (float32: in
+        ``buffer`` where one is given)."""
+        if dtype != torch.float32:  # one rounding, the bias added in the matmul as nn.Linear does
+            w = weight[v0:v1].t()
+            return torch.mm(x, w) if bias is None else torch.addmm(bias[v0:v1], x, w)
         logits = mm_f32(x, weight[v0:v1].t(), out=None if buffer is None else buffer[:x.shape[0], :v1 - v0])
         if bias is not None:
             logits += bias[v0:v1].float()
@@ -158,10 +176,12 @@ class ChunkedEngine:
         vocab = weight.shape[0]
         dx_acc = torch.zeros(r1 - r0, x.shape[1], device=x.device, dtype=torch.float32) \
             if out.hidden is not None else None
+        dtype = self._logits_dtype(x)
         for v0 in range(0, vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, vocab)
-            dz = self.epilogue.gradient(self._logits(x[r0:r1], weight, bias, v0, v1, buffer), labels[r0:r1],
-                                        v0, lse, row_scale, opts, x.dtype)
+            logits = self._logits(x[r0:r1], weight, bias, v0, v1, dtype, buffer)
+            dz = self.epilogue.gradient(logits, labels[r0:r1], v0, lse, row_scale, opts, x.dtype)
+            del logits
             self._backprop(dz, x[r0:r1], weight, v0, v1, out, dx_acc, first=r0 == 0)
             del dz  # freed before the next chunk's logits are made
         if dx_acc is not None:
@@ -169,9 +189,12 @@ class ChunkedEngine:
 
     def _distill_pass(self, x, weight, bias, labels, teacher, row_scale, opts: HeadOptions,
                       out: Optional[HeadGrads]) -> RowStats:
-        """Whole vocabulary rows of both heads per token chunk (backends/distill.py)."""
+        """Whole vocabulary rows of both heads per token chunk (backends/distill.py). A sparse teacher's
+        chunk function runs in PyTorch on float32 logits."""
         n, vocab = x.shape[0], weight.shape[0]
-        rows = self.chunk_rows or max(1, self._budget(x.device) // (self.epilogue.distill_bytes_per_logit * vocab))
+        dtype = self._logits_dtype(x, teacher)
+        per_logit = 2 * x.element_size() if dtype != torch.float32 else self.epilogue.distill_bytes_per_logit
+        rows = self.chunk_rows or max(1, self._budget(x.device) // (per_logit * vocab))
         parts = []
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
@@ -179,9 +202,11 @@ class ChunkedEngine:
             t_rows = teacher.rows(slice(r0, r1))
             t_logits = None
             if t_rows.dense:
-                t_logits = self._logits(t_rows.hidden, teacher.weight, teacher.bias, 0, vocab)
-            st, dz = self.epilogue.distill(self._logits(xc, weight, bias, 0, vocab), labels[r0:r1], t_logits, t_rows,
+                t_logits = self._logits(t_rows.hidden, teacher.weight, teacher.bias, 0, vocab, dtype)
+            logits = self._logits(xc, weight, bias, 0, vocab, dtype)
+            st, dz = self.epilogue.distill(logits, labels[r0:r1], t_logits, t_rows,
                                            None if row_scale is None else row_scale[r0:r1], opts, x.dtype)
+            del logits
             parts.append(st)
             if dz is not None:
                 self._backprop(dz, xc, weight, 0, vocab, out, None, rows=slice(r0, r1), first=r0 == 0)
@@ -196,7 +221,8 @@ class ChunkedEngine:
             out = self._alloc_grads(x, weight, bias, grads) if want_grad else None
             return self._distill_pass(x, weight, bias, labels, teacher, row_scale if want_grad else None, opts,
                                       out), out
-        rows, vocab_chunk = self._plan(n, vocab, x.device, gradient=want_grad)
+        rows, vocab_chunk = self._plan(x, vocab, gradient=want_grad)
+        dtype = self._logits_dtype(x)
         buffer = self._buffer(x, rows, vocab_chunk)
         out = self._alloc_grads(x, weight, bias, grads) if want_grad else None
         parts = []
@@ -206,7 +232,7 @@ class ChunkedEngine:
             state = OnlineState(r1 - r0, x.device)
             if want_grad and vocab_chunk >= vocab:
                 # Whole rows fit: one matmul for the logits, gradient written over them.
-                logits = self._logits(xc, weight, bias, 0, vocab, buffer)
+                logits = self._logits(xc, weight, bias, 0, vocab, dtype, buffer)
                 dz = self.epilogue.accumulate_and_gradient(logits, yc, state, row_scale[r0:r1], opts, x.dtype)
                 del logits
                 self._backprop(dz, xc, weight, 0, vocab, out, None, rows=slice(r0, r1), first=r0 == 0)
@@ -214,7 +240,8 @@ class ChunkedEngine:
             else:
                 for v0 in range(0, vocab, vocab_chunk):
                     v1 = min(v0 + vocab_chunk, vocab)
-                    self.epilogue.accumulate(self._logits(xc, weight, bias, v0, v1, buffer), yc, v0, state, opts)
+                    self.epilogue.accumulate(self._logits(xc, weight, bias, v0, v1, dtype, buffer), yc, v0, state,
+                                             opts)
                 if want_grad:
                     self._gradient_pass(x, weight, bias, labels, state.lse(), row_scale[r0:r1], opts, out,
                                         r0, r1, vocab_chunk, buffer)
@@ -228,7 +255,7 @@ class ChunkedEngine:
             out = self._alloc_grads(x, weight, bias, grads)
             self._distill_pass(x, weight, bias, labels, teacher, row_scale, opts, out)
             return out
-        rows, vocab_chunk = self._plan(n, vocab, x.device)
+        rows, vocab_chunk = self._plan(x, vocab)
         buffer = self._buffer(x, rows, vocab_chunk)
         out = self._alloc_grads(x, weight, bias, grads)
         for r0 in range(0, n, rows):

@@ -32,16 +32,16 @@ def resolve_backend(device: torch.device, backend: str) -> str:
 
 def make_engine(device: torch.device, backend: str, strategy: str, chunk_budget_bytes: Optional[int] = None,
                 chunk_rows: Optional[int] = None, vocab_chunk: Optional[int] = None,
-                grad_accum_dtype: str = "float32"):
+                grad_accum_dtype: str = "float32", logits_dtype: str = "float32"):
     """The engine that evaluates the head for the given backend / strategy on ``device``
     (``chunk_rows`` / ``vocab_chunk`` fix the chunked strategies' chunk shape instead of the budget;
-    ``grad_accum_dtype``: options.GRAD_ACCUM_DTYPES)."""
+    ``grad_accum_dtype``: options.GRAD_ACCUM_DTYPES; ``logits_dtype``: "float32" or "input")."""
     backend = resolve_backend(device, backend)
     if backend == "torch":
         if strategy == "tile":
             raise ValueError("strategy='tile' needs backend='triton'; the torch backend is chunked")
         epilogue = cpu_epilogue() if device.type == "cpu" else TorchEpilogue()
-        return ChunkedEngine(epilogue, chunk_budget_bytes, chunk_rows, vocab_chunk, grad_accum_dtype)
+        return ChunkedEngine(epilogue, chunk_budget_bytes, chunk_rows, vocab_chunk, grad_accum_dtype, logits_dtype)
     if not triton_available(device):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the triton package; "
                          f"got tensors on {device}")
@@ -50,4 +50,5 @@ def make_engine(device: torch.device, backend: str, strategy: str, chunk_budget_
     strategy = DEFAULT_STRATEGY if strategy == "auto" else strategy
     if strategy == "tile":
         return TileEngine()
-    return ChunkedEngine(TritonEpilogue(), chunk_budget_bytes, chunk_rows, vocab_chunk, grad_accum_dtype)
+    return ChunkedEngine(TritonEpilogue(), chunk_budget_bytes, chunk_rows, vocab_chunk, grad_accum_dtype,
+                         logits_dtype)

@@ -23,6 +23,7 @@ class TorchEpilogue:
 
     bytes_per_logit = 10  # the fp32 logits buffer, one fp32 temporary, a half-precision gradient copy
     distill_bytes_per_logit = 48  # both heads' fp32 rows and autograd's temporaries
+    reads_half_logits = False  # its in-place steps would round every intermediate to the half dtype
 
     def __init__(self, vocab: VocabRows = WHOLE_ROWS):
         self.vocab = vocab

@@ -118,6 +118,7 @@ class TritonEpilogue:
 
     bytes_per_logit = 6  # the fp32 logits, plus a half-precision gradient buffer for half inputs
     distill_bytes_per_logit = 10  # both heads' fp32 logits and the half gradient
+    reads_half_logits = True  # upcast as loaded; dL/dz written over them
 
     def distill(self, logits, labels, teacher_logits, teacher, row_scale, opts: HeadOptions, out_dtype):
         """Student + dense teacher chunk in one kernel (ops/distill_epilogue.py); a sparse teacher's

@@ -175,10 +175,12 @@ def _launcher_calls(dtype: torch.dtype, n: int, h: int, v: int, plain: bool = Tr
         for mode in (1, 2, 3):
             yield lambda: tile_distill_backward(x, w, bias, y, {k: lse for k in BACKWARD_STATS}, teacher, row_scale,
                                                 {**head, **grad, **kd_grad}, mode, rich, True, True, rich)
-    # The chunked epilogues: a chunk of whole vocabulary rows (1 GiB of fp32 logits).
-    rows = min(n, max(1, (1 << 30) // (6 * v)))
-    logits = torch.empty(rows, v, **f32)
-    for rich in (False, True)[0 if plain else 1:]:
+    # The chunked epilogues: a chunk of whole vocabulary rows in 1 GiB, of float32 logits (6 bytes a logit with
+    # the half gradient) and, for half inputs, of logits in their dtype with the gradient over them (2 bytes).
+    chunks = [(torch.float32, 6)] + ([(dtype, 2)] if dtype != torch.float32 else [])
+    for (logits_dtype, per_logit), rich in itertools.product(chunks, (False, True)[0 if plain else 1:]):
+        rows = min(n, max(1, (1 << 30) // (per_logit * v)))
+        logits = torch.empty(rows, v, dtype=logits_dtype, **meta)
         state = torch.empty(5, rows, **f32)
         yield lambda: chunk_epilogue(logits, y[:rows], 0, {**head, **grad}, rich, rich, state=state)
         yield lambda: chunk_epilogue(logits, y[:rows], 0, {**head, **grad}, rich, rich, lse=lse[:rows],

@@ -1,11 +1,11 @@
-"""The chunked strategy's epilogue: one kernel over a chunk's float32 logits buffer.
+"""The chunked strategy's epilogue: one kernel over a chunk's logits buffer.
 
-The logits of [rows x vocabulary chunk] come from cuBLAS. Each program owns BLOCK_R
-rows and walks their columns:
+The logits of [rows x vocabulary chunk] come from cuBLAS, in float32 or the inputs' half dtype.
+Each program owns BLOCK_R rows and walks their columns:
   ACCUMULATE: fold the columns into the rows' online state (read/written in STATE, five planes, so
       vocabulary chunks can follow one another);
   GRAD: with the logsumexp (finished in-kernel after ACCUMULATE, or given in LSE), write
-      dL/dz into DZ, which may be the logits buffer itself (fp32) or a half buffer.
+      dL/dz into DZ, which may be the logits buffer itself (of the gradient's dtype) or a half buffer.
 With both flags one kernel does logsumexp, statistics and gradient in two sweeps over
 the row (one read for the state, one read + one write for the gradient).
 """
@@ -49,7 +49,7 @@ def chunk_epilogue_kernel(LOGITS, stride_l, DZ, stride_dz, Y, STATE, LSE, ROW_SC
         for v0 in range(0, width, BLOCK_V):
             cols, col_valid, mask = column_block(v0, width, row_valid, BLOCK_V)
             z = tl.load(l_row + cols[None, :], mask=mask, other=0.0)
-            s = transform_logits(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
+            s = transform_logits(z, softcap, logit_scale, HAS_SOFTCAP)
             m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid, y, m, d, u, label_logit,
                                                                   sum_logits, HAS_SMOOTHING)
         store_student_state(STATE + rows, n_rows, row_valid, m, d, u, label_logit, sum_logits)
@@ -63,7 +63,7 @@ def chunk_epilogue_kernel(LOGITS, stride_l, DZ, stride_dz, Y, STATE, LSE, ROW_SC
         for v0 in range(0, width, BLOCK_V):
             cols, col_valid, mask = column_block(v0, width, row_valid, BLOCK_V)
             z = tl.load(l_row + cols[None, :], mask=mask, other=0.0)
-            s = transform_logits(z.to(tl.float32), softcap, logit_scale, HAS_SOFTCAP)
+            s = transform_logits(z, softcap, logit_scale, HAS_SOFTCAP)
             dz = loss_grad_wrt_logits(s, col_valid, cols[None, :] == y[:, None], lse, g, ce_weight,
                                       smoothing, inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP)
             tl.store(dz_row + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
@@ -71,9 +71,9 @@ def chunk_epilogue_kernel(LOGITS, stride_l, DZ, stride_dz, Y, STATE, LSE, ROW_SC
 
 def chunk_epilogue(logits, labels, col0: int, scalars: dict, has_softcap: bool, has_smoothing: bool, *,
                    state=None, lse=None, row_scale=None, out_dtype=None):
-    """Run the epilogue over a chunk's float32 ``logits`` (columns from ``col0``): with ``state``
+    """Run the epilogue over a chunk's float32 or half ``logits`` (columns from ``col0``): with ``state``
     (the rows' [5, rows] float32 m, d, u, label_logit, sum_logits, updated in place) fold them in;
-    with ``row_scale`` return dL/dz (over ``logits`` itself for float32 ``out_dtype``), from ``lse``
+    with ``row_scale`` return dL/dz (over ``logits`` itself where ``out_dtype`` is theirs), from ``lse``
     or the finished state."""
     rows, width = logits.shape
     grad = row_scale is not None

@@ -105,7 +105,8 @@ def grad_buffers(n: int, h: int, vocab: int, device, compute_dx: bool, compute_d
 
 
 def gradient_buffer(logits: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Where an epilogue writes dL/dz: over the float32 logits themselves, or a buffer of ``out_dtype``."""
-    if out_dtype == torch.float32:
+    """Where an epilogue writes dL/dz: over the logits themselves where they are of ``out_dtype`` (float32,
+    or the inputs' half dtype), else a buffer of ``out_dtype``."""
+    if out_dtype == logits.dtype:
         return logits
     return torch.empty(logits.shape, device=logits.device, dtype=out_dtype)

@@ -1,5 +1,5 @@
 """The chunked strategy's epilogue with a teacher: student and teacher logits of a chunk
-(both by cuBLAS, float32), per-token CE + KD, statistics and dL/dz in one kernel.
+(both by cuBLAS, float32 or the inputs' half dtype), per-token CE + KD, statistics and dL/dz in one kernel.
 
 With s, t the two heads' logits after the softcap and T the KD temperature, the first sweep
 over a row keeps three online states: the student at T = 1 (CE, statistics), the student at
@@ -108,7 +108,7 @@ N_OUT = N_STATE + 1
 def distill_epilogue(logits, teacher_logits, labels, row_scale, scalars: dict, kd_mode: int, has_softcap: bool,
                      has_smoothing: bool, out_dtype):
     """([N_OUT, rows] float32 statistics and KD, dL/dz or None) of a chunk of both heads' float32
-    logits; dL/dz over ``logits`` itself for float32 ``out_dtype``."""
+    or half logits; dL/dz over ``logits`` itself where ``out_dtype`` is theirs."""
     rows, width = logits.shape
     grad = row_scale is not None
     dz = gradient_buffer(logits, out_dtype) if grad else None

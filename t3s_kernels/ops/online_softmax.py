@@ -35,7 +35,8 @@ def tanh(x):
 
 @triton.jit
 def transform_logits(z, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
-    """s = logit_scale * softcap * tanh(z / softcap)."""
+    """s = logit_scale * softcap * tanh(z / softcap), in float32 whatever dtype ``z`` was loaded in."""
+    z = z.to(tl.float32)
     if HAS_SOFTCAP:
         z = softcap * tanh(z / softcap)
     return z * logit_scale

@@ -97,3 +97,68 @@ def test_chunk_memory_is_released_before_the_next_chunk(accum):
     bound = dw + n * h * 2 + chunk + 64 * (n + v) + (32 << 10)
     assert peak <= bound, f"peak {peak / 2**20:.2f} MiB > bound {bound / 2**20:.2f} MiB"
     assert peak + rows * v * 2 > bound, "the bound is loose: a leaked bf16 chunk would pass it"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("chunk_rows,vocab_chunk", [(8, 203), (8, 50)], ids=["whole-rows", "vocab-chunks"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_input_dtype_logits(chunk_rows, vocab_chunk, dtype, reduction):
+    """logits_dtype="input" on the Triton epilogue: the loss and statistics of the logits rounded once to
+    the inputs' dtype (the fp64 reference with ``round_logits``), at the float32 tolerance, and gradients
+    at the half tolerance (dL/dz is written over the half logits, as with a separate half buffer). The
+    bf16 accumulation of a logit at H = 48 is exact in float32, so no logit rounds differently."""
+    inputs = make_inputs(dtype=dtype, bias=True, weights="zeros", ignored=3, logit_scale=2.0)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
+    cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), reduction=reduction, backend="triton",
+                     strategy="chunked", chunk_rows=chunk_rows, vocab_chunk=vocab_chunk, logits_dtype="input")
+    x, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    loss, logprob, entropy, *_ = fused_head_loss(x, w, b, inputs["labels"], inputs["token_weights"], cfg)
+    rx, rw, rb = (t.detach().double().requires_grad_() for t in (x, w, b))
+    tol = TOLERANCE[dtype]
+    for round_logits in (dtype, None):
+        ref, stats = t3s.reference_t3s_loss(rx, rw, inputs["labels"], bias=rb, token_weights=inputs["token_weights"],
+                                            reduction=reduction, round_logits=round_logits, **opts)
+        if round_logits is None:  # the test tells the two apart: unrounded logits are not what ran
+            with pytest.raises(AssertionError):
+                assert_close(logprob, stats["logprob"], tol["value"], "logprob")
+            break
+        assert_close(loss, ref, tol["value"], "loss")
+        assert_close(entropy, stats["entropy"], tol["value"], "entropy")
+        assert_close(logprob, stats["logprob"], tol["value"], "logprob")
+        g = torch.linspace(-1, 2, loss.numel(), device=loss.device).view(loss.shape)
+        for name, got, want in zip(("dX", "dW", "db"), torch.autograd.grad(loss, (x, w, b), g, retain_graph=True),
+                                   torch.autograd.grad(ref, (rx, rw, rb), g.double())):
+            assert_close(got, want, tol["grad"], name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_logits_dtype_auto(backend, monkeypatch):
+    """"auto" makes the logits in the inputs' dtype without statistics and in float32 with them (the
+    Triton epilogue); the PyTorch epilogue keeps float32 logits whatever is asked."""
+    from t3s_kernels.backends.chunked import ChunkedEngine
+
+    made = []
+    logits = ChunkedEngine._logits
+    monkeypatch.setattr(ChunkedEngine, "_logits", staticmethod(lambda *a, **k: made.append(a[5]) or logits(*a, **k)))
+    inputs = make_inputs(dtype=torch.bfloat16)
+    for return_stats in (False, True):
+        made.clear()
+        x = inputs["hidden"].clone().requires_grad_()
+        out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], backend=backend,
+                                        return_stats=return_stats)
+        out.loss.backward()
+        half = backend == "triton" and not return_stats
+        assert made and set(made) == {torch.bfloat16 if half else torch.float32}, (return_stats, set(made))
+
+
+def test_half_logits_give_larger_chunks():
+    """Logits in the inputs' half dtype cost 2 bytes each (dL/dz is written over them), not the float32
+    buffer's 6 with its half gradient: three times the rows in the same budget."""
+    from t3s_kernels.backends.chunked import ChunkedEngine
+    from t3s_kernels.backends.triton_engines import TritonEpilogue
+
+    x = torch.empty(16384, 64, dtype=torch.bfloat16)
+    rows = {dtype: ChunkedEngine(TritonEpilogue(), 1 << 30, logits_dtype=dtype)._plan(x, 151936)[0]
+            for dtype in ("float32", "input")}
+    assert rows["float32"] * 151936 * 6 <= 1 << 30 and rows["input"] * 151936 * 2 <= 1 << 30
+    assert rows["input"] >= 2.8 * rows["float32"], rows

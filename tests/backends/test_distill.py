@@ -269,3 +269,26 @@ def test_teacher_head_is_cast_under_autocast_like_the_students():
                                         backend="torch")
     assert math.isfinite(out.loss.item())
     assert_close(out.loss, ref.loss, 1e-6, "loss")
+
+
+@pytest.mark.parametrize("kd_loss,beta", [("forward_kl", 0.5), ("jsd", 0.3)])
+def test_dense_teacher_with_input_dtype_logits(kd_loss, beta):
+    """logits_dtype="input": both heads' logits in bf16, dL/dz written over the student's; the fp64
+    reference on the same rounded logits of both heads."""
+    inputs = make_inputs(dtype=torch.bfloat16, weights="zeros", ignored=4)
+    th, tw_ = teacher(dtype=torch.bfloat16)
+    x = inputs["hidden"].clone().requires_grad_()
+    w = inputs["weight"].clone().requires_grad_()
+    kw = dict(kd_weight=0.6, ce_weight=0.8, kd_loss=kd_loss, jsd_beta=beta, kd_temperature=2.0)
+    out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], token_weights=inputs["token_weights"], teacher_hidden=th,
+                                    teacher_weight=tw_, backend="triton", strategy="chunked", logits_dtype="input",
+                                    **kw)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    t_logits = (th.double() @ tw_.double().t()).to(torch.bfloat16).double()
+    ref, _ = t3s.reference_t3s_loss(xd, wd, inputs["labels"], token_weights=inputs["token_weights"],
+                                    teacher_logits=t_logits, round_logits=torch.bfloat16,
+                                    **kw)
+    tol = TOLERANCE[torch.bfloat16]
+    assert_close(out.loss, ref, tol["value"], "loss")
+    for name, got, want in zip(("dX", "dW"), torch.autograd.grad(out.loss, (x, w)), torch.autograd.grad(ref, (xd, wd))):
+        assert_close(got, want, tol["grad"], name)
