@@ -50,15 +50,15 @@ def main(argv=None):
             fn(xl, wl).backward()
         return run
 
-    def ours(strategy):
+    def ours(logits_dtype):
         return lambda xl, wl: t3s.fused_linear_t3s_loss(xl, wl, y, teacher_hidden=th, teacher_weight=tw,
                                                         kd_weight=1.0, kd_loss="jsd", jsd_beta=beta,
-                                                        strategy=strategy).loss
+                                                        logits_dtype=logits_dtype).loss
 
     providers = {"eager": lambda xl, wl: eager(xl, wl, y, th, tw, args.kd_loss),
                  "t3s" if dev.type == "cuda" else "t3s-torch": ours("auto")}
     if dev.type == "cuda":
-        providers["t3s-tile"] = ours("tile")
+        providers["t3s-float32-logits"] = ours("float32")
     if dev.type == "cuda":  # the peers are GPU-only; their signatures are those of Liger-Kernel 0.6
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_jsd

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check, one command, at most 8 minutes on one H100/H200: the benchmark table at
 # Qwen3-8B's head (every provider, QuACK and Liger's CuTe-DSL included where carried), the
-# selection lever, a reduced sweep with its plots, distillation, and the GPU test subset.
+# selection lever, a reduced sweep with its plots, distillation, the forward tile kernel's launch
+# configurations, and the GPU test subset.
 # Logs, JSON and PNGs go to the folder given (default: gpu-check-out/); copy the figures into
 # benchmarks/RESULTS.md with the card and date.
 #
@@ -23,14 +24,14 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
   2>&1 | tee "$out/machine.txt"
 
-# Budget (seconds, each a hard timeout): 150 + 50 + 100 + 60 + 110 = 470 s of commands.
+# Budget (seconds, each a hard timeout): 120 + 45 + 100 + 60 + 45 + 110 = 480 s of commands.
 # 1. The table at Qwen3-8B's head (N=16384, H=4096, V=151936, bf16), every provider, with the float64
 #    error column; the implementation each peer ran is printed under the table.
-timeout 150 python3 -m t3s_kernels.cli bench --select 1.0 --repeat 5 --quiet \
+timeout 120 python3 -m t3s_kernels.cli bench --select 1.0 --repeat 5 --quiet \
   --json "$out/bench-select-1.0.json" 2>&1 | tee "$out/bench-select-1.0.txt"
 
 # 2. The selection lever: half the tokens at weight 0 (ignored labels for the peers).
-timeout 50 python3 -m t3s_kernels.cli bench --select 0.5 --repeat 3 --quiet --no-error \
+timeout 45 python3 -m t3s_kernels.cli bench --select 0.5 --repeat 3 --quiet --no-error \
   --providers liger cce quack t3s-triton-chunked t3s-triton-chunked-weight-accum \
   --json "$out/bench-select-0.5.json" 2>&1 | tee "$out/bench-select-0.5.txt"
 
@@ -48,7 +49,11 @@ timeout 30 python3 -m t3s_kernels.cli bench --sweep --sweep-tokens 8192 --sweep-
 timeout 60 python3 benchmarks/bench_distill.py --tokens 8192 --hidden 4096 --vocab 151936 --dtype bf16 \
   --kd-loss jsd --repeat 3 --json "$out/distill.json" 2>&1 | tee "$out/distill.txt"
 
-# 5. Correctness on the GPU, compiled kernels (not the interpreter): the `gpu` marker's subset, which
+# 5. token_stats (the forward tile kernel) under the launch configurations that compile without spills,
+#    beside one matmul: which one to ship for this card.
+timeout 45 python3 benchmarks/sweep_tile_forward.py 2>&1 | tee "$out/tile-forward-configs.txt"
+
+# 6. Correctness on the GPU, compiled kernels (not the interpreter): the `gpu` marker's subset, which
 #    exercises every kernel and option family; the packed path with flash-attn's varlen kernels
 #    where flash-attn is carried.
 timeout 110 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/backends \

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 
 from .backends.distill import TeacherRows
-from .backends.select import make_engine, resolve_backend, triton_available  # noqa: F401 - the public names
+from .backends.select import make_engine, resolve_backend, stats_engine, triton_available  # noqa: F401 - public
 from .backends.vocab_parallel import for_shard, local_head, rows_of
 from .function import LossConfig, fused_head_loss, no_autocast, process_group_name, scatter_stats
 from .options import GradRequest, HeadOptions
@@ -115,13 +115,14 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         weight: (V, H), same dtype. labels: (...) int64/int32 in [0, V) or ``ignore_index``.
         token_weights: (...) float >= 0, or None for all ones.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
-        strategy: Triton training strategy, "chunked" (token chunks, cuBLAS matmuls, fused
-            epilogue; default) or "tile" (recomputing tile kernels, least memory).
+        strategy: "auto" or "chunked" (token chunks, cuBLAS matmuls, one fused epilogue per chunk:
+            the one strategy; "tile" was removed, see options.REMOVED_STRATEGIES). For the least
+            memory, a small ``chunk_budget_bytes`` with ``grad_accum_dtype="weight"``.
         chunk_budget_bytes: memory one chunk's [rows x vocab] buffers may use (default 1 GiB on GPU, 256 MiB on CPU).
-        grad_accum_dtype: what the chunked strategies accumulate dW and db in across token chunks:
-            "float32" (default: rounded to the weight's dtype once, at the end) or "weight" (the
-            weight's dtype: no float32 copy of dW, half its memory, one rounding per chunk, as
-            Liger-Kernel and Cut Cross-Entropy do). The tile strategy adds in float32 either way.
+        grad_accum_dtype: what dW and db accumulate in across token chunks: "float32" (default:
+            rounded to the weight's dtype once, at the end) or "weight" (the weight's dtype: no
+            float32 copy of dW, half its memory, one rounding per chunk, as Liger-Kernel and Cut
+            Cross-Entropy do).
         logits_dtype: what the chunked Triton strategy holds a chunk's logits in: "float32" (each
             logit rounded once), "input" (the inputs' dtype, as the unpatched model computes them, with
             dL/dz written over them: a third of the memory per logit, so larger chunks) or "auto"
@@ -141,8 +142,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     "renormalize" or "bucket"); ``kd_loss`` "forward_kl" (KL(teacher || student)), "reverse_kl" or
     "jsd" (mixture weight ``jsd_beta``; 0 and 1 give the two KLs); ``kd_temperature`` divides both
     heads' logits in the KD term, ``kd_t2_scaling`` multiplies it by kd_temperature^2. See
-    backends/distill.py, ops/distill_epilogue.py and ops/tile_distill.py: every strategy carries the
-    teacher (a sparse one: the chunked strategies); ``out.kd`` is the per-token KD.
+    backends/distill.py and ops/distill_epilogue.py; ``out.kd`` is the per-token KD.
 
     DeepSpeed ZeRO-3: inside the engine's forward the parameters are whole; outside it, partitioned
     ones that need no gradient (a teacher's head, statistics) are gathered for the call (every rank
@@ -172,8 +172,6 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if token_weights is not None and token_weights.requires_grad and torch.is_grad_enabled():
         raise ValueError("token_weights require grad, but the fused op gives them no gradient; pass "
                          "token_weights.detach() (or compute weights that need a gradient outside the op)")
-    if has_teacher and strategy == "tile" and teacher_hidden is None:
-        raise ValueError("a sparse (top-k) teacher runs on the chunked strategies; use strategy='chunked'")
     lead = labels.shape
     x = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).long().contiguous()  # kernels index labels densely
@@ -237,10 +235,8 @@ def token_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     y = labels.reshape(-1).long().contiguous()  # kernels index labels densely
     check_head_values(y, None, ignore_index, weight.shape[0] if vocab_parallel is None else vocab_parallel.vocab_size)
     device = x.device
-    backend = resolve_backend(device, backend)
-    # On Triton, the forward tile kernel: the 1-matmul path.
-    engine, vocab = for_shard(make_engine(device, backend, "tile" if backend == "triton" else "auto",
-                                          chunk_budget_bytes), vocab_parallel, weight.shape[0], device)
+    engine, vocab = for_shard(stats_engine(device, backend, chunk_budget_bytes), vocab_parallel, weight.shape[0],
+                              device)
     opts = HeadOptions(vocab_size=vocab, softcap=softcap, logit_scale=float(logit_scale) / float(temperature))
     n = y.shape[0]
     idx = (y != ignore_index).nonzero().squeeze(1)

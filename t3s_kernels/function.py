@@ -13,9 +13,9 @@ Rows are sorted into three kinds before any matmul:
 So the backward cost scales with the selected fraction of tokens.
 
 For "mean"/"sum" the upstream gradient is a scalar, so an engine that fuses the backward into its
-forward pass (the chunked strategies) computes dX, dW for ``g_i = w_i / divisor`` right away; the
-operator returns them beside the loss and the backward only rescales them. For "none", and for
-the tile strategy, the backward operator runs from the saved logsumexp.
+forward pass (the chunked strategy) computes dX, dW for ``g_i = w_i / divisor`` right away; the
+operator returns them beside the loss and the backward only rescales them. For "none" the backward
+operator runs from the saved logsumexp.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class LossConfig:
     def engine(self, device: torch.device, local_rows: Optional[int] = None):
         """The engine of this call; for a vocabulary-parallel head, with the shards checked
         (collective: every rank calls) when ``local_rows`` is given."""
-        inner = make_engine(device, self.backend, self.strategy, self.chunk_budget_bytes, self.chunk_rows,
+        inner = make_engine(device, self.backend, self.chunk_budget_bytes, self.chunk_rows,
                             self.vocab_chunk, self.grad_accum_dtype, self.logits_dtype)
         if local_rows is not None:
             return for_shard(inner, self.shard, local_rows, device)[0]

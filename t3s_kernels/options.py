@@ -16,7 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "triton", "torch")
-STRATEGIES = ("auto", "chunked", "tile")
+STRATEGIES = ("auto", "chunked")
+# Strategies that existed, and why they went (the error a caller who asks for one gets).
+REMOVED_STRATEGIES = {
+    "tile": "strategy='tile' was removed: on an H200 (2026-11-28, N=16384, H=4096, V=151936, bf16) its backward's "
+            "per-element float32 atomics ran 1311 ms against the chunked strategy's 111 ms, at no less memory "
+            "(3691 against 3838 MiB; benchmarks/RESULTS.md). Use strategy='chunked'; for the least memory, a small "
+            "chunk_budget_bytes with grad_accum_dtype='weight'",
+}
 REDUCTIONS = ("mean", "sum", "none")
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 SPARSE_TAILS = ("renormalize", "bucket")
@@ -30,9 +37,6 @@ GRAD_ACCUM_DTYPES = ("float32", "weight")
 # Where an epilogue cannot read half logits (the PyTorch and native CPU epilogues) they stay float32.
 LOGITS_DTYPES = ("auto", "float32", "input")
 
-# The strategy "auto" picks for training on a GPU: measured on an H200 (2026-11-28, N=16384,
-# V=151936, bf16) at 110.8 ms fwd+bwd against the tile strategy's 1311 ms (benchmarks/RESULTS.md).
-DEFAULT_STRATEGY = "chunked"
 
 # Memory the chunked paths may spend on one token chunk's [rows x vocab] buffers. On a GPU
 # 1 GiB keeps the matmuls large (>= 1152 rows at V = 152K); on a CPU a smaller chunk is as

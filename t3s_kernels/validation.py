@@ -8,7 +8,16 @@ from typing import Optional
 
 import torch
 
-from .options import BACKENDS, GRAD_ACCUM_DTYPES, KD_LOSSES, LOGITS_DTYPES, REDUCTIONS, SPARSE_TAILS, STRATEGIES
+from .options import (
+    BACKENDS,
+    GRAD_ACCUM_DTYPES,
+    KD_LOSSES,
+    LOGITS_DTYPES,
+    REDUCTIONS,
+    REMOVED_STRATEGIES,
+    SPARSE_TAILS,
+    STRATEGIES,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The dtypes by the names the command line and the tools take.
@@ -132,6 +141,8 @@ def check_options(*, backend: str, strategy: str, softcap, label_smoothing, z_lo
     check_choice("backend", backend, BACKENDS)
     check_choice("grad_accum_dtype", grad_accum_dtype, GRAD_ACCUM_DTYPES)
     check_choice("logits_dtype", logits_dtype, LOGITS_DTYPES)
+    if strategy in REMOVED_STRATEGIES:
+        raise ValueError(REMOVED_STRATEGIES[strategy])
     check_choice("strategy", strategy, STRATEGIES)
     if reduction is not None:
         check_choice("reduction", reduction, REDUCTIONS)

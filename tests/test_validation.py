@@ -44,7 +44,8 @@ def call(**changes):
     (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
     (dict(chunk_budget_bytes=-5), ValueError, r"chunk_budget_bytes must be a positive int"),
     (dict(grad_accum_dtype="bf16"), ValueError, r"grad_accum_dtype must be one of .float32., .weight.; got .bf16."),
-    (dict(strategy="tile"), ValueError, r"strategy='tile' needs backend='triton'"),
+    (dict(strategy="tile"), ValueError, r"strategy='tile' was removed: on an H200 .* Use strategy='chunked'"),
+    (dict(logits_dtype="bf16"), ValueError, r"logits_dtype must be one of .auto., .float32., .input.; got .bf16."),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_input_is_named(changes, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -84,9 +84,9 @@ class HeadGrads:
 class Engine(Protocol):
     """A way to evaluate the head. Rows given to it are already compacted by the caller."""
 
-    # True when ``forward`` with ``row_scale`` computes gradients in the same pass
-    # (the chunked strategies: 3 matmuls); False when it would only run forward then
-    # backward (the tile strategy: recomputing in backward costs nothing extra).
+    # True when ``forward`` with ``row_scale`` computes gradients in the same pass (the chunked
+    # strategy: 3 matmuls); False for an engine without a fused gradient (the forward tile kernel's
+    # statistics-only engine).
     fuses_backward: bool
 
     # ``teacher`` (a ``distill.TeacherRows`` over the same rows) adds the distillation term.

@@ -1,5 +1,5 @@
-"""Which engine evaluates the head: a backend ("torch" or "triton") and, on Triton, a training
-strategy ("chunked" or "tile"), resolved for the tensors' device."""
+"""Which engine evaluates the head: a backend ("torch" or "triton") resolved for the tensors' device,
+the chunked strategy for the loss, and for forward-only statistics on Triton the forward tile kernel."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Optional
 
 import torch
 
-from ..options import DEFAULT_STRATEGY
 from .chunked import ChunkedEngine
 from .cpu_epilogue import cpu_epilogue
 from .torch_epilogue import TorchEpilogue
@@ -30,25 +29,35 @@ def resolve_backend(device: torch.device, backend: str) -> str:
     return backend
 
 
-def make_engine(device: torch.device, backend: str, strategy: str, chunk_budget_bytes: Optional[int] = None,
+def make_engine(device: torch.device, backend: str, chunk_budget_bytes: Optional[int] = None,
                 chunk_rows: Optional[int] = None, vocab_chunk: Optional[int] = None,
                 grad_accum_dtype: str = "float32", logits_dtype: str = "float32"):
-    """The engine that evaluates the head for the given backend / strategy on ``device``
-    (``chunk_rows`` / ``vocab_chunk`` fix the chunked strategies' chunk shape instead of the budget;
-    ``grad_accum_dtype``: options.GRAD_ACCUM_DTYPES; ``logits_dtype``: "float32" or "input")."""
+    """The chunked engine of the loss for the given backend on ``device`` (``chunk_rows`` /
+    ``vocab_chunk`` fix its chunk shape instead of the budget; ``grad_accum_dtype``:
+    options.GRAD_ACCUM_DTYPES; ``logits_dtype``: "float32" or "input")."""
     backend = resolve_backend(device, backend)
     if backend == "torch":
-        if strategy == "tile":
-            raise ValueError("strategy='tile' needs backend='triton'; the torch backend is chunked")
         epilogue = cpu_epilogue() if device.type == "cpu" else TorchEpilogue()
         return ChunkedEngine(epilogue, chunk_budget_bytes, chunk_rows, vocab_chunk, grad_accum_dtype, logits_dtype)
+    _check_triton(device)
+    from .triton_engines import TritonEpilogue  # it imports triton: only when asked
+
+    return ChunkedEngine(TritonEpilogue(), chunk_budget_bytes, chunk_rows, vocab_chunk, grad_accum_dtype,
+                         logits_dtype)
+
+
+def stats_engine(device: torch.device, backend: str, chunk_budget_bytes: Optional[int] = None):
+    """The engine of forward-only statistics (``token_stats``): on Triton the forward tile kernel (one
+    matmul's FLOPs, O(N) memory), on the torch backend the chunked one."""
+    if resolve_backend(device, backend) == "torch":
+        return make_engine(device, "torch", chunk_budget_bytes=chunk_budget_bytes)
+    _check_triton(device)
+    from .triton_engines import TileForwardEngine
+
+    return TileForwardEngine()
+
+
+def _check_triton(device: torch.device) -> None:
     if not triton_available(device):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the triton package; "
                          f"got tensors on {device}")
-    from .triton_engines import TileEngine, TritonEpilogue  # they import triton: only when asked
-
-    strategy = DEFAULT_STRATEGY if strategy == "auto" else strategy
-    if strategy == "tile":
-        return TileEngine()
-    return ChunkedEngine(TritonEpilogue(), chunk_budget_bytes, chunk_rows, vocab_chunk, grad_accum_dtype,
-                         logits_dtype)

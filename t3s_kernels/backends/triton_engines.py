@@ -1,6 +1,6 @@
-"""The two Triton engines over the kernels' launchers (ops/): the tile strategy, and the chunked
-strategy's Triton epilogue. Here a head's options (``HeadOptions``) become the kernels' scalar
-arguments, and their output planes become ``RowStats`` / ``HeadGrads``."""
+"""The Triton engines over the kernels' launchers (ops/): the forward tile kernel (statistics only),
+and the chunked strategy's Triton epilogue. Here a head's options (``HeadOptions``) become the
+kernels' scalar arguments, and their output planes become ``RowStats``."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ from typing import Optional
 
 from ..ops.chunk_epilogue import chunk_epilogue
 from ..ops.distill_epilogue import distill_epilogue
-from ..ops.merge_splits import KD_PLANES, STATE_PLANES
-from ..ops.tile_backward import tile_backward
-from ..ops.tile_distill import tile_distill_backward, tile_distill_forward
+from ..ops.merge_splits import STATE_PLANES
 from ..ops.tile_forward import tile_forward
 from ..options import GradRequest, HeadOptions
-from .base import HeadGrads, OnlineState, RowStats, grad_scalars, head_scalars
+from .base import OnlineState, RowStats, grad_scalars, head_scalars
 from .distill import distill_chunk
 
 KD_MODES = {"forward_kl": 1, "reverse_kl": 2, "jsd": 3}
@@ -44,73 +42,21 @@ def row_stats(planes, kd=None) -> RowStats:
     return RowStats(**dict(zip(STATE_PLANES, planes)), kd=kd)
 
 
-def _head_grads(x, dx, dw, db) -> HeadGrads:
-    return HeadGrads(hidden=None if dx is None else dx.to(x.dtype), weight=dw, bias=db)
-
-
-def _teacher(teacher) -> tuple:
-    assert teacher.dense, "the API refuses a sparse teacher on the tile strategy"
-    return teacher.hidden, teacher.weight, teacher.bias
-
-
-class TileEngine:
-    """Triton tile strategy: forward tile kernel (1 matmul), backward tile kernel (3 more).
-    With a teacher: both heads' tiles side by side (ops/tile_distill.py); the backward recomputes
-    the forward's per-row terms first (one more forward of both heads)."""
+class TileForwardEngine:
+    """Forward only, by the forward tile kernel (ops/tile_forward.py): one matmul's FLOPs, the logits
+    never stored, O(N) memory. What ``token_stats`` runs on Triton; it computes no gradient."""
 
     fuses_backward = False
 
-    @staticmethod
-    def _distill_forward(x, weight, bias, labels, teacher, opts: HeadOptions):
-        """Statistics with the per-row KD, and the per-row terms the backward needs (``BACKWARD_STATS``)."""
-        mode = kd_mode(opts)
-        final, jsd_sums = tile_distill_forward(x, weight, bias, labels, _teacher(teacher), head_scalars(opts),
-                                               kd_scalars(opts), opts.has_softcap, opts.has_smoothing,
-                                               jsd=mode == 3)
-        student, kd_planes = final[:len(STATE_PLANES)], dict(zip(KD_PLANES, final[len(STATE_PLANES):]))
-        kl_pm = student[0].new_zeros(student[0].shape)
-        if mode == 1:
-            kd = kd_planes["kl_forward"]
-        elif mode == 2:
-            kd = kd_planes["kl_reverse"]
-        else:
-            kl_pm, kl_qm = jsd_sums
-            kd = opts.jsd_beta * kl_qm + (1.0 - opts.jsd_beta) * kl_pm
-        aux = dict(lse=student[0], lse_s=kd_planes["lse_s"], lse_t=kd_planes["lse_t"],
-                   kl_reverse=kd_planes["kl_reverse"], kl_pm=kl_pm)
-        return row_stats(student, kd), aux
-
-    @staticmethod
-    def _distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts: HeadOptions, grads: GradRequest):
-        scalars = {**head_scalars(opts), **grad_scalars(opts), **kd_grad_scalars(opts)}
-        return _head_grads(x, *tile_distill_backward(x, weight, bias, labels, aux, _teacher(teacher), row_scale,
-                                                     scalars, kd_mode(opts), opts.has_softcap, grads.hidden,
-                                                     grads.weight, grads.bias))
-
-    @staticmethod
-    def _backward(x, weight, bias, labels, lse, row_scale, opts: HeadOptions, grads: GradRequest) -> HeadGrads:
-        return _head_grads(x, *tile_backward(x, weight, bias, labels, lse, row_scale,
-                                             {**head_scalars(opts), **grad_scalars(opts)}, opts.has_softcap,
-                                             grads.hidden, grads.weight, grads.bias))
-
     def forward(self, x, weight, bias, labels, opts: HeadOptions, row_scale=None,
                 grads: GradRequest = GradRequest(), teacher=None):
-        want_grads = row_scale is not None and grads.any
-        if teacher is not None:
-            stats, aux = self._distill_forward(x, weight, bias, labels, teacher, opts)
-            return stats, self._distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts, grads) \
-                if want_grads else None
-        stats = row_stats(tile_forward(x, weight, bias, labels, head_scalars(opts), opts.has_softcap,
-                                       opts.has_smoothing))
-        return stats, self._backward(x, weight, bias, labels, stats.lse, row_scale, opts, grads) \
-            if want_grads else None
+        if teacher is not None or (row_scale is not None and grads.any):
+            raise ValueError("the forward tile kernel gives statistics only: no teacher, no gradient")
+        return row_stats(tile_forward(x, weight, bias, labels, head_scalars(opts), opts.has_softcap,
+                                      opts.has_smoothing)), None
 
-    def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions, grads: GradRequest,
-                 teacher=None):
-        if teacher is not None:
-            _, aux = self._distill_forward(x, weight, bias, labels, teacher, opts)
-            return self._distill_backward(x, weight, bias, labels, aux, teacher, row_scale, opts, grads)
-        return self._backward(x, weight, bias, labels, lse, row_scale, opts, grads)
+    def backward(self, *args, **kwargs):
+        raise ValueError("the forward tile kernel gives statistics only: no gradient")
 
 
 class TritonEpilogue:

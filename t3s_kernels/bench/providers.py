@@ -103,17 +103,16 @@ def _cpu_epilogue_name() -> str:
     return "native" if native_module() is not None else "PyTorch"
 
 
-def provider_t3s(backend: str, strategy: str = "auto", grad_accum_dtype: str = "float32"):
+def provider_t3s(backend: str, grad_accum_dtype: str = "float32", logits_dtype: str = "auto"):
     def make(inputs: Inputs, grad: bool):
         if backend == "triton" and not (inputs.hidden.is_cuda and triton_available(inputs.hidden.device)):
             raise RuntimeError("needs CUDA")
-        label = f"t3s {backend}/{strategy}, dW accumulated in {grad_accum_dtype}"
+        label = f"t3s {backend}/chunked, dW accumulated in {grad_accum_dtype}, logits_dtype={logits_dtype}"
         if backend == "torch" and not inputs.hidden.is_cuda:
             label += f", {_cpu_epilogue_name()} epilogue"
         return _runner(lambda x, w: fused_linear_t3s_loss(x, w, inputs.labels, token_weights=inputs.token_weights,
-                                                          backend=backend, strategy=strategy,
-                                                          grad_accum_dtype=grad_accum_dtype).loss, inputs, grad,
-                       label)
+                                                          backend=backend, grad_accum_dtype=grad_accum_dtype,
+                                                          logits_dtype=logits_dtype).loss, inputs, grad, label)
 
     return make
 
@@ -186,8 +185,8 @@ PROVIDERS: dict[str, Provider] = {
     "quack": provider_quack,
     "t3s-torch": provider_t3s("torch"),
     "t3s-torch-pytorch-epilogue": provider_t3s_pytorch_epilogue,
-    "t3s-triton-chunked": provider_t3s("triton", "chunked"),
-    "t3s-triton-chunked-weight-accum": provider_t3s("triton", "chunked", "weight"),
-    "t3s-triton-tile": provider_t3s("triton", "tile"),
+    "t3s-triton-chunked": provider_t3s("triton"),
+    "t3s-triton-chunked-weight-accum": provider_t3s("triton", "weight"),
+    "t3s-triton-chunked-float32-logits": provider_t3s("triton", logits_dtype="float32"),
     "t3s-token-stats": provider_token_stats,
 }

@@ -32,18 +32,9 @@ from . import configs
 from .chunk_epilogue import chunk_epilogue, chunk_epilogue_kernel
 from .distill_epilogue import distill_epilogue, distill_epilogue_kernel
 from .merge_splits import merge_splits_kernel
-from .tile_backward import tile_backward, tile_backward_kernel
-from .tile_distill import (
-    BACKWARD_STATS,
-    tile_distill_backward,
-    tile_distill_backward_kernel,
-    tile_distill_forward,
-    tile_distill_forward_kernel,
-)
 from .tile_forward import tile_forward, tile_forward_kernel
 
-KERNELS = [tile_forward_kernel, tile_backward_kernel, merge_splits_kernel, chunk_epilogue_kernel,
-           distill_epilogue_kernel, tile_distill_forward_kernel, tile_distill_backward_kernel]
+KERNELS = [tile_forward_kernel, merge_splits_kernel, chunk_epilogue_kernel, distill_epilogue_kernel]
 
 # Shapes the launches are modelled at: Qwen3-8B's head (every size divisible by 16), and one where
 # the token count (after compaction: any number) and the vocabulary (GPT-2's) are not (there, the
@@ -102,18 +93,14 @@ def specialize(value):
     raise TypeError(f"aot: cannot specialize an argument of type {type(value).__name__}")
 
 
-def _variant_name(kernel: str, constexprs: dict) -> tuple[str, str]:
-    """The report's kernel name (the DISTILL merge and the JSD pass by their own names, as the
-    launch configurations know them) and the flags that make this variant."""
-    name = kernel.removesuffix("_kernel")
-    if name == "merge_splits" and constexprs.get("DISTILL"):
-        name = "merge_distill_splits"
-    if name == "tile_distill_forward" and constexprs.get("JSD_PASS"):
-        name = "tile_jsd"
+def _variant_name(kernel: str, constexprs: dict, signature: dict) -> tuple[str, str]:
+    """The report's kernel name and the flags that make this variant (with the logits' dtype where a
+    kernel reads a logits buffer: float32, or the inputs' half dtype)."""
     flags = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(constexprs.items())
-             if k.isupper() and not k.startswith("BLOCK") and k not in ("DOT_PRECISION", "UPCAST", "DISTILL",
-                                                                         "JSD_PASS")]
-    return name, " ".join(flags)
+             if k.isupper() and not k.startswith("BLOCK") and k not in ("DOT_PRECISION", "UPCAST")]
+    if "LOGITS" in signature:
+        flags.append(f"LOGITS={signature['LOGITS'].lstrip('*')}")
+    return kernel.removesuffix("_kernel"), " ".join(flags)
 
 
 def to_launch(kernel, args: tuple, kwargs: dict, shape: str) -> Launch:
@@ -138,7 +125,7 @@ def to_launch(kernel, args: tuple, kwargs: dict, shape: str) -> Launch:
             constants[name] = constant
         if aligned:
             divisible.append(name)
-    name, variant = _variant_name(kernel.fn.__name__, constants)
+    name, variant = _variant_name(kernel.fn.__name__, constants, dict(signature))
     return Launch(name, variant, shape, tuple(signature), tuple(sorted(constants.items())), tuple(divisible),
                   options.get("num_warps", 4), options.get("num_stages", 3))
 
@@ -159,22 +146,11 @@ def _launcher_calls(dtype: torch.dtype, n: int, h: int, v: int, plain: bool = Tr
                torch.empty(v, dtype=dtype, **meta))
     y, f32 = torch.empty(n, dtype=torch.int64, **meta), dict(dtype=torch.float32, **meta)
     row_scale, lse = torch.empty(n, **f32), torch.empty(n, **f32)
-    teacher = (torch.empty(n, h, dtype=dtype, **meta), torch.empty(v, h, dtype=dtype, **meta),
-               torch.empty(v, dtype=dtype, **meta))
     head = dict(softcap=30.0, logit_scale=1.0)
     grad = dict(ce_weight=1.0, smoothing=0.1, inv_vocab=1.0 / v, z_loss=1e-4)
-    kd = dict(inv_temp=0.5, log_beta=-0.7, log_1m_beta=-0.7)
-    kd_grad = dict(kd_coef=1.0, beta=0.5, **kd)
+    kd_grad = dict(kd_coef=1.0, beta=0.5, inv_temp=0.5, log_beta=-0.7, log_1m_beta=-0.7)
     for rich in (False, True)[0 if plain else 1:]:
-        bias = b if rich else None
-        yield lambda: tile_forward(x, w, bias, y, head, rich, rich)
-        for dx, dw in ((True, True), (True, False), (False, True)):
-            yield lambda: tile_backward(x, w, bias, y, lse, row_scale, {**head, **grad}, rich, dx, dw, rich)
-        for jsd in (False, True):
-            yield lambda: tile_distill_forward(x, w, bias, y, teacher, head, kd, rich, rich, jsd)
-        for mode in (1, 2, 3):
-            yield lambda: tile_distill_backward(x, w, bias, y, {k: lse for k in BACKWARD_STATS}, teacher, row_scale,
-                                                {**head, **grad, **kd_grad}, mode, rich, True, True, rich)
+        yield lambda: tile_forward(x, w, b if rich else None, y, head, rich, rich)
     # The chunked epilogues: a chunk of whole vocabulary rows in 1 GiB, of float32 logits (6 bytes a logit with
     # the half gradient) and, for half inputs, of logits in their dtype with the gradient over them (2 bytes).
     chunks = [(torch.float32, 6)] + ([(dtype, 2)] if dtype != torch.float32 else [])
@@ -196,7 +172,7 @@ def launcher_arguments(dtype: torch.dtype, arch: int, shape: str) -> list[tuple]
     """(kernel, args, kwargs) of every launch the launchers make at ``shape``, as on a card of compute
     capability ``arch`` (its SM count sets the vocabulary splits); nothing runs (meta tensors)."""
     calls: list[tuple] = []
-    sms = mock.Mock(multi_processor_count=SM_COUNT[arch])
+    sms = mock.Mock(multi_processor_count=SM_COUNT[arch], major=arch // 10, minor=arch % 10)
     patches = [_capture(k, calls) for k in KERNELS]
     with mock.patch.object(torch.cuda, "get_device_properties", return_value=sms), \
             mock.patch.object(configs, "interpreting", return_value=False):
@@ -290,7 +266,6 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
 
 
 _BY_NAME = {k.fn.__name__.removesuffix("_kernel"): k for k in KERNELS}
-_BY_NAME.update(merge_distill_splits=merge_splits_kernel, tile_jsd=tile_distill_forward_kernel)
 
 
 def _stage_bytes(launch: Launch, dtype: torch.dtype) -> int:
@@ -327,10 +302,10 @@ def compile_all(archs=(90, 80), dtypes=(torch.bfloat16, torch.float32), workers=
 
 
 def format_reports(reports: list[CompileReport]) -> str:
-    lines = [f"{'kernel':<22}{'variant':<44}{'shape':<8}{'dtype':<6}{'arch':<7}{'smem KiB':>9}{'stage':>6}"
+    lines = [f"{'kernel':<22}{'variant':<64}{'shape':<8}{'dtype':<6}{'arch':<7}{'smem KiB':>9}{'stage':>6}"
              f"{'regs':>6}{'spill st/ld B':>15}{'warps':>6}"]
     for r in reports:
-        lines.append(f"{r.kernel:<22}{r.variant:<44}{r.shape:<8}{r.dtype:<6}sm_{r.arch:<4}{r.shared_bytes / 1024:>9.1f}"
+        lines.append(f"{r.kernel:<22}{r.variant:<64}{r.shape:<8}{r.dtype:<6}sm_{r.arch:<4}{r.shared_bytes / 1024:>9.1f}"
                      f"{r.num_stages:>6}{r.registers:>6}{f'{r.spill_stores}/{r.spill_loads}':>15}{r.num_warps:>6}")
     return "\n".join(lines)
 

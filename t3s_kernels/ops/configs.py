@@ -24,38 +24,41 @@ _HALF_AND_FP32 = lambda half, fp32: {"half": half, "fp32": fp32}
 # fp32 inputs use IEEE-exact dots (no TF32), so they get smaller tiles. Chosen so that every
 # launch variant compiles without register spills on sm_90 and sm_80, with Triton 3.6 (the GPU
 # image's) and 3.9 (tests/ops/test_compile.py runs the installed one; `python -m
-# t3s_kernels.ops.aot` under the other). Under 3.6 the tile backward spilled at 2 stages and the
-# fp32 distillation forward at 8 warps.
+# t3s_kernels.ops.aot` under the other).
 KERNEL_CONFIGS = {
     "tile_forward": _HALF_AND_FP32(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
                                    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)),
-    "tile_backward": _HALF_AND_FP32(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-                                    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3)),
     # BLOCK_V 2048 spills in the fused (ACCUMULATE and GRAD) variant once the launch's specialization is modelled.
     "chunk_epilogue": {dtype: dict(BLOCK_R=2, BLOCK_V=1024, num_warps=8, num_stages=1) for dtype in ("half", "fp32")},
     "merge_splits": {dtype: dict(BLOCK=128, num_warps=4, num_stages=1) for dtype in ("half", "fp32")},
     "distill_epilogue": {dtype: dict(BLOCK_R=1, BLOCK_V=1024, num_warps=8, num_stages=1) for dtype in ("half", "fp32")},
-    "tile_distill_forward": _HALF_AND_FP32(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
-                                           dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=1)),
-    "tile_jsd": _HALF_AND_FP32(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
-                               dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=1)),
-    "tile_distill_backward": _HALF_AND_FP32(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=1),
-                                            dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=1)),
+}
+
+# Where a card allows more, by compute capability (major): on sm_90, 128 x 128 x 64 tiles of the forward
+# tile kernel compile without spills in every variant (Triton 3.6 and 3.9; on sm_80 its variant with
+# bias, softcap and smoothing spills 16 bytes, so sm_80 keeps the table above). 128 x 256 x 64, 1.19x of
+# one matmul on an H200 (benchmarks/RESULTS.md), spills on sm_90 under 3.9 even without options.
+ARCH_CONFIGS = {
+    9: {"tile_forward": {"half": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)}},
 }
 
 # Under TRITON_INTERPRET=1 (tests on CPU): small blocks, so odd shapes cross several of them.
-_TILE, _ROWS = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16), dict(BLOCK_R=4, BLOCK_V=64)
 INTERPRETER_CONFIGS = {
-    "tile_forward": _TILE, "tile_backward": _TILE, "tile_distill_forward": _TILE, "tile_jsd": _TILE,
-    "tile_distill_backward": _TILE, "chunk_epilogue": _ROWS, "distill_epilogue": _ROWS,
-    "merge_splits": dict(BLOCK=16),
+    "tile_forward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16), "chunk_epilogue": dict(BLOCK_R=4, BLOCK_V=64),
+    "distill_epilogue": dict(BLOCK_R=4, BLOCK_V=64), "merge_splits": dict(BLOCK=16),
 }
 
 
-def kernel_config(kernel: str, dtype: torch.dtype) -> dict:
+def kernel_config(kernel: str, dtype: torch.dtype, device: torch.device | None = None) -> dict:
+    """The launch configuration of ``kernel`` for inputs of ``dtype`` (on ``device``'s architecture where given)."""
     if interpreting():
         return dict(INTERPRETER_CONFIGS[kernel])
-    return dict(KERNEL_CONFIGS[kernel]["fp32" if dtype == torch.float32 else "half"])
+    kind = "fp32" if dtype == torch.float32 else "half"
+    if device is not None:
+        override = ARCH_CONFIGS.get(torch.cuda.get_device_properties(device).major, {}).get(kernel, {}).get(kind)
+        if override is not None:
+            return dict(override)
+    return dict(KERNEL_CONFIGS[kernel][kind])
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -90,18 +93,11 @@ def vocab_splits(n: int, vocab: int, cfg: dict, device: torch.device) -> tuple[i
 
 
 def check_int32_offsets(x: torch.Tensor, weight: torch.Tensor) -> None:
-    """The tile kernels address X, W, dX and dW with int32 offsets (half the registers of 64-bit ones)."""
+    """The forward tile kernel addresses X and W with int32 offsets (half the registers of 64-bit ones)."""
     limit = 2**31 - 1
     if max(x.shape[0] * x.stride(0), weight.shape[0] * weight.stride(0), x.numel(), weight.numel()) > limit:
-        raise ValueError("strategy='tile' addresses hidden and weight with 32-bit offsets and they exceed 2**31 "
-                         "elements; use strategy='chunked'")
-
-
-def grad_buffers(n: int, h: int, vocab: int, device, compute_dx: bool, compute_dw: bool, compute_db: bool):
-    """float32 zero dX, dW, db for the tile backward kernels' atomics (None where not computed)."""
-    f32 = dict(device=device, dtype=torch.float32)
-    return (torch.zeros(n, h, **f32) if compute_dx else None, torch.zeros(vocab, h, **f32) if compute_dw else None,
-            torch.zeros(vocab, **f32) if compute_db else None)
+        raise ValueError("token_stats on Triton addresses hidden and weight with 32-bit offsets and they exceed "
+                         "2**31 elements; score fewer tokens a call, or pass backend='torch'")
 
 
 def gradient_buffer(logits: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""One [token block x vocab block] tile of the LM head's logits, shared by the tile kernels."""
+"""One [token block x vocab block] tile of the LM head's logits, and the forward tile grid's coordinates."""
 
 import triton
 import triton.language as tl
@@ -55,41 +55,3 @@ def split_vocab_block(i, blocks_per_split, V, BLOCK_N: tl.constexpr):
     col0 = (tl.program_id(1) * blocks_per_split + i) * BLOCK_N
     cols = col0 + tl.arange(0, BLOCK_N)
     return col0 < V, col0, cols, (cols < V)[None, :]
-
-
-@triton.jit
-def push_tile_grads(dz, X, W, DX, DW, DB, rows, cols, row_valid, col_valid, H, stride_xn, stride_xh, stride_wv,
-                    stride_wh, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Add a tile's dL/dz into float32 dX (dz @ W), dW (dz^T @ X) and db with atomics, one BLOCK_K
-    slice of H at a time; the products run in the inputs' dtype, as cuBLAS would."""
-    dz = tl.where(row_valid[:, None], dz, 0.0)
-    if COMPUTE_DB:
-        tl.atomic_add(DB + cols, tl.sum(dz, axis=0), mask=col_valid)
-    dz_in = dz.to(X.dtype.element_ty)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_valid = ks < H
-        if COMPUTE_DX:
-            w = tl.load(W + cols[:, None] * stride_wv + ks[None, :] * stride_wh,
-                        mask=col_valid[:, None] & k_valid[None, :], other=0.0)
-            dx = tile_dot(dz_in, w, None, DOT_PRECISION, UPCAST)
-            tl.atomic_add(DX + rows[:, None] * H + ks[None, :], dx, mask=row_valid[:, None] & k_valid[None, :])
-        if COMPUTE_DW:
-            x = tl.load(X + rows[:, None] * stride_xn + ks[None, :] * stride_xh,
-                        mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-            dw = tile_dot(tl.trans(dz_in), x, None, DOT_PRECISION, UPCAST)
-            tl.atomic_add(DW + cols[:, None] * H + ks[None, :], dw, mask=col_valid[:, None] & k_valid[None, :])
-
-
-@triton.jit
-def backward_tile_coords(N, V, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Origin, rows and columns of this backward program's tile. Consecutive programs share a
-    vocabulary block (the row block varies fastest), so a W tile is read from DRAM once, then from L2."""
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(N, BLOCK_M)
-    row0 = (pid % n_row_blocks) * BLOCK_M
-    col0 = (pid // n_row_blocks) * BLOCK_N
-    rows = row0 + tl.arange(0, BLOCK_M)
-    cols = col0 + tl.arange(0, BLOCK_N)
-    return row0, col0, rows, cols, rows < N, cols < V

@@ -142,7 +142,6 @@ def empty_student_state(BLOCK: tl.constexpr):
 
 
 # A student's partial state is five planes, ``plane`` floats apart: m, d, u, label_logit, sum_logits.
-# With a teacher, six more follow: the tempered student's (m_s, d_s, A_r) and teacher's (m_t, d_t, A_f).
 # Masked rows load as (0, 1, 0, ...): finite, so merging them computes no NaN.
 
 @triton.jit
@@ -168,28 +167,6 @@ def merge_student_state(m, d, u, label_logit, sum_logits, P, plane, valid):
     m_p, d_p, u_p, label_p, sum_p = load_student_state(P, plane, valid)
     m, d, u = merge_softmax_state(m, d, u, m_p, d_p, u_p)
     return m, d, u, label_logit + label_p, sum_logits + sum_p
-
-
-@triton.jit
-def store_kd_state(P, plane, valid, m_s, d_s, a_r, m_t, d_t, a_f):
-    tl.store(P, m_s, mask=valid)
-    tl.store(P + plane, d_s, mask=valid)
-    tl.store(P + 2 * plane, a_r, mask=valid)
-    tl.store(P + 3 * plane, m_t, mask=valid)
-    tl.store(P + 4 * plane, d_t, mask=valid)
-    tl.store(P + 5 * plane, a_f, mask=valid)
-
-
-@triton.jit
-def merge_kd_state(m_s, d_s, a_r, m_t, d_t, a_f, P, plane, valid):
-    """Both tempered states merged with the partial ones stored at P."""
-    m_s, d_s, a_r = merge_weighted_sum(m_s, d_s, a_r, tl.load(P, mask=valid, other=0.0),
-                                       tl.load(P + plane, mask=valid, other=1.0),
-                                       tl.load(P + 2 * plane, mask=valid, other=0.0))
-    m_t, d_t, a_f = merge_weighted_sum(m_t, d_t, a_f, tl.load(P + 3 * plane, mask=valid, other=0.0),
-                                       tl.load(P + 4 * plane, mask=valid, other=1.0),
-                                       tl.load(P + 5 * plane, mask=valid, other=0.0))
-    return m_s, d_s, a_r, m_t, d_t, a_f
 
 
 @triton.jit

@@ -44,7 +44,7 @@ def tile_forward(x, weight, bias, labels, scalars: dict, has_softcap: bool, has_
     check_int32_offsets(x, weight)
     n, h = x.shape
     vocab = weight.shape[0]
-    cfg = kernel_config("tile_forward", x.dtype)
+    cfg = kernel_config("tile_forward", x.dtype, x.device)
     n_row_blocks, splits, blocks_per_split = vocab_splits(n, vocab, cfg, x.device)
     part = torch.empty(N_STUDENT_PARTIAL, splits, n, device=x.device, dtype=torch.float32)
     tile_forward_kernel[(n_row_blocks, splits)](
@@ -52,4 +52,4 @@ def tile_forward(x, weight, bias, labels, scalars: dict, has_softcap: bool, has_
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         blocks_per_split=blocks_per_split, HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
         HAS_SMOOTHING=has_smoothing, **dot_flags(x.dtype), **scalars, **cfg)
-    return merge_splits(part, distill=False)
+    return merge_splits(part)

@@ -32,7 +32,7 @@ def native():
 @pytest.mark.parametrize("chunk_rows,vocab_chunk", [(16, None), (16, 64)], ids=["whole-rows", "vocab-chunks"])
 def test_native_epilogue_matches_the_reference(native, opts, dtype, chunk_rows, vocab_chunk):
     inputs = make_inputs(n=41, h=24, v=203, dtype=dtype, bias=True, weights="zeros", ignored=3, device="cpu")
-    assert isinstance(make_engine(CPU, "torch", "auto").epilogue, NativeCpuEpilogue)  # the default on a CPU
+    assert isinstance(make_engine(CPU, "torch").epilogue, NativeCpuEpilogue)  # the default on a CPU
     cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), backend="torch", chunk_rows=chunk_rows,
                      vocab_chunk=vocab_chunk)
     x, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
@@ -68,8 +68,8 @@ def test_state_merges_across_vocabulary_chunks_like_the_pytorch_epilogue(native)
 
 def test_pytorch_epilogue_on_request_and_without_a_build(monkeypatch):
     monkeypatch.setenv("T3S_CPU_EPILOGUE", "torch")
-    assert type(make_engine(CPU, "torch", "auto").epilogue) is TorchEpilogue
+    assert type(make_engine(CPU, "torch").epilogue) is TorchEpilogue
     monkeypatch.delenv("T3S_CPU_EPILOGUE")
     monkeypatch.setattr(cpu_epilogue, "_build", lambda: None)  # no compiler, no source: the fallback
-    engine = make_engine(CPU, "torch", "auto")
+    engine = make_engine(CPU, "torch")
     assert isinstance(engine, ChunkedEngine) and type(engine.epilogue) is TorchEpilogue

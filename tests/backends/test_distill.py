@@ -36,7 +36,7 @@ def eager_loss(x, w, y, tw, t_logits, *, kd_loss, beta, temperature, kd_weight, 
                                           pytest.param("jsd", 0.3, marks=pytest.mark.gpu),
                                           ("jsd", 1.0)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked"), ("triton", "tile")])
+@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked")])
 def test_dense_teacher_matches_reference(backend, strategy, kd_loss, beta, temperature, dtype, reduction):
     inputs = make_inputs(dtype=dtype, weights="zeros", ignored=4)
     th, tw_ = teacher(dtype=dtype)
@@ -66,8 +66,7 @@ def test_triton_distillation_with_softcap_smoothing_bias_and_several_chunks():
     kw = dict(teacher_hidden=th, teacher_weight=tw_, kd_weight=0.7, kd_loss="jsd", jsd_beta=0.3, kd_temperature=1.5,
               softcap=4.0, label_smoothing=0.1, z_loss=1e-3, return_stats=True)
     outs, grads = [], []
-    for backend, strategy, budget in (("torch", "auto", None), ("triton", "chunked", 10 * 203 * 8),
-                                      ("triton", "tile", None)):
+    for backend, strategy, budget in (("torch", "auto", None), ("triton", "chunked", 10 * 203 * 8)):
         x = inputs["hidden"].clone().requires_grad_()
         out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], bias=inputs["bias"],
                                         token_weights=inputs["token_weights"], backend=backend, strategy=strategy,
@@ -133,11 +132,10 @@ def test_sparse_teacher_matches_eager_formula_on_its_support(backend, tail, kd_l
 @pytest.mark.parametrize("backend,strategy,n,h,v", [
     ("torch", "auto", 2048, 32, 8192),
     ("triton", "chunked", 128, 16, 2048),
-    ("triton", "tile", 128, 16, 2048),
 ])
 def test_distillation_never_holds_full_logits(backend, strategy, n, h, v):
-    """Peak memory of fwd+bwd with a teacher: the chunked paths within their chunk budget, the tile
-    path within O((N + V) x H); a full N x V fp32 buffer (of either head) would exceed the bound.
+    """Peak memory of fwd+bwd with a teacher: within the chunk budget; a full N x V fp32 buffer (of
+    either head) would exceed the bound.
     Measured on the CPU (Triton under its interpreter); the GPU check measures the GPU."""
     import os
 
@@ -161,7 +159,7 @@ def test_distillation_never_holds_full_logits(backend, strategy, n, h, v):
 
     _, peak = peak_memory_bytes(step, torch.device("cpu"))
     outputs = (n * h + 2 * v * h) * 4  # dX, and dW with its fp32 accumulator
-    bound = outputs + (budget if strategy != "tile" else 0) + 64 * (n + v) + (128 << 10)
+    bound = outputs + budget + 64 * (n + v) + (128 << 10)
     assert peak <= bound, f"peak {peak / 2**20:.2f} MiB > bound {bound / 2**20:.2f} MiB"
     assert n * v * 4 > bound  # a full N x V buffer would have shown
 
@@ -175,10 +173,6 @@ def test_distillation_never_holds_full_logits(backend, strategy, n, h, v):
     (dict(jsd_beta=1.5), ValueError, r"jsd_beta must be <= 1"),
     (dict(kd_temperature=0.0), ValueError, r"kd_temperature must be > 0"),
     (dict(sparse_tail="drop"), ValueError, r"sparse_tail must be one of"),
-    (dict(backend="triton", strategy="tile", teacher_hidden=None, teacher_weight=None,
-          teacher_topk_ids=torch.arange(4, device=DEVICE).repeat(37, 1),
-          teacher_topk_logprobs=torch.full((37, 4), math.log(0.2), device=DEVICE)),
-     ValueError, r"a sparse \(top-k\) teacher runs on the chunked strategies"),
     (dict(teacher_topk_ids=torch.zeros(37, 4, dtype=torch.long, device=DEVICE),
           teacher_topk_logprobs=torch.zeros(37, 4, device=DEVICE)), ValueError, "not both"),
 ])
@@ -214,7 +208,7 @@ def test_kd_weight_needs_a_teacher():
 
 
 @pytest.mark.parametrize("kd_loss", ["forward_kl", "jsd"])
-@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked"), ("triton", "tile")])
+@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked")])
 def test_student_logit_scale_with_a_teacher(backend, strategy, kd_loss):
     """A student with its own logit multiplier (Cohere-style): CE and KD both see the scaled logits;
     the teacher's logits are its own. Compared with the eager transcription on scaled logits."""

@@ -27,7 +27,7 @@ def test_table_rows_are_exact_and_the_ratios_use_the_measured_floor():
         assert rows[name].fwd_ms > 0 and rows[name].fwd_bwd_ms > 0 and rows[name].peak_mib > 0
     assert rows["t3s-token-stats"].fwd_bwd_ms is None and rows["t3s-token-stats"].note == "forward only"
     assert rows["eager"].backend == "PyTorch eager"
-    assert rows["t3s-torch"].backend.startswith("t3s torch/auto, dW accumulated in float32, ")
+    assert rows["t3s-torch"].backend.startswith("t3s torch/chunked, dW accumulated in float32, logits_dtype=auto, ")
     table = format_report(report)
     line = next(line for line in table.splitlines() if line.startswith("t3s-torch"))
     assert f"{rows['t3s-torch'].fwd_ms / report.floor_1mm_ms:.2f}" in line.split()

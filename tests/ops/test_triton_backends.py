@@ -1,4 +1,4 @@
-"""The Triton strategies (tile, chunked) and the forward tile kernel against the fp64 reference.
+"""The Triton chunked strategy and the forward tile kernel (token_stats) against the fp64 reference.
 
 On a CPU-only machine they run under TRITON_INTERPRET=1 (set in conftest.py) at small odd
 shapes (N=37, H=48, V=203: no dimension a multiple of any block size)."""
@@ -10,48 +10,41 @@ import t3s_kernels as t3s
 from tests.cases import CASE_PARAMS
 from tests.helpers import DEVICE, assert_close, check_token_stats, make_inputs, run_and_compare
 
-STRATEGIES = ["tile", "chunked"]
-
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("input_opts,loss_opts", CASE_PARAMS)
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_triton_matches_reference(strategy, input_opts, loss_opts, dtype, reduction):
-    run_and_compare(make_inputs(dtype=dtype, **input_opts), backend="triton", strategy=strategy,
+def test_triton_matches_reference(input_opts, loss_opts, dtype, reduction):
+    run_and_compare(make_inputs(dtype=dtype, **input_opts), backend="triton", strategy="chunked",
                     reduction=reduction, **loss_opts)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_fp16_inputs(strategy):
+def test_fp16_inputs():
     run_and_compare(make_inputs(dtype=torch.float16, bias=True, weights="zeros"), backend="triton",
-                    strategy=strategy, label_smoothing=0.05, softcap=4.0)
+                    strategy="chunked", label_smoothing=0.05, softcap=4.0)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_normalizer_and_leading_dims(strategy):
+def test_normalizer_and_leading_dims():
     inputs = make_inputs(n=36, lead=(3, 12), weights="zeros", ignored=2)
-    run_and_compare(inputs, backend="triton", strategy=strategy, normalizer=7)
+    run_and_compare(inputs, backend="triton", strategy="chunked", normalizer=7)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_non_contiguous_inputs(strategy):
+def test_non_contiguous_inputs():
     base = make_inputs(n=37, h=96, v=203, bias=True)
     inputs = dict(base)
     inputs["hidden"] = base["hidden"][:, ::2]
     inputs["weight"] = base["weight"].t().contiguous().t()[:, ::2]  # column-major, strided
     inputs["labels"] = torch.stack([base["labels"], base["labels"]], 1)[:, 1]
-    run_and_compare(inputs, backend="triton", strategy=strategy)
+    run_and_compare(inputs, backend="triton", strategy="chunked")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1, 16, 5), (64, 32, 128), (5, 200, 65)], ids=str)
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_shapes_at_and_around_block_edges(strategy, shape):
+def test_shapes_at_and_around_block_edges(shape):
     n, h, v = shape
-    run_and_compare(make_inputs(n=n, h=h, v=v, weights="zeros"), backend="triton", strategy=strategy,
+    run_and_compare(make_inputs(n=n, h=h, v=v, weights="zeros"), backend="triton", strategy="chunked",
                     label_smoothing=0.1)
 
 
@@ -69,10 +62,10 @@ def test_token_stats_tile_kernel(dtype, temperature, logit_scale):
 
 @pytest.mark.gpu
 def test_backends_agree_with_each_other():
-    """Triton tile, Triton chunked and PyTorch on the same inputs: the same numbers to fp32 rounding."""
+    """Triton chunked and PyTorch on the same inputs: the same numbers to fp32 rounding."""
     inputs = make_inputs(bias=True, weights="random", ignored=3)
-    outs = [t3s.fused_linear_t3s_loss(**inputs, backend=b, strategy=s, return_stats=True, label_smoothing=0.1)
-            for b, s in (("torch", "auto"), ("triton", "tile"), ("triton", "chunked"))]
+    outs = [t3s.fused_linear_t3s_loss(**inputs, backend=b, return_stats=True, label_smoothing=0.1)
+            for b in ("torch", "triton")]
     for other in outs[1:]:
         assert_close(other.loss, outs[0].loss, 1e-6, "loss")
         assert_close(other.logprob, outs[0].logprob, 1e-6, "logprob")
@@ -86,17 +79,16 @@ def test_triton_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
         t3s.fused_linear_t3s_loss(**make_inputs(), backend="triton")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_softcap_tanh_is_as_accurate_as_eager(strategy):
+def test_softcap_tanh_is_as_accurate_as_eager():
     """A large cap puts z / cap near 0, where tanh as 2 sigmoid(2x) - 1 cancels (about 10x eager's
     error in the loss, 6x in the gradient). The kernels' tanh must stay within 2x of the PyTorch
     backend's error against fp64, in the per-token losses and in dX."""
     inputs = make_inputs(n=64, h=48, v=203, seed=3)
     errors = {}
-    for backend, strat in (("torch", "auto"), ("triton", strategy)):
+    for backend in ("torch", "triton"):
         hidden = inputs["hidden"].clone().requires_grad_(True)
         out = t3s.fused_linear_t3s_loss(hidden, inputs["weight"], inputs["labels"], reduction="none",
-                                        softcap=30.0, backend=backend, strategy=strat)
+                                        softcap=30.0, backend=backend)
         (dx,) = torch.autograd.grad(out.loss.sum(), hidden)
         ref_hidden = inputs["hidden"].double().requires_grad_(True)
         ref, _ = t3s.reference_t3s_loss(ref_hidden, inputs["weight"].double(), inputs["labels"], reduction="none",
