@@ -32,13 +32,13 @@ timeout 120 python3 -m t3s_kernels.cli bench --select 1.0 --repeat 5 --quiet \
 
 # 2. The selection lever: half the tokens at weight 0 (ignored labels for the peers).
 timeout 45 python3 -m t3s_kernels.cli bench --select 0.5 --repeat 3 --quiet --no-error \
-  --providers liger cce quack t3s-triton-chunked t3s-triton-chunked-weight-accum \
+  --providers liger cce quack t3s-triton-chunked t3s-triton-chunked-weight-accum t3s-triton-chunked-lean \
   --json "$out/bench-select-0.5.json" 2>&1 | tee "$out/bench-select-0.5.txt"
 
 # 3. The sweep, reduced: time and peak memory against N at V=151936, with the small-N row
 #    (N=2048, where fixed costs show), and the two other vocabularies at N=8192; JSON and PNGs.
 timeout 70 python3 -m t3s_kernels.cli bench --sweep --sweep-tokens 2048 8192 32768 --sweep-vocab 151936 \
-  --providers compile liger cce quack t3s-triton-chunked t3s-triton-chunked-weight-accum --repeat 2 --quiet --no-error --out "$out" \
+  --providers compile liger cce quack t3s-triton-chunked t3s-triton-chunked-lean --repeat 2 --quiet --no-error --out "$out" \
   2>&1 | tee "$out/sweep-v151936.txt"
 timeout 30 python3 -m t3s_kernels.cli bench --sweep --sweep-tokens 8192 --sweep-vocab 32768 262144 \
   --providers compile liger quack t3s-triton-chunked --repeat 2 --quiet --no-error --out "$out/vocab" \

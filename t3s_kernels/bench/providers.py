@@ -103,16 +103,21 @@ def _cpu_epilogue_name() -> str:
     return "native" if native_module() is not None else "PyTorch"
 
 
-def provider_t3s(backend: str, grad_accum_dtype: str = "float32", logits_dtype: str = "auto"):
+def provider_t3s(backend: str, grad_accum_dtype: str = "float32", logits_dtype: str = "auto",
+                 chunk_budget_bytes: Optional[int] = None):
     def make(inputs: Inputs, grad: bool):
         if backend == "triton" and not (inputs.hidden.is_cuda and triton_available(inputs.hidden.device)):
             raise RuntimeError("needs CUDA")
         label = f"t3s {backend}/chunked, dW accumulated in {grad_accum_dtype}, logits_dtype={logits_dtype}"
+        if chunk_budget_bytes is not None:
+            label += f", chunk budget {chunk_budget_bytes >> 20} MiB"
         if backend == "torch" and not inputs.hidden.is_cuda:
             label += f", {_cpu_epilogue_name()} epilogue"
         return _runner(lambda x, w: fused_linear_t3s_loss(x, w, inputs.labels, token_weights=inputs.token_weights,
                                                           backend=backend, grad_accum_dtype=grad_accum_dtype,
-                                                          logits_dtype=logits_dtype).loss, inputs, grad, label)
+                                                          logits_dtype=logits_dtype,
+                                                          chunk_budget_bytes=chunk_budget_bytes).loss,
+                       inputs, grad, label)
 
     return make
 
@@ -188,5 +193,7 @@ PROVIDERS: dict[str, Provider] = {
     "t3s-triton-chunked": provider_t3s("triton"),
     "t3s-triton-chunked-weight-accum": provider_t3s("triton", "weight"),
     "t3s-triton-chunked-float32-logits": provider_t3s("triton", logits_dtype="float32"),
+    # Least memory: a bf16 dW and chunks of about Liger-Kernel's size (512 rows at V = 152K).
+    "t3s-triton-chunked-lean": provider_t3s("triton", "weight", chunk_budget_bytes=160 << 20),
     "t3s-token-stats": provider_token_stats,
 }
