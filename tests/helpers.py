@@ -101,13 +101,15 @@ def run_and_compare(inputs, *, backend="torch", strategy="auto", reduction="mean
     return out
 
 
-def check_token_stats(backend, dtype, temperature, softcap=6.0, logit_scale=1.0):
-    """token_stats on a backend against the reference statistics (bias, softcap, logit scale, ignored labels)."""
-    inputs = make_inputs(dtype=dtype, bias=True, ignored=4)
-    stats = t3s.token_stats(inputs["hidden"], inputs["weight"], inputs["labels"], bias=inputs["bias"],
+def check_token_stats(backend, dtype, temperature, softcap=6.0, logit_scale=1.0, bias=True, **shape):
+    """token_stats on a backend against the reference statistics (bias, softcap, logit scale, ignored labels);
+    ``shape``: make_inputs' n, h, v."""
+    inputs = make_inputs(dtype=dtype, bias=bias, ignored=4, **shape)
+    b = inputs["bias"]
+    stats = t3s.token_stats(inputs["hidden"], inputs["weight"], inputs["labels"], bias=b,
                             softcap=softcap, logit_scale=logit_scale, temperature=temperature, backend=backend)
     _, ref = t3s.reference_t3s_loss(inputs["hidden"].double(), inputs["weight"].double(), inputs["labels"],
-                                    bias=inputs["bias"].double(), softcap=softcap, logit_scale=logit_scale,
+                                    bias=None if b is None else b.double(), softcap=softcap, logit_scale=logit_scale,
                                     temperature=temperature)
     for key in ("logprob", "entropy", "lse"):
         assert_close(getattr(stats, key), ref[key], TOLERANCE[dtype]["value"], key)

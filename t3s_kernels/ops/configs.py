@@ -26,8 +26,8 @@ _HALF_AND_FP32 = lambda half, fp32: {"half": half, "fp32": fp32}
 # image's) and 3.9 (tests/ops/test_compile.py runs the installed one; `python -m
 # t3s_kernels.ops.aot` under the other).
 KERNEL_CONFIGS = {
-    "tile_forward": _HALF_AND_FP32(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-                                   dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2)),
+    "tile_forward": _HALF_AND_FP32(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3, FLAT=False),
+                                   dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2, FLAT=False)),
     # BLOCK_V 2048 spills in the fused (ACCUMULATE and GRAD) variant once the launch's specialization is modelled.
     "chunk_epilogue": {dtype: dict(BLOCK_R=2, BLOCK_V=1024, num_warps=8, num_stages=1) for dtype in ("half", "fp32")},
     "merge_splits": {dtype: dict(BLOCK=128, num_warps=4, num_stages=1) for dtype in ("half", "fp32")},
@@ -39,12 +39,12 @@ KERNEL_CONFIGS = {
 # bias, softcap and smoothing spills 16 bytes, so sm_80 keeps the table above). 128 x 256 x 64, 1.19x of
 # one matmul on an H200 (benchmarks/RESULTS.md), spills on sm_90 under 3.9 even without options.
 ARCH_CONFIGS = {
-    9: {"tile_forward": {"half": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)}},
+    9: {"tile_forward": {"half": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, FLAT=False)}},
 }
 
 # Under TRITON_INTERPRET=1 (tests on CPU): small blocks, so odd shapes cross several of them.
 INTERPRETER_CONFIGS = {
-    "tile_forward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16), "chunk_epilogue": dict(BLOCK_R=4, BLOCK_V=64),
+    "tile_forward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, FLAT=False), "chunk_epilogue": dict(BLOCK_R=4, BLOCK_V=64),
     "distill_epilogue": dict(BLOCK_R=4, BLOCK_V=64), "merge_splits": dict(BLOCK=16),
 }
 

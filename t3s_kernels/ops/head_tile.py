@@ -15,28 +15,48 @@ def tile_dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def head_logits_tile(X, W, B, row0, col0, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh,
-                     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """z = X[row0:row0+BLOCK_M] @ W[col0:col0+BLOCK_N].T (+ b) as a float32 tile.
-
-    Out-of-range rows and columns are clamped to the last valid one (the matmul tutorial's
-    trick: no row/column masks in the K loop); callers mask them out of every result."""
+def head_tile_offsets(row0, col0, N, V, stride_xn, stride_xh, stride_wv, stride_wh, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 offsets of a tile's first K slice in X ([BLOCK_M, BLOCK_K]) and W ([BLOCK_K, BLOCK_N]):
+    half the registers of 64-bit pointer tensors (the launcher checks sizes). Out-of-range rows and
+    columns are clamped to the last valid one (the matmul tutorial's trick: no row/column masks in the
+    K loop); callers mask them out of every result."""
     rows = tl.minimum(row0 + tl.arange(0, BLOCK_M), N - 1)
     cols = tl.minimum(col0 + tl.arange(0, BLOCK_N), V - 1)
     ks = tl.arange(0, BLOCK_K)
-    # int32 offsets, not 64-bit pointer tensors: half the registers (the launcher checks sizes).
-    x_offs = rows[:, None] * stride_xn + ks[None, :] * stride_xh
-    w_offs = cols[None, :] * stride_wv + ks[:, None] * stride_wh
+    return rows[:, None] * stride_xn + ks[None, :] * stride_xh, cols[None, :] * stride_wv + ks[:, None] * stride_wh
+
+
+@triton.jit
+def head_logits_k_step(X, W, x_offs, w_offs, k0, acc, H, stride_xh, stride_wh, DOT_PRECISION: tl.constexpr,
+                       UPCAST: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + the product of the tile's K slice at k0 (``head_tile_offsets``)."""
+    k_valid = tl.arange(0, BLOCK_K) < H - k0
+    x = tl.load(X + k0 * stride_xh + x_offs, mask=k_valid[None, :], other=0.0)
+    w_t = tl.load(W + k0 * stride_wh + w_offs, mask=k_valid[:, None], other=0.0)
+    return tile_dot(x, w_t, acc, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def add_bias(acc, B, col0, V, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """z + b over a tile's (clamped) columns."""
+    if HAS_BIAS:
+        acc += tl.load(B + tl.minimum(col0 + tl.arange(0, BLOCK_N), V - 1)).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def head_logits_tile(X, W, B, row0, col0, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """z = X[row0:row0+BLOCK_M] @ W[col0:col0+BLOCK_N].T (+ b) as a float32 tile: its own K loop."""
+    x_offs, w_offs = head_tile_offsets(row0, col0, N, V, stride_xn, stride_xh, stride_wv, stride_wh, BLOCK_M,
+                                       BLOCK_N, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        k_valid = ks < H - k0
-        x = tl.load(X + k0 * stride_xh + x_offs, mask=k_valid[None, :], other=0.0)
-        w_t = tl.load(W + k0 * stride_wh + w_offs, mask=k_valid[:, None], other=0.0)
-        acc = tile_dot(x, w_t, acc, DOT_PRECISION, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(B + cols).to(tl.float32)[None, :]
-    return acc
+        acc = head_logits_k_step(X, W, x_offs, w_offs, k0, acc, H, stride_xh, stride_wh, DOT_PRECISION, UPCAST,
+                                 BLOCK_K)
+    return add_bias(acc, B, col0, V, HAS_BIAS, BLOCK_N)
 
 
 @triton.jit

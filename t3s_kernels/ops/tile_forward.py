@@ -2,9 +2,11 @@
 
 Grid: (token blocks, vocabulary splits). Each program walks its split's vocabulary
 blocks, computing a [BLOCK_M x BLOCK_N] logits tile with ``tl.dot`` (fp32 accumulate)
-and folding it into the rows' online state. The splits exist only to fill the GPU when
-there are few token blocks; their partial states (5 floats a row a split, a handful of
-splits) are merged by ``merge_splits``. Cost: one matmul's FLOPs, O(N) memory.
+and folding it into the rows' online state (``FLAT``: the vocabulary blocks and their K
+slices as one loop, so loads stay in flight across a block's fold). The splits exist only
+to fill the GPU when there are few token blocks; their partial states (5 floats a row a
+split, a handful of splits) are merged by ``merge_splits``. Cost: one matmul's FLOPs, O(N)
+memory.
 """
 
 import torch
@@ -12,7 +14,14 @@ import triton
 import triton.language as tl
 
 from .configs import check_int32_offsets, dot_flags, kernel_config, vocab_splits
-from .head_tile import forward_tile_rows, head_logits_tile, split_vocab_block
+from .head_tile import (
+    add_bias,
+    forward_tile_rows,
+    head_logits_k_step,
+    head_logits_tile,
+    head_tile_offsets,
+    split_vocab_block,
+)
 from .merge_splits import N_STUDENT_PARTIAL, merge_splits
 from .online_softmax import empty_student_state, fold_student_block, store_student_state, transform_logits
 
@@ -21,19 +30,40 @@ from .online_softmax import empty_student_state, fold_student_block, store_stude
 def tile_forward_kernel(X, W, B, Y, PART, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh,
                         softcap, logit_scale, blocks_per_split,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLAT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row0, rows, row_valid = forward_tile_rows(N, BLOCK_M)
     y = tl.load(Y + rows, mask=row_valid, other=-1)
     m, d, u, label_logit, sum_logits = empty_student_state(BLOCK_M)
-    for i in range(0, blocks_per_split):
-        in_range, col0, cols, col_valid = split_vocab_block(i, blocks_per_split, V, BLOCK_N)
-        if in_range:
-            z = head_logits_tile(X, W, B, row0, col0, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh, HAS_BIAS,
-                                 DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
-            s = transform_logits(z, softcap, logit_scale, HAS_SOFTCAP)
-            m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid, y, m, d, u, label_logit,
-                                                                  sum_logits, HAS_SMOOTHING)
+    if FLAT:
+        # One loop over (vocabulary block, K slice): the software pipeline runs on across block
+        # boundaries, so the next tile's first loads are in flight while a tile is folded.
+        k_tiles = tl.cdiv(H, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t in range(0, blocks_per_split * k_tiles):
+            i = t // k_tiles
+            k0 = (t - i * k_tiles) * BLOCK_K
+            in_range, col0, cols, col_valid = split_vocab_block(i, blocks_per_split, V, BLOCK_N)
+            x_offs, w_offs = head_tile_offsets(row0, col0, N, V, stride_xn, stride_xh, stride_wv, stride_wh,
+                                               BLOCK_M, BLOCK_N, BLOCK_K)
+            acc = head_logits_k_step(X, W, x_offs, w_offs, k0, acc, H, stride_xh, stride_wh, DOT_PRECISION, UPCAST,
+                                     BLOCK_K)
+            if k0 + BLOCK_K >= H:
+                if in_range:
+                    s = transform_logits(add_bias(acc, B, col0, V, HAS_BIAS, BLOCK_N), softcap, logit_scale,
+                                         HAS_SOFTCAP)
+                    m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid, y, m, d, u,
+                                                                          label_logit, sum_logits, HAS_SMOOTHING)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        for i in range(0, blocks_per_split):
+            in_range, col0, cols, col_valid = split_vocab_block(i, blocks_per_split, V, BLOCK_N)
+            if in_range:
+                z = head_logits_tile(X, W, B, row0, col0, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh,
+                                     HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                s = transform_logits(z, softcap, logit_scale, HAS_SOFTCAP)
+                m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid, y, m, d, u, label_logit,
+                                                                      sum_logits, HAS_SMOOTHING)
     store_student_state(PART + tl.program_id(1) * N + rows, tl.num_programs(1) * N, row_valid, m, d, u,
                         label_logit, sum_logits)
 

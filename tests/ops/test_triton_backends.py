@@ -53,11 +53,25 @@ def test_chunked_multiple_token_chunks():
                     chunk_budget_bytes=6 * 203 * 8, softcap=3.0, z_loss=1e-3)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("flat", [False, True], ids=["loop", "flat"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("temperature,logit_scale", [(1.0, 1.0), (2.0, 0.25)])
-def test_token_stats_tile_kernel(dtype, temperature, logit_scale):
-    check_token_stats("triton", dtype, temperature, logit_scale=logit_scale)
+@pytest.mark.parametrize("temperature,logit_scale,softcap,bias,v", [(1.0, 1.0, None, False, 150),
+                                                                    (2.0, 0.25, 6.0, True, 203)], ids=["plain", "rich"])
+def test_token_stats_tile_kernel(temperature, logit_scale, softcap, bias, v, dtype, flat, monkeypatch):
+    """The forward tile kernel, both loop structures (a K loop per vocabulary block, or ``FLAT``: one
+    loop over blocks and K slices), its plain variant and the one with bias and softcap. Under the
+    interpreter (64-column blocks, two vocabulary splits) V = 150 leaves the last split a block past
+    V, which must add nothing; H = 48 crosses three K slices of 16."""
+    from t3s_kernels.ops import configs
+
+    key = "half" if dtype != torch.float32 else "fp32"
+    for table in (configs.INTERPRETER_CONFIGS, configs.KERNEL_CONFIGS["tile_forward"]):
+        entry = table["tile_forward"] if table is configs.INTERPRETER_CONFIGS else table[key]
+        monkeypatch.setitem(entry, "FLAT", flat)
+    for arch in configs.ARCH_CONFIGS.values():
+        for kind in arch.get("tile_forward", {}).values():
+            monkeypatch.setitem(kind, "FLAT", flat)
+    check_token_stats("triton", dtype, temperature, softcap=softcap, logit_scale=logit_scale, bias=bias, v=v)
 
 
 @pytest.mark.gpu
