@@ -1,6 +1,7 @@
 """Forward tile kernel: logits tile by tile, merged into per-row softmax state, never stored.
 
-Grid: (token blocks, vocabulary splits). Each program walks its split's vocabulary
+Grid: token blocks x vocabulary splits, in groups of token blocks (``forward_tile_coords``:
+the resident programs share X rows in L2). Each program walks its split's vocabulary
 blocks, computing a [BLOCK_M x BLOCK_N] logits tile with ``tl.dot`` (fp32 accumulate)
 and folding it into the rows' online state (``FLAT``: the vocabulary blocks and their K
 slices as one loop, so loads stay in flight across a block's fold). The splits exist only
@@ -16,7 +17,7 @@ import triton.language as tl
 from .configs import check_int32_offsets, dot_flags, kernel_config, vocab_splits
 from .head_tile import (
     add_bias,
-    forward_tile_rows,
+    forward_tile_coords,
     head_logits_k_step,
     head_logits_tile,
     head_tile_offsets,
@@ -28,11 +29,11 @@ from .online_softmax import empty_student_state, fold_student_block, store_stude
 
 @triton.jit
 def tile_forward_kernel(X, W, B, Y, PART, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh,
-                        softcap, logit_scale, blocks_per_split,
+                        softcap, logit_scale, n_splits, blocks_per_split,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLAT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    row0, rows, row_valid = forward_tile_rows(N, BLOCK_M)
+                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLAT: tl.constexpr,
+                        GROUP_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    split, row0, rows, row_valid = forward_tile_coords(N, n_splits, GROUP_ROWS, BLOCK_M)
     y = tl.load(Y + rows, mask=row_valid, other=-1)
     m, d, u, label_logit, sum_logits = empty_student_state(BLOCK_M)
     if FLAT:
@@ -43,7 +44,7 @@ def tile_forward_kernel(X, W, B, Y, PART, N, V, H, stride_xn, stride_xh, stride_
         for t in range(0, blocks_per_split * k_tiles):
             i = t // k_tiles
             k0 = (t - i * k_tiles) * BLOCK_K
-            in_range, col0, cols, col_valid = split_vocab_block(i, blocks_per_split, V, BLOCK_N)
+            in_range, col0, cols, col_valid = split_vocab_block(split, i, blocks_per_split, V, BLOCK_N)
             x_offs, w_offs = head_tile_offsets(row0, col0, N, V, stride_xn, stride_xh, stride_wv, stride_wh,
                                                BLOCK_M, BLOCK_N, BLOCK_K)
             acc = head_logits_k_step(X, W, x_offs, w_offs, k0, acc, H, stride_xh, stride_wh, DOT_PRECISION, UPCAST,
@@ -57,15 +58,14 @@ def tile_forward_kernel(X, W, B, Y, PART, N, V, H, stride_xn, stride_xh, stride_
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         for i in range(0, blocks_per_split):
-            in_range, col0, cols, col_valid = split_vocab_block(i, blocks_per_split, V, BLOCK_N)
+            in_range, col0, cols, col_valid = split_vocab_block(split, i, blocks_per_split, V, BLOCK_N)
             if in_range:
                 z = head_logits_tile(X, W, B, row0, col0, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh,
                                      HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
                 s = transform_logits(z, softcap, logit_scale, HAS_SOFTCAP)
                 m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid, y, m, d, u, label_logit,
                                                                       sum_logits, HAS_SMOOTHING)
-    store_student_state(PART + tl.program_id(1) * N + rows, tl.num_programs(1) * N, row_valid, m, d, u,
-                        label_logit, sum_logits)
+    store_student_state(PART + split * N + rows, n_splits * N, row_valid, m, d, u, label_logit, sum_logits)
 
 
 def tile_forward(x, weight, bias, labels, scalars: dict, has_softcap: bool, has_smoothing: bool) -> torch.Tensor:
@@ -77,9 +77,9 @@ def tile_forward(x, weight, bias, labels, scalars: dict, has_softcap: bool, has_
     cfg = kernel_config("tile_forward", x.dtype, x.device)
     n_row_blocks, splits, blocks_per_split = vocab_splits(n, vocab, cfg, x.device)
     part = torch.empty(N_STUDENT_PARTIAL, splits, n, device=x.device, dtype=torch.float32)
-    tile_forward_kernel[(n_row_blocks, splits)](
+    tile_forward_kernel[(n_row_blocks * splits,)](
         x, weight, bias if bias is not None else x, labels, part, n, vocab, h,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        blocks_per_split=blocks_per_split, HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
+        n_splits=splits, blocks_per_split=blocks_per_split, HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
         HAS_SMOOTHING=has_smoothing, **dot_flags(x.dtype), **scalars, **cfg)
     return merge_splits(part)

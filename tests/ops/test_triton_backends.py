@@ -112,3 +112,21 @@ def test_softcap_tanh_is_as_accurate_as_eager():
                            ((dx.double().cpu() - ref_dx.cpu()).abs().max() / ref_dx.abs().max()).item()]
     for name, got, eager in zip(("loss", "dX"), errors["triton"], errors["torch"]):
         assert got <= 2 * eager + 1e-8, f"{name}: triton error {got:.2e} vs torch backend {eager:.2e}"
+
+
+@pytest.mark.parametrize("n_row_blocks,n_vocab_blocks,sms", [(128, 1187, 132), (16, 1187, 132), (256, 2374, 132),
+                                                              (128, 1187, 108), (64, 393, 132), (1, 5, 132)])
+def test_vocab_splits_fill_whole_waves(n_row_blocks, n_vocab_blocks, sms):
+    """The forward grid's splitting: at most MAX_SPLITS splits, every block in one, and within 2% of
+    the ideal block-times (all blocks spread evenly over the SMs) wherever the grid can fill the card."""
+    from t3s_kernels.ops.configs import MAX_SPLITS, wave_aligned_blocks_per_split
+
+    per_split = wave_aligned_blocks_per_split(n_row_blocks, n_vocab_blocks, sms)
+    splits = -(-n_vocab_blocks // per_split)
+    assert splits <= MAX_SPLITS and (splits - 1) * per_split < n_vocab_blocks <= splits * per_split
+    block_times = -(-n_row_blocks * splits // sms) * per_split
+    ideal = n_row_blocks * n_vocab_blocks / sms
+    if n_row_blocks * MAX_SPLITS >= 4 * sms:
+        assert block_times <= 1.02 * ideal, (splits, per_split, block_times, ideal)
+    if (n_row_blocks, n_vocab_blocks, sms) == (128, 1187, 132):  # Qwen3-8B's head, 128 x 128 tiles, an H200
+        assert (splits, per_split) == (33, 36)
