@@ -194,7 +194,7 @@ class ChunkedEngine:
         n, vocab = x.shape[0], weight.shape[0]
         dtype = self._logits_dtype(x, teacher)
         per_logit = 2 * x.element_size() if dtype != torch.float32 else self.epilogue.distill_bytes_per_logit
-        rows = self.chunk_rows or max(1, self._budget(x.device) // (per_logit * vocab))
+        rows, _ = plan_chunks(n, vocab, per_logit, self._budget(x.device), self.chunk_rows, vocab_chunk=vocab)
         parts = []
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)

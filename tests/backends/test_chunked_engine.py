@@ -162,3 +162,24 @@ def test_half_logits_give_larger_chunks():
             for dtype in ("float32", "input")}
     assert rows["float32"] * 151936 * 6 <= 1 << 30 and rows["input"] * 151936 * 2 <= 1 << 30
     assert rows["input"] >= 2.8 * rows["float32"], rows
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_triton_epilogue_writes_the_gradient_over_the_logits(dtype):
+    """dL/dz goes into the logits' own memory whenever they are of the gradient's dtype: no second
+    [rows x vocabulary] buffer in the chunk (what the 2-bytes-a-logit plan counts on)."""
+    from t3s_kernels.backends.base import OnlineState
+    from t3s_kernels.backends.triton_engines import TritonEpilogue
+
+    inputs = make_inputs(dtype=dtype)
+    logits = inputs["hidden"] @ inputs["weight"].t()
+    row_scale = torch.full((logits.shape[0],), 0.5, device=logits.device)
+    opts = HeadOptions(vocab_size=logits.shape[1])
+    epilogue = TritonEpilogue()
+    dz = epilogue.accumulate_and_gradient(logits, inputs["labels"], OnlineState(logits.shape[0], logits.device),
+                                          row_scale, opts, dtype)
+    assert dz.data_ptr() == logits.data_ptr() and dz.dtype == dtype
+    lse = torch.logsumexp(logits.float(), 1)
+    fresh = (inputs["hidden"] @ inputs["weight"].t())
+    dz = epilogue.gradient(fresh, inputs["labels"], 0, lse, row_scale, opts, dtype)
+    assert dz.data_ptr() == fresh.data_ptr()
