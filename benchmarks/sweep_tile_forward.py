@@ -32,7 +32,7 @@ def main():
     print(f"one matmul: {time_ms(lambda: torch.mm(x, w.t(), out=logits), dev, 3):.1f} ms", flush=True)
     logits = None  # free the N x V buffer before the sweep
     ref = t3s.token_stats(x, w, y).lse
-    launched = configs.kernel_config("tile_forward", torch.bfloat16, dev)
+    launched = configs.kernel_config("tile_forward", torch.bfloat16, dev, "plain")
     ms = time_ms(lambda: t3s.token_stats(x, w, y), dev, 3)
     print(f"as launched {launched}: {ms:.1f} ms", flush=True)
     configs.ARCH_CONFIGS.clear()  # the table below is then what every card launches

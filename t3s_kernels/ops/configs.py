@@ -36,13 +36,16 @@ KERNEL_CONFIGS = {
     "distill_epilogue": {dtype: dict(BLOCK_R=1, BLOCK_V=1024, num_warps=8, num_stages=1) for dtype in ("half", "fp32")},
 }
 
-# Where a card allows more, by compute capability (major): on sm_90, 128 x 128 x 64 tiles of the forward
-# tile kernel compile without spills in every variant (Triton 3.6 and 3.9; on sm_80 its variant with
-# bias, softcap and smoothing spills 16 bytes, so sm_80 keeps the table above). 128 x 256 x 64, 1.19x of
-# one matmul on an H200 (benchmarks/RESULTS.md), spills on sm_90 under 3.9 even without options.
+# Where a card or a variant allows more: by compute capability (major), then by input kind, optionally
+# narrowed to a variant ("half:plain": no bias, softcap or smoothing), the most specific entry first.
+# The forward tile kernel at 128 x 128 x 64 (8 warps, 3 stages) compiles without spills on sm_90 in every
+# variant (Triton 3.6 and 3.9) and on sm_80 in the plain one (its variant with bias, softcap and smoothing
+# spills 16 bytes there, so it keeps the table above). 128 x 256 x 64, 1.19x of one matmul on an H200
+# (benchmarks/RESULTS.md), spills on sm_90 under 3.9 even without options.
+_TILE_FORWARD_128 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, FLAT=False, GROUP_ROWS=16)
 ARCH_CONFIGS = {
-    9: {"tile_forward": {"half": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, FLAT=False,
-                                      GROUP_ROWS=16)}},
+    9: {"tile_forward": {"half": _TILE_FORWARD_128}},
+    8: {"tile_forward": {"half:plain": _TILE_FORWARD_128}},
 }
 
 # Under TRITON_INTERPRET=1 (tests on CPU): small blocks, so odd shapes cross several of them.
@@ -53,15 +56,17 @@ INTERPRETER_CONFIGS = {
 }
 
 
-def kernel_config(kernel: str, dtype: torch.dtype, device: torch.device | None = None) -> dict:
-    """The launch configuration of ``kernel`` for inputs of ``dtype`` (on ``device``'s architecture where given)."""
+def kernel_config(kernel: str, dtype: torch.dtype, device: torch.device | None = None, variant: str = "") -> dict:
+    """The launch configuration of ``kernel`` for inputs of ``dtype``: on ``device``'s architecture and for
+    ``variant`` (e.g. "plain") where ``ARCH_CONFIGS`` has one, else ``KERNEL_CONFIGS``'."""
     if interpreting():
         return dict(INTERPRETER_CONFIGS[kernel])
     kind = "fp32" if dtype == torch.float32 else "half"
     if device is not None:
-        override = ARCH_CONFIGS.get(torch.cuda.get_device_properties(device).major, {}).get(kernel, {}).get(kind)
-        if override is not None:
-            return dict(override)
+        by_kind = ARCH_CONFIGS.get(torch.cuda.get_device_properties(device).major, {}).get(kernel, {})
+        for key in ([f"{kind}:{variant}"] if variant else []) + [kind]:
+            if key in by_kind:
+                return dict(by_kind[key])
     return dict(KERNEL_CONFIGS[kernel][kind])
 
 

@@ -74,7 +74,8 @@ def tile_forward(x, weight, bias, labels, scalars: dict, has_softcap: bool, has_
     check_int32_offsets(x, weight)
     n, h = x.shape
     vocab = weight.shape[0]
-    cfg = kernel_config("tile_forward", x.dtype, x.device)
+    plain = bias is None and not has_softcap and not has_smoothing
+    cfg = kernel_config("tile_forward", x.dtype, x.device, "plain" if plain else "")
     n_row_blocks, splits, blocks_per_split = vocab_splits(n, vocab, cfg, x.device)
     part = torch.empty(N_STUDENT_PARTIAL, splits, n, device=x.device, dtype=torch.float32)
     tile_forward_kernel[(n_row_blocks * splits,)](

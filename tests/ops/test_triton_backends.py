@@ -130,3 +130,23 @@ def test_vocab_splits_fill_whole_waves(n_row_blocks, n_vocab_blocks, sms):
         assert block_times <= 1.02 * ideal, (splits, per_split, block_times, ideal)
     if (n_row_blocks, n_vocab_blocks, sms) == (128, 1187, 132):  # Qwen3-8B's head, 128 x 128 tiles, an H200
         assert (splits, per_split) == (33, 36)
+
+
+def test_launch_configuration_lookup(monkeypatch):
+    """kernel_config: the card's entry for the variant, then the card's for the kind, then the table."""
+    from unittest import mock
+
+    from t3s_kernels.ops import configs
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    card = {90: mock.Mock(major=9), 80: mock.Mock(major=8), 75: mock.Mock(major=7)}
+    cfg, meta = {}, torch.device("meta")
+    for arch, props in card.items():
+        with mock.patch.object(torch.cuda, "get_device_properties", return_value=props):
+            for variant in ("plain", ""):
+                cfg[arch, variant] = configs.kernel_config("tile_forward", torch.bfloat16, meta, variant)
+    base, big = configs.KERNEL_CONFIGS["tile_forward"]["half"], configs.ARCH_CONFIGS[9]["tile_forward"]["half"]
+    assert cfg[90, "plain"] == cfg[90, ""] == big
+    assert cfg[80, "plain"] == configs.ARCH_CONFIGS[8]["tile_forward"]["half:plain"] and cfg[80, ""] == base
+    assert cfg[75, "plain"] == cfg[75, ""] == base
+    assert configs.kernel_config("tile_forward", torch.float32) == configs.KERNEL_CONFIGS["tile_forward"]["fp32"]
