@@ -27,6 +27,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import configs
 from .chunk_epilogue import chunk_epilogue, chunk_epilogue_kernel
@@ -79,9 +80,12 @@ class CompileReport:
 def specialize(value):
     """(type, constant or None, divisible by 16) of one non-constexpr argument, by the rules a Triton
     launch applies (Triton 3.2 to 3.9): tensors by dtype, marked when their address is 16-aligned;
-    an int equal to 1 becomes a constant; ints marked when divisible by 16; floats and bools as they are."""
+    an int equal to 1 becomes a constant; ints marked when divisible by 16; floats and bools as they are;
+    tensor descriptors by element type and block shape."""
     if isinstance(value, torch.Tensor):
         return "*" + _TRITON_DTYPE[value.dtype], None, value.data_ptr() % 16 == 0
+    if isinstance(value, TensorDescriptor):  # by its element type and block shape, never marked
+        return f"tensordesc<{_TRITON_DTYPE[value.base.dtype]}{list(value.block_shape)}>", None, False
     if isinstance(value, bool):
         return "i1", None, False
     if isinstance(value, int):
@@ -302,10 +306,10 @@ def compile_all(archs=(90, 80), dtypes=(torch.bfloat16, torch.float32), workers=
 
 
 def format_reports(reports: list[CompileReport]) -> str:
-    lines = [f"{'kernel':<22}{'variant':<64}{'shape':<8}{'dtype':<6}{'arch':<7}{'smem KiB':>9}{'stage':>6}"
+    lines = [f"{'kernel':<22}{'variant':<72}{'shape':<8}{'dtype':<6}{'arch':<7}{'smem KiB':>9}{'stage':>6}"
              f"{'regs':>6}{'spill st/ld B':>15}{'warps':>6}"]
     for r in reports:
-        lines.append(f"{r.kernel:<22}{r.variant:<64}{r.shape:<8}{r.dtype:<6}sm_{r.arch:<4}{r.shared_bytes / 1024:>9.1f}"
+        lines.append(f"{r.kernel:<22}{r.variant:<72}{r.shape:<8}{r.dtype:<6}sm_{r.arch:<4}{r.shared_bytes / 1024:>9.1f}"
                      f"{r.num_stages:>6}{r.registers:>6}{f'{r.spill_stores}/{r.spill_loads}':>15}{r.num_warps:>6}")
     return "\n".join(lines)
 

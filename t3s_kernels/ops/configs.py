@@ -27,9 +27,9 @@ _HALF_AND_FP32 = lambda half, fp32: {"half": half, "fp32": fp32}
 # t3s_kernels.ops.aot` under the other).
 KERNEL_CONFIGS = {
     "tile_forward": _HALF_AND_FP32(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3, FLAT=False,
-                                        GROUP_ROWS=16),
+                                        TMA=False, GROUP_ROWS=16),
                                    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2, FLAT=False,
-                                        GROUP_ROWS=16)),
+                                        TMA=False, GROUP_ROWS=16)),
     # BLOCK_V 2048 spills in the fused (ACCUMULATE and GRAD) variant once the launch's specialization is modelled.
     "chunk_epilogue": {dtype: dict(BLOCK_R=2, BLOCK_V=1024, num_warps=8, num_stages=1) for dtype in ("half", "fp32")},
     "merge_splits": {dtype: dict(BLOCK=128, num_warps=4, num_stages=1) for dtype in ("half", "fp32")},
@@ -40,17 +40,21 @@ KERNEL_CONFIGS = {
 # narrowed to a variant ("half:plain": no bias, softcap or smoothing), the most specific entry first.
 # The forward tile kernel at 128 x 128 x 64 (8 warps, 3 stages) compiles without spills on sm_90 in every
 # variant (Triton 3.6 and 3.9) and on sm_80 in the plain one (its variant with bias, softcap and smoothing
-# spills 16 bytes there, so it keeps the table above). 128 x 256 x 64, 1.19x of one matmul on an H200
-# (benchmarks/RESULTS.md), spills on sm_90 under 3.9 even without options.
-_TILE_FORWARD_128 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, FLAT=False, GROUP_ROWS=16)
+# spills 16 bytes there, so it keeps the table above). On sm_90 the plain variant takes 128 x 256 x 64 tiles
+# (the size of the 1.19x-of-one-matmul H200 run in benchmarks/RESULTS.md) through tensor descriptors in the
+# FLAT loop: spill-free under 3.6 and 3.9, where the pointer-loaded loop at that size spills under 3.9.
+_TILE_FORWARD_128 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, FLAT=False, TMA=False,
+                         GROUP_ROWS=16)
+_TILE_FORWARD_TMA_256 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, FLAT=True, TMA=True,
+                             GROUP_ROWS=16)
 ARCH_CONFIGS = {
-    9: {"tile_forward": {"half": _TILE_FORWARD_128}},
+    9: {"tile_forward": {"half:plain": _TILE_FORWARD_TMA_256, "half": _TILE_FORWARD_128}},
     8: {"tile_forward": {"half:plain": _TILE_FORWARD_128}},
 }
 
 # Under TRITON_INTERPRET=1 (tests on CPU): small blocks, so odd shapes cross several of them.
 INTERPRETER_CONFIGS = {
-    "tile_forward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, FLAT=False, GROUP_ROWS=2),
+    "tile_forward": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=16, FLAT=False, TMA=False, GROUP_ROWS=2),
     "chunk_epilogue": dict(BLOCK_R=4, BLOCK_V=64), "distill_epilogue": dict(BLOCK_R=4, BLOCK_V=64),
     "merge_splits": dict(BLOCK=16),
 }

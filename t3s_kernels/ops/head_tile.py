@@ -38,6 +38,13 @@ def head_logits_k_step(X, W, x_offs, w_offs, k0, acc, H, stride_xh, stride_wh, D
 
 
 @triton.jit
+def head_logits_k_step_tma(x_desc, w_desc, row0, col0, k0, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``head_logits_k_step`` through tensor descriptors (TMA on sm_90): the copy engine fetches the
+    tiles, out-of-range rows, columns and K zero-filled, with no address arithmetic in registers."""
+    return tile_dot(x_desc.load([row0, k0]), w_desc.load([col0, k0]).T, acc, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
 def add_bias(acc, B, col0, V, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
     """z + b over a tile's (clamped) columns."""
     if HAS_BIAS:

@@ -4,7 +4,8 @@ Grid: token blocks x vocabulary splits, in groups of token blocks (``forward_til
 the resident programs share X rows in L2). Each program walks its split's vocabulary
 blocks, computing a [BLOCK_M x BLOCK_N] logits tile with ``tl.dot`` (fp32 accumulate)
 and folding it into the rows' online state (``FLAT``: the vocabulary blocks and their K
-slices as one loop, so loads stay in flight across a block's fold). The splits exist only
+slices as one loop, so loads stay in flight across a block's fold; with ``TMA`` its tiles come
+through tensor descriptors, the copy engine's, where the tensors allow). The splits exist only
 to fill the GPU when there are few token blocks; their partial states (5 floats a row a
 split, a handful of splits) are merged by ``merge_splits``. Cost: one matmul's FLOPs, O(N)
 memory.
@@ -13,12 +14,14 @@ memory.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import check_int32_offsets, dot_flags, kernel_config, vocab_splits
 from .head_tile import (
     add_bias,
     forward_tile_coords,
     head_logits_k_step,
+    head_logits_k_step_tma,
     head_logits_tile,
     head_tile_offsets,
     split_vocab_block,
@@ -31,7 +34,7 @@ from .online_softmax import empty_student_state, fold_student_block, store_stude
 def tile_forward_kernel(X, W, B, Y, PART, N, V, H, stride_xn, stride_xh, stride_wv, stride_wh,
                         softcap, logit_scale, n_splits, blocks_per_split,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLAT: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLAT: tl.constexpr, TMA: tl.constexpr,
                         GROUP_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     split, row0, rows, row_valid = forward_tile_coords(N, n_splits, GROUP_ROWS, BLOCK_M)
     y = tl.load(Y + rows, mask=row_valid, other=-1)
@@ -45,10 +48,13 @@ def tile_forward_kernel(X, W, B, Y, PART, N, V, H, stride_xn, stride_xh, stride_
             i = t // k_tiles
             k0 = (t - i * k_tiles) * BLOCK_K
             in_range, col0, cols, col_valid = split_vocab_block(split, i, blocks_per_split, V, BLOCK_N)
-            x_offs, w_offs = head_tile_offsets(row0, col0, N, V, stride_xn, stride_xh, stride_wv, stride_wh,
-                                               BLOCK_M, BLOCK_N, BLOCK_K)
-            acc = head_logits_k_step(X, W, x_offs, w_offs, k0, acc, H, stride_xh, stride_wh, DOT_PRECISION, UPCAST,
-                                     BLOCK_K)
+            if TMA:  # X and W are tensor descriptors
+                acc = head_logits_k_step_tma(X, W, row0, col0, k0, acc, DOT_PRECISION, UPCAST)
+            else:
+                x_offs, w_offs = head_tile_offsets(row0, col0, N, V, stride_xn, stride_xh, stride_wv, stride_wh,
+                                                   BLOCK_M, BLOCK_N, BLOCK_K)
+                acc = head_logits_k_step(X, W, x_offs, w_offs, k0, acc, H, stride_xh, stride_wh, DOT_PRECISION,
+                                         UPCAST, BLOCK_K)
             if k0 + BLOCK_K >= H:
                 if in_range:
                     s = transform_logits(add_bias(acc, B, col0, V, HAS_BIAS, BLOCK_N), softcap, logit_scale,
@@ -68,6 +74,12 @@ def tile_forward_kernel(X, W, B, Y, PART, N, V, H, stride_xn, stride_xh, stride_
     store_student_state(PART + split * N + rows, n_splits * N, row_valid, m, d, u, label_logit, sum_logits)
 
 
+def tma_ready(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor can be read through a tensor descriptor: contiguous rows, 16-byte aligned base
+    and row stride."""
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
 def tile_forward(x, weight, bias, labels, scalars: dict, has_softcap: bool, has_smoothing: bool) -> torch.Tensor:
     """The [5, n] float32 final state (``merge_splits.STATE_PLANES``) of rows ``x`` through the head;
     ``scalars``: softcap, logit_scale."""
@@ -78,8 +90,13 @@ def tile_forward(x, weight, bias, labels, scalars: dict, has_softcap: bool, has_
     cfg = kernel_config("tile_forward", x.dtype, x.device, "plain" if plain else "")
     n_row_blocks, splits, blocks_per_split = vocab_splits(n, vocab, cfg, x.device)
     part = torch.empty(N_STUDENT_PARTIAL, splits, n, device=x.device, dtype=torch.float32)
+    cfg["TMA"] = cfg["TMA"] and cfg["FLAT"] and all(tma_ready(t) for t in (x, weight))
+    xs, ws = x, weight
+    if cfg["TMA"]:
+        xs = TensorDescriptor.from_tensor(x, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+        ws = TensorDescriptor.from_tensor(weight, [cfg["BLOCK_N"], cfg["BLOCK_K"]])
     tile_forward_kernel[(n_row_blocks * splits,)](
-        x, weight, bias if bias is not None else x, labels, part, n, vocab, h,
+        xs, ws, bias if bias is not None else x, labels, part, n, vocab, h,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         n_splits=splits, blocks_per_split=blocks_per_split, HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
         HAS_SMOOTHING=has_smoothing, **dot_flags(x.dtype), **scalars, **cfg)

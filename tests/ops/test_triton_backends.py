@@ -53,13 +53,15 @@ def test_chunked_multiple_token_chunks():
                     chunk_budget_bytes=6 * 203 * 8, softcap=3.0, z_loss=1e-3)
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["loop", "flat"])
+@pytest.mark.gpu
+@pytest.mark.parametrize("flat,tma", [(False, False), (True, False), (True, True)], ids=["loop", "flat", "flat-tma"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("temperature,logit_scale,softcap,bias,v", [(1.0, 1.0, None, False, 150),
                                                                     (2.0, 0.25, 6.0, True, 203)], ids=["plain", "rich"])
-def test_token_stats_tile_kernel(temperature, logit_scale, softcap, bias, v, dtype, flat, monkeypatch):
+def test_token_stats_tile_kernel(temperature, logit_scale, softcap, bias, v, dtype, flat, tma, monkeypatch):
     """The forward tile kernel, both loop structures (a K loop per vocabulary block, or ``FLAT``: one
-    loop over blocks and K slices), its plain variant and the one with bias and softcap. Under the
+    loop over blocks and K slices, its tiles loaded by pointers or through tensor descriptors), its
+    plain variant and the one with bias and softcap. Under the
     interpreter (64-column blocks, two vocabulary splits) V = 150 leaves the last split a block past
     V, which must add nothing; H = 48 crosses three K slices of 16."""
     from t3s_kernels.ops import configs
@@ -68,9 +70,11 @@ def test_token_stats_tile_kernel(temperature, logit_scale, softcap, bias, v, dty
     for table in (configs.INTERPRETER_CONFIGS, configs.KERNEL_CONFIGS["tile_forward"]):
         entry = table["tile_forward"] if table is configs.INTERPRETER_CONFIGS else table[key]
         monkeypatch.setitem(entry, "FLAT", flat)
+        monkeypatch.setitem(entry, "TMA", tma)
     for arch in configs.ARCH_CONFIGS.values():
         for kind in arch.get("tile_forward", {}).values():
             monkeypatch.setitem(kind, "FLAT", flat)
+            monkeypatch.setitem(kind, "TMA", tma)
     check_token_stats("triton", dtype, temperature, softcap=softcap, logit_scale=logit_scale, bias=bias, v=v)
 
 
@@ -145,8 +149,24 @@ def test_launch_configuration_lookup(monkeypatch):
         with mock.patch.object(torch.cuda, "get_device_properties", return_value=props):
             for variant in ("plain", ""):
                 cfg[arch, variant] = configs.kernel_config("tile_forward", torch.bfloat16, meta, variant)
-    base, big = configs.KERNEL_CONFIGS["tile_forward"]["half"], configs.ARCH_CONFIGS[9]["tile_forward"]["half"]
-    assert cfg[90, "plain"] == cfg[90, ""] == big
+    base, sm90 = configs.KERNEL_CONFIGS["tile_forward"]["half"], configs.ARCH_CONFIGS[9]["tile_forward"]
+    assert cfg[90, "plain"] == sm90["half:plain"] and cfg[90, ""] == sm90["half"] != cfg[90, "plain"]
     assert cfg[80, "plain"] == configs.ARCH_CONFIGS[8]["tile_forward"]["half:plain"] and cfg[80, ""] == base
     assert cfg[75, "plain"] == cfg[75, ""] == base
     assert configs.kernel_config("tile_forward", torch.float32) == configs.KERNEL_CONFIGS["tile_forward"]["fp32"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="many tiles of the compiled kernel: a GPU")
+@pytest.mark.parametrize("variant", ["plain", "rich"])
+def test_token_stats_tile_kernel_as_launched_on_the_card(variant):
+    """token_stats with the card's own launch configuration (on sm_90 the plain variant's tensor-descriptor
+    FLAT loop) over many row blocks, splits and K slices, against the torch backend."""
+    rich = variant == "rich"
+    inputs = make_inputs(n=1000, h=264, v=5003, dtype=torch.bfloat16, bias=rich, ignored=7)
+    kw = dict(bias=inputs["bias"], softcap=20.0 if rich else None)
+    got = t3s.token_stats(inputs["hidden"], inputs["weight"], inputs["labels"], backend="triton", **kw)
+    want = t3s.token_stats(inputs["hidden"], inputs["weight"], inputs["labels"], backend="torch", **kw)
+    for key in ("logprob", "entropy", "lse"):
+        assert_close(getattr(got, key), getattr(want, key), 2e-5, key)
+    assert torch.equal(got.correct, want.correct)
