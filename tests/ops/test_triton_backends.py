@@ -76,6 +76,9 @@ def test_token_stats_tile_kernel(temperature, logit_scale, softcap, bias, v, dty
             monkeypatch.setitem(kind, "FLAT", flat)
             monkeypatch.setitem(kind, "TMA", tma)
     check_token_stats("triton", dtype, temperature, softcap=softcap, logit_scale=logit_scale, bias=bias, v=v)
+    if tma:  # rows that are not 16-byte aligned cannot be read through descriptors: the pointer loads serve
+        check_token_stats("triton", dtype, temperature, softcap=softcap, logit_scale=logit_scale, bias=bias, v=v,
+                          h=45)
 
 
 @pytest.mark.gpu
