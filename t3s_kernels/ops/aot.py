@@ -27,13 +27,12 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import configs
 from .chunk_epilogue import chunk_epilogue, chunk_epilogue_kernel
 from .distill_epilogue import distill_epilogue, distill_epilogue_kernel
 from .merge_splits import merge_splits_kernel
-from .tile_forward import tile_forward, tile_forward_kernel
+from .tile_forward import TensorDescriptor, tile_forward, tile_forward_kernel
 
 KERNELS = [tile_forward_kernel, merge_splits_kernel, chunk_epilogue_kernel, distill_epilogue_kernel]
 
@@ -84,7 +83,7 @@ def specialize(value):
     tensor descriptors by element type and block shape."""
     if isinstance(value, torch.Tensor):
         return "*" + _TRITON_DTYPE[value.dtype], None, value.data_ptr() % 16 == 0
-    if isinstance(value, TensorDescriptor):  # by its element type and block shape, never marked
+    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):  # by element type and block shape
         return f"tensordesc<{_TRITON_DTYPE[value.base.dtype]}{list(value.block_shape)}>", None, False
     if isinstance(value, bool):
         return "i1", None, False

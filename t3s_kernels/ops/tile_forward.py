@@ -14,7 +14,11 @@ memory.
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton before 3.4: pointer loads only
+    TensorDescriptor = None
 
 from .configs import check_int32_offsets, dot_flags, kernel_config, vocab_splits
 from .head_tile import (
@@ -74,9 +78,9 @@ def tile_forward_kernel(X, W, B, Y, PART, N, V, H, stride_xn, stride_xh, stride_
     store_student_state(PART + split * N + rows, n_splits * N, row_valid, m, d, u, label_logit, sum_logits)
 
 
-def tma_ready(t: torch.Tensor) -> bool:
-    """Whether a 2-D tensor can be read through a tensor descriptor: contiguous rows, 16-byte aligned base
-    and row stride."""
+def rows_aligned(t: torch.Tensor) -> bool:
+    """Contiguous rows at a 16-byte aligned base and row stride: vectorized loads, and what a tensor
+    descriptor needs."""
     return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
@@ -85,13 +89,13 @@ def tile_forward(x, weight, bias, labels, scalars: dict, has_softcap: bool, has_
     ``scalars``: softcap, logit_scale."""
     # Rows 16-byte aligned and contiguous (a copy of a strided view, small beside the matmul): the loads
     # vectorize, tensor descriptors apply, and the compile check's launches are the ones that run.
-    x, weight = (t if tma_ready(t) else t.contiguous() for t in (x, weight))
+    x, weight = (t if rows_aligned(t) else t.contiguous() for t in (x, weight))
     check_int32_offsets(x, weight)
     n, h = x.shape
     vocab = weight.shape[0]
     plain = bias is None and not has_softcap and not has_smoothing
     cfg = kernel_config("tile_forward", x.dtype, x.device, "plain" if plain else "")
-    if cfg["TMA"] and not (cfg["FLAT"] and tma_ready(x) and tma_ready(weight)):  # rows not of 16-byte multiples
+    if cfg["TMA"] and not (cfg["FLAT"] and TensorDescriptor is not None and rows_aligned(x) and rows_aligned(weight)):
         cfg = dict(kernel_config("tile_forward", x.dtype, x.device), TMA=False)  # the card's for any variant
     n_row_blocks, splits, blocks_per_split = vocab_splits(n, vocab, cfg, x.device)
     part = torch.empty(N_STUDENT_PARTIAL, splits, n, device=x.device, dtype=torch.float32)

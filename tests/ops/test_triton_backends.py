@@ -173,3 +173,14 @@ def test_token_stats_tile_kernel_as_launched_on_the_card(variant):
     for key in ("logprob", "entropy", "lse"):
         assert_close(getattr(got, key), getattr(want, key), 2e-5, key)
     assert torch.equal(got.correct, want.correct)
+
+
+def test_token_stats_without_tensor_descriptors(monkeypatch):
+    """A Triton without host tensor descriptors (before 3.4): a configuration asking for them falls back
+    to the card's general one with pointer loads, and the statistics are the same."""
+    from t3s_kernels.ops import configs, tile_forward
+
+    monkeypatch.setitem(configs.INTERPRETER_CONFIGS["tile_forward"], "FLAT", True)
+    monkeypatch.setitem(configs.INTERPRETER_CONFIGS["tile_forward"], "TMA", True)
+    monkeypatch.setattr(tile_forward, "TensorDescriptor", None)
+    check_token_stats("triton", torch.bfloat16, 1.0, softcap=None, bias=False, v=150)
