@@ -106,14 +106,15 @@ class ChunkedEngine:
     def _budget(self, device: torch.device) -> int:
         return self.budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES["cuda"])
 
-    def _plan(self, x: torch.Tensor, vocab: int, gradient: bool = True) -> tuple[int, int]:
+    def _plan(self, x: torch.Tensor, vocab: int, dtype: torch.dtype, gradient: bool = True) -> tuple[int, int]:
+        """(rows, vocabulary columns) of a chunk whose logits are of ``dtype`` (``_logits_dtype``)."""
         n, device = x.shape[0], x.device
         if not gradient and device.type == "cpu" and self.chunk_rows is None and self.vocab_chunk is None:
             # Forward only, nothing to keep for a gradient sweep: blocks that stay in the CPU's last-level
             # cache between the matmul that writes them and the epilogue that reads them.
             rows = min(n, CPU_FORWARD_ROWS)
             return rows, min(vocab, max(1024, CPU_FORWARD_BLOCK_BYTES // (4 * rows)))
-        half = self._logits_dtype(x) != torch.float32
+        half = dtype != torch.float32
         per_logit = x.element_size() if half else self.epilogue.bytes_per_logit  # half: dL/dz over the logits
         return plan_chunks(n, vocab, per_logit, self._budget(device), self.chunk_rows, self.vocab_chunk)
 
@@ -172,11 +173,10 @@ class ChunkedEngine:
                 out.bias[v0:v1] += db
 
     def _gradient_pass(self, x, weight, bias, labels, lse, row_scale, opts, out: HeadGrads,
-                       r0: int, r1: int, vocab_chunk: int, buffer: Optional[torch.Tensor]) -> None:
+                       r0: int, r1: int, vocab_chunk: int, dtype: torch.dtype, buffer: Optional[torch.Tensor]) -> None:
         vocab = weight.shape[0]
         dx_acc = torch.zeros(r1 - r0, x.shape[1], device=x.device, dtype=torch.float32) \
             if out.hidden is not None else None
-        dtype = self._logits_dtype(x)
         for v0 in range(0, vocab, vocab_chunk):
             v1 = min(v0 + vocab_chunk, vocab)
             logits = self._logits(x[r0:r1], weight, bias, v0, v1, dtype, buffer)
@@ -221,8 +221,8 @@ class ChunkedEngine:
             out = self._alloc_grads(x, weight, bias, grads) if want_grad else None
             return self._distill_pass(x, weight, bias, labels, teacher, row_scale if want_grad else None, opts,
                                       out), out
-        rows, vocab_chunk = self._plan(x, vocab, gradient=want_grad)
         dtype = self._logits_dtype(x)
+        rows, vocab_chunk = self._plan(x, vocab, dtype, gradient=want_grad)
         buffer = self._buffer(x, rows, vocab_chunk)
         out = self._alloc_grads(x, weight, bias, grads) if want_grad else None
         parts = []
@@ -244,7 +244,7 @@ class ChunkedEngine:
                                              opts)
                 if want_grad:
                     self._gradient_pass(x, weight, bias, labels, state.lse(), row_scale[r0:r1], opts, out,
-                                        r0, r1, vocab_chunk, buffer)
+                                        r0, r1, vocab_chunk, dtype, buffer)
             parts.append(state.finish())
         return RowStats.cat(parts), out
 
@@ -255,11 +255,12 @@ class ChunkedEngine:
             out = self._alloc_grads(x, weight, bias, grads)
             self._distill_pass(x, weight, bias, labels, teacher, row_scale, opts, out)
             return out
-        rows, vocab_chunk = self._plan(x, vocab)
+        dtype = self._logits_dtype(x)
+        rows, vocab_chunk = self._plan(x, vocab, dtype)
         buffer = self._buffer(x, rows, vocab_chunk)
         out = self._alloc_grads(x, weight, bias, grads)
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             self._gradient_pass(x, weight, bias, labels, lse[r0:r1], row_scale[r0:r1], opts, out,
-                                r0, r1, vocab_chunk, buffer)
+                                r0, r1, vocab_chunk, dtype, buffer)
         return out

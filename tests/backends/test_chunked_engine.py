@@ -158,8 +158,8 @@ def test_half_logits_give_larger_chunks():
     from t3s_kernels.backends.triton_engines import TritonEpilogue
 
     x = torch.empty(16384, 64, dtype=torch.bfloat16)
-    rows = {dtype: ChunkedEngine(TritonEpilogue(), 1 << 30, logits_dtype=dtype)._plan(x, 151936)[0]
-            for dtype in ("float32", "input")}
+    engines = {dtype: ChunkedEngine(TritonEpilogue(), 1 << 30, logits_dtype=dtype) for dtype in ("float32", "input")}
+    rows = {dtype: engine._plan(x, 151936, engine._logits_dtype(x))[0] for dtype, engine in engines.items()}
     assert rows["float32"] * 151936 * 6 <= 1 << 30 and rows["input"] * 151936 * 2 <= 1 << 30
     assert rows["input"] >= 2.8 * rows["float32"], rows
 
