@@ -192,7 +192,7 @@ def fused_linear_t3s_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                          kd_t2_scaling=bool(kd_t2_scaling), sparse_tail=sparse_tail),
         ignore_index=ignore_index, reduction=reduction,
         normalizer=None if normalizer is None or isinstance(normalizer, torch.Tensor) else float(normalizer),
-        backend=backend, strategy=strategy, chunk_budget_bytes=chunk_budget_bytes, grad_accum_dtype=grad_accum_dtype,
+        backend=backend, chunk_budget_bytes=chunk_budget_bytes, grad_accum_dtype=grad_accum_dtype,
         logits_dtype=("float32" if return_stats else "input") if logits_dtype == "auto" else logits_dtype,
         vocab_parallel=None if vocab_parallel is None else (vocab_parallel.start, vocab_parallel.vocab_size,
                                                             process_group_name(vocab_parallel.group)))

@@ -43,7 +43,6 @@ class LossConfig:
     reduction: str = "mean"
     normalizer: Optional[float] = None  # a Python number; a tensor normalizer is an operator input
     backend: str = "auto"
-    strategy: str = "auto"
     chunk_budget_bytes: Optional[int] = None
     grad_accum_dtype: str = "float32"
     logits_dtype: str = "float32"  # resolved: "float32" or "input" (options.LOGITS_DTYPES)
@@ -55,7 +54,7 @@ class LossConfig:
         """The operator's scalar arguments, in ``CONFIG_SCHEMA`` order."""
         start, size, group = self.vocab_parallel or (None, None, None)
         return (*(getattr(self.opts, name) for name in _HEAD_FIELDS), self.ignore_index, self.reduction,
-                self.normalizer, self.backend, self.strategy, self.chunk_budget_bytes, self.grad_accum_dtype,
+                self.normalizer, self.backend, self.chunk_budget_bytes, self.grad_accum_dtype,
                 self.logits_dtype, self.chunk_rows, self.vocab_chunk, start, size, group)
 
     @staticmethod
@@ -63,10 +62,10 @@ class LossConfig:
     def from_args(*args) -> "LossConfig":
         k = len(_HEAD_FIELDS)
         opts = HeadOptions(**dict(zip(_HEAD_FIELDS, args[:k])))
-        (ignore_index, reduction, normalizer, backend, strategy, budget, accum, logits_dtype, chunk_rows,
-         vocab_chunk, start, size, group) = args[k:]
-        return LossConfig(opts, ignore_index, reduction, normalizer, backend, strategy, budget, accum, logits_dtype,
-                          chunk_rows, vocab_chunk, None if start is None else (start, size, group))
+        (ignore_index, reduction, normalizer, backend, budget, accum, logits_dtype, chunk_rows, vocab_chunk,
+         start, size, group) = args[k:]
+        return LossConfig(opts, ignore_index, reduction, normalizer, backend, budget, accum, logits_dtype, chunk_rows,
+                          vocab_chunk, None if start is None else (start, size, group))
 
     @property
     def shard(self) -> Optional[VocabShard]:
@@ -97,7 +96,7 @@ _HEAD_FIELDS = ("vocab_size", "softcap", "logit_scale", "ce_weight", "label_smoo
 CONFIG_SCHEMA = ("int vocab_size, float? softcap, float logit_scale, float ce_weight, float label_smoothing, "
                  "float z_loss, float kd_weight, str kd_loss, float jsd_beta, float kd_temperature, "
                  "bool kd_t2_scaling, str sparse_tail, int ignore_index, str reduction, float? normalizer_number, "
-                 "str backend, str strategy, int? chunk_budget_bytes, str grad_accum_dtype, str logits_dtype, "
+                 "str backend, int? chunk_budget_bytes, str grad_accum_dtype, str logits_dtype, "
                  "int? chunk_rows, int? vocab_chunk, int? vocab_parallel_start, int? vocab_parallel_size, "
                  "str? vocab_parallel_group")
 if set(_HEAD_FIELDS) != set(HeadOptions.__dataclass_fields__):  # a new option must reach the operator

@@ -26,15 +26,12 @@ def kd_mode(opts: HeadOptions) -> int:
 
 
 def kd_scalars(opts: HeadOptions) -> dict:
-    """inv_temp, and log(beta), log(1 - beta) for the JSD (finite there: 0 < beta < 1)."""
+    """The distillation epilogue's KD scalars: the KD term's coefficient (``HeadOptions.kd_coef``),
+    beta, inv_temp, and log(beta), log(1 - beta) for the JSD (finite there: 0 < beta < 1)."""
     jsd = kd_mode(opts) == 3
-    return dict(inv_temp=1.0 / opts.kd_temperature, log_beta=math.log(opts.jsd_beta) if jsd else 0.0,
+    return dict(kd_coef=opts.kd_coef, beta=float(opts.jsd_beta), inv_temp=1.0 / opts.kd_temperature,
+                log_beta=math.log(opts.jsd_beta) if jsd else 0.0,
                 log_1m_beta=math.log(1.0 - opts.jsd_beta) if jsd else 0.0)
-
-
-def kd_grad_scalars(opts: HeadOptions) -> dict:
-    """The KD term's coefficient (``HeadOptions.kd_coef``) and the scalars of its gradient."""
-    return dict(kd_coef=opts.kd_coef, beta=float(opts.jsd_beta), **kd_scalars(opts))
 
 
 def row_stats(planes, kd=None) -> RowStats:
@@ -71,7 +68,7 @@ class TritonEpilogue:
         divergence over its top-k support runs in PyTorch on the same chunk."""
         if not teacher.dense:
             return distill_chunk(logits, labels, None, teacher, row_scale, opts, out_dtype)
-        scalars = {**head_scalars(opts), **grad_scalars(opts), **kd_grad_scalars(opts)}
+        scalars = {**head_scalars(opts), **grad_scalars(opts), **kd_scalars(opts)}
         out, dz = distill_epilogue(logits, teacher_logits, labels, row_scale, scalars, kd_mode(opts),
                                    opts.has_softcap, opts.has_smoothing, out_dtype)
         return row_stats(out[:len(STATE_PLANES)], kd=out[len(STATE_PLANES)]), dz

@@ -19,7 +19,7 @@ def test_vocab_and_token_chunks(epilogue, chunk_rows, vocab_chunk, dtype, reduct
     inputs = make_inputs(dtype=dtype, bias=True, weights="zeros", ignored=3, logit_scale=2.0)
     opts = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
     cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), reduction=reduction, backend=epilogue,
-                     strategy="chunked", chunk_rows=chunk_rows, vocab_chunk=vocab_chunk)
+                     chunk_rows=chunk_rows, vocab_chunk=vocab_chunk)
     x, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
     loss, logprob, entropy, correct, lse, _ = fused_head_loss(x, w, b, inputs["labels"], inputs["token_weights"], cfg)
     rx, rw, rb = (t.detach().double().requires_grad_() for t in (x, w, b))
@@ -56,7 +56,7 @@ def test_grad_accum_in_the_weights_dtype(epilogue, chunk_rows, vocab_chunk, dtyp
     opts = dict(label_smoothing=0.1, softcap=4.0)
     outs = {}
     for accum in ("float32", "weight"):
-        cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), backend=epilogue, strategy="chunked",
+        cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), backend=epilogue,
                          chunk_rows=chunk_rows, vocab_chunk=vocab_chunk, grad_accum_dtype=accum)
         x, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
         loss, logprob, *_ = fused_head_loss(x, w, b, inputs["labels"], inputs["token_weights"], cfg)
@@ -84,7 +84,7 @@ def test_chunk_memory_is_released_before_the_next_chunk(accum):
     n, h, v, rows = 256, 64, 4096, 64
     inputs = make_inputs(n=n, h=h, v=v, dtype=torch.bfloat16)
     x, w = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight"))
-    cfg = LossConfig(opts=HeadOptions(vocab_size=v), backend="torch", strategy="chunked", chunk_rows=rows,
+    cfg = LossConfig(opts=HeadOptions(vocab_size=v), backend="torch", chunk_rows=rows,
                      grad_accum_dtype=accum)
 
     def step():
@@ -110,7 +110,7 @@ def test_input_dtype_logits(chunk_rows, vocab_chunk, dtype, reduction):
     inputs = make_inputs(dtype=dtype, bias=True, weights="zeros", ignored=3, logit_scale=2.0)
     opts = dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
     cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), reduction=reduction, backend="triton",
-                     strategy="chunked", chunk_rows=chunk_rows, vocab_chunk=vocab_chunk, logits_dtype="input")
+                     chunk_rows=chunk_rows, vocab_chunk=vocab_chunk, logits_dtype="input")
     x, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
     loss, logprob, entropy, *_ = fused_head_loss(x, w, b, inputs["labels"], inputs["token_weights"], cfg)
     rx, rw, rb = (t.detach().double().requires_grad_() for t in (x, w, b))
