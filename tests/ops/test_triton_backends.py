@@ -61,20 +61,16 @@ def test_chunked_multiple_token_chunks():
 def test_token_stats_tile_kernel(temperature, logit_scale, softcap, bias, v, dtype, flat, tma, monkeypatch):
     """The forward tile kernel, both loop structures (a K loop per vocabulary block, or ``FLAT``: one
     loop over blocks and K slices, its tiles loaded by pointers or through tensor descriptors), its
-    plain variant and the one with bias and softcap. Under the
-    interpreter (64-column blocks, two vocabulary splits) V = 150 leaves the last split a block past
-    V, which must add nothing; H = 48 crosses three K slices of 16."""
+    plain variant and the one with bias and softcap. Under the interpreter (64-column blocks, two
+    vocabulary splits) V = 150 leaves the last split a block past V, which must add nothing; H = 48
+    crosses three K slices of 16."""
     from t3s_kernels.ops import configs
 
-    key = "half" if dtype != torch.float32 else "fp32"
-    for table in (configs.INTERPRETER_CONFIGS, configs.KERNEL_CONFIGS["tile_forward"]):
-        entry = table["tile_forward"] if table is configs.INTERPRETER_CONFIGS else table[key]
+    entries = [configs.INTERPRETER_CONFIGS["tile_forward"], *configs.KERNEL_CONFIGS["tile_forward"].values(),
+               *(cfg for arch in configs.ARCH_CONFIGS.values() for cfg in arch.get("tile_forward", {}).values())]
+    for entry in entries:
         monkeypatch.setitem(entry, "FLAT", flat)
         monkeypatch.setitem(entry, "TMA", tma)
-    for arch in configs.ARCH_CONFIGS.values():
-        for kind in arch.get("tile_forward", {}).values():
-            monkeypatch.setitem(kind, "FLAT", flat)
-            monkeypatch.setitem(kind, "TMA", tma)
     check_token_stats("triton", dtype, temperature, softcap=softcap, logit_scale=logit_scale, bias=bias, v=v)
     if tma:  # rows that are not 16-byte aligned cannot be read through descriptors: the pointer loads serve
         check_token_stats("triton", dtype, temperature, softcap=softcap, logit_scale=logit_scale, bias=bias, v=v,
