@@ -67,3 +67,14 @@ def test_cli_errors_are_one_line_naming_the_argument_or_file(tmp_path, capsys):
                  "--name", "n"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err == [f"t3s score: error: No such file or directory: {missing}"]
+
+
+def test_bench_help_names_every_provider():
+    """`t3s bench --help` lists the providers by hand (the parser must not import the benchmark harness
+    and torch at start-up): the list is exactly the harness's."""
+    from t3s_kernels.bench import PROVIDERS
+    from t3s_kernels.cli import build_parser
+
+    bench = next(a for a in build_parser()._subparsers._group_actions[0].choices["bench"]._actions
+                 if a.dest == "providers")
+    assert bench.help.removeprefix("subset of: ").split() == list(PROVIDERS)
