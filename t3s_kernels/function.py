@@ -14,8 +14,9 @@ So the backward cost scales with the selected fraction of tokens.
 
 For "mean"/"sum" the upstream gradient is a scalar, so an engine that fuses the backward into its
 forward pass (the chunked strategy) computes dX, dW for ``g_i = w_i / divisor`` right away; the
-operator returns them beside the loss and the backward only rescales them. For "none" the backward
-operator runs from the saved logsumexp.
+operator returns them beside the loss and the backward only rescales them, in place and in float32
+(not at all for an upstream gradient of 1). For "none", and for fp16 inputs (whose unscaled dL/dz
+would underflow under a GradScaler's loss scale), the backward operator runs from the saved logsumexp.
 """
 
 from __future__ import annotations
@@ -85,9 +86,14 @@ class LossConfig:
             return for_shard(inner, self.shard, local_rows, device)[0]
         return inner if self.vocab_parallel is None else VocabParallelEngine(inner, self.shard)
 
-    def fuses_gradient(self, device: torch.device, grads: GradRequest) -> bool:
-        """Whether the forward computes the gradient (returned beside the loss) for the backward to rescale."""
-        return grads.any and self.reduction != "none" and self.engine(device).fuses_backward
+    def fuses_gradient(self, device: torch.device, dtype: torch.dtype, grads: GradRequest) -> bool:
+        """Whether the forward computes the gradient (returned beside the loss) for the backward to rescale.
+
+        Not for fp16 inputs: the forward knows no upstream scale, and fp16 dL/dz at the loss's own
+        scale (1/tokens) underflows where a GradScaler's scaled one (as eager computes it) does not;
+        fp16's backward recomputes the logits with the upstream gradient inside dL/dz."""
+        return grads.any and self.reduction != "none" and dtype != torch.float16 \
+            and self.engine(device).fuses_backward
 
 
 # The operator's scalar arguments: HeadOptions' fields, then the call's options.
@@ -233,7 +239,7 @@ def _head_loss(x, weight, bias, labels, token_weights, normalizer, teacher_hidde
     check_teacher_values(teacher_topk_ids, teacher_topk_logprobs, cfg.opts.vocab_size)
     teacher = _teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_topk_ids, teacher_topk_logprobs)
     engine = cfg.engine(device, local_rows=weight.shape[0])
-    fused = cfg.fuses_gradient(device, want)
+    fused = cfg.fuses_gradient(device, x.dtype, want)
     with no_autocast(device):
         rows = _rows(labels, token_weights, normalizer, cfg)
         stats_parts, index_parts = [], []
@@ -268,7 +274,7 @@ def _head_loss_fake(x, weight, bias, labels, token_weights, normalizer, teacher_
                     teacher_bias, teacher_topk_ids, teacher_topk_logprobs, grads, *config):
     cfg = LossConfig.from_args(*config)
     want, n = GradRequest(*grads), x.shape[0]
-    fused = cfg.fuses_gradient(x.device, want)
+    fused = cfg.fuses_gradient(x.device, x.dtype, want)
     f32 = dict(dtype=torch.float32, device=x.device)
     loss = torch.empty((n,) if cfg.reduction == "none" else (), **f32)
     stats = [torch.empty(n, **f32) for _ in range(4)]
@@ -314,7 +320,8 @@ def _setup_context(ctx, inputs, output):
     tensors, grads, config = inputs[:_N_TENSORS], inputs[_N_TENSORS], inputs[_N_TENSORS + 1:]
     x, bias = tensors[0], tensors[2]
     ctx.grads, ctx.config, ctx.has_bias = grads, config, bias is not None
-    ctx.fused = LossConfig.from_args(*config).fuses_gradient(x.device, GradRequest(*grads))
+    ctx.fused = LossConfig.from_args(*config).fuses_gradient(x.device, x.dtype, GradRequest(*grads))
+    ctx.rescaled = ctx.handed_out = False
     if ctx.fused:
         ctx.save_for_backward(*output[6:])  # the gradient the forward computed
     else:
@@ -328,11 +335,20 @@ def _backward(ctx, grad_loss, *_unused_stat_grads):
                            "double backward); compute second-order terms with the eager reference instead")
     want = GradRequest(*ctx.grads)
     if ctx.fused:
+        if ctx.rescaled:
+            raise RuntimeError("fused_linear_t3s_loss: a second backward through one forward, after a backward with an "
+                               "upstream gradient other than 1: the gradient the forward computed was rescaled in "
+                               "place (no second copy of dW); run the forward again for each backward")
         fused = HeadGrads(*ctx.saved_tensors)
-        # An upstream gradient of exactly 1 (loss.backward() on this loss itself) needs no pass over
-        # dW; reading its value costs a device sync, so only in eager mode.
-        unit = not torch.compiler.is_compiling() and bool((grad_loss == 1).all())
-        scaled = fused if unit else fused.scaled(grad_loss)
+        if torch.compiler.is_compiling() or ctx.handed_out:
+            # Out of place: compiled, or (retain_graph) the saved gradient already went to the caller.
+            scaled = fused.scaled(grad_loss)
+        else:
+            # Eager, first backward: an upstream gradient of exactly 1 (loss.backward() on this loss
+            # itself) needs no pass over dW; any other is applied in place. Reading it costs one sync.
+            scale = float(grad_loss)
+            scaled = fused if scale == 1.0 else fused.scale_(scale)
+            ctx.rescaled, ctx.handed_out = scale != 1.0, True
         dx, dw, db = scaled.hidden, scaled.weight, scaled.bias
     else:
         dx, dw, db = torch.ops.t3s.head_loss_backward(grad_loss, *ctx.saved_tensors, ctx.grads, *ctx.config)

@@ -65,6 +65,26 @@ def test_op_compiles_fullgraph_without_graph_breaks(name):
         assert_close(a, e, 1e-6, f"{name} gradient {k}")
 
 
+def test_compiled_upstream_scale_equals_eager_bitwise():
+    """Compiled, the backward scales the fused gradient out of place (no value read on the host); the
+    product is formed in float32 and rounded once, as the eager in-place scaling does: bf16 gradients
+    equal bitwise at a scale bf16 cannot hold (1/3)."""
+    inputs = make_inputs(n=29, h=32, v=71, dtype=torch.bfloat16, weights="zeros", device="cpu")
+    third = torch.tensor(1.0) / 3
+
+    def grads(f):
+        x, w = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight"))
+        return torch.autograd.grad(f(x, w, inputs["labels"], inputs["token_weights"]) * third, (x, w))
+
+    def f(x, w, labels, token_weights):
+        return t3s.fused_linear_t3s_loss(x, w, labels, token_weights=token_weights, backend="torch").loss
+
+    eager = grads(f)
+    dynamo.reset()
+    for got, want in zip(grads(torch.compile(f, fullgraph=True, backend="inductor")), eager):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 def test_compiled_op_still_refuses_bad_values():
     """The checks that read values run inside the operator: a compiled call refuses as an eager one."""
     inputs = make_inputs(n=9, h=16, v=31, device="cpu")

@@ -77,8 +77,22 @@ class HeadGrads:
         return HeadGrads(hidden=self.hidden, weight=None if self.weight is None else self.weight.to(weight_dtype),
                          bias=None if self.bias is None else self.bias.to(bias_dtype))
 
+    # Both scalings multiply in float32 and round once to each gradient's dtype. A scale rounded to
+    # bf16 first would bias every element alike (1/3 becomes 0.33398: +0.2%), and fp16 has no 65536,
+    # the scale a GradScaler starts at.
+
+    def scale_(self, scale: float) -> "HeadGrads":
+        """Times ``scale``, in place: no second dW at the backward's peak."""
+        for g in (self.hidden, self.weight, self.bias):
+            if g is not None:
+                g.mul_(scale)  # a Python scale: the product is formed in float32 for bf16 / fp16
+        return self
+
     def scaled(self, scale: torch.Tensor) -> "HeadGrads":
-        return HeadGrads(*(None if g is None else g * scale.to(g.dtype) for g in (self.hidden, self.weight, self.bias)))
+        """Times the 0-dim ``scale``, out of place (under torch.compile, which fuses the upcast, the
+        product and the rounding into one kernel and reads no value on the host)."""
+        return HeadGrads(*(None if g is None else (g.float() * scale.float()).to(g.dtype)
+                           for g in (self.hidden, self.weight, self.bias)))
 
 
 class Engine(Protocol):
