@@ -166,9 +166,11 @@ def _launcher_calls(dtype: torch.dtype, n: int, h: int, v: int, plain: bool = Tr
                                      row_scale=row_scale[:rows], out_dtype=dtype)
         yield lambda: chunk_epilogue(logits, y[:rows], 0, {**head, **grad}, rich, rich, state=state,
                                      row_scale=row_scale[:rows], out_dtype=dtype)
-        for mode, with_grad in ((1, True), (2, True), (3, True), (3, False)):
+        for (mode, with_grad), inv_temp in itertools.product(((1, True), (2, True), (3, True), (3, False)),
+                                                             (1.0, 0.5)):  # T = 1: SAME_TEMP
             yield lambda: distill_epilogue(logits, logits, y[:rows], row_scale[:rows] if with_grad else None,
-                                           {**head, **grad, **kd_grad}, mode, rich, rich, dtype)
+                                           {**head, **grad, **kd_grad, "inv_temp": inv_temp}, mode, rich, rich,
+                                           dtype)
 
 
 def launcher_arguments(dtype: torch.dtype, arch: int, shape: str) -> list[tuple]:

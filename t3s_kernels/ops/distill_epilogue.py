@@ -3,7 +3,9 @@
 
 With s, t the two heads' logits after the softcap and T the KD temperature, the first sweep
 over a row keeps three online states: the student at T = 1 (CE, statistics), the student at
-T and the teacher at T, the last two with a weighted sum each (``merge_weighted_sum``):
+T and the teacher at T, the last two with a weighted sum each (``merge_weighted_sum``); at
+T = 1 the first two share one exponential per logit (``SAME_TEMP``), and so do CE's and the
+KD's p in the gradient sweep:
     A_f = sum_j e^(t_j/T - m_t) (t_j - s_j)/T     ->  KL(q || p) = A_f / d_t - lse_t + lse_sT
     A_r = sum_j e^(s_j/T - m_s) (s_j - t_j)/T     ->  KL(p || q) = A_r / d_s - lse_sT + lse_t
 The generalized JSD (mixture m = (1 - beta) p + beta q) needs normalized p and q, so it takes
@@ -27,12 +29,12 @@ from .online_softmax import (
     empty_student_state,
     finish_kd_state,
     finish_softmax_state,
-    fold_kd_block,
-    fold_student_block,
+    fold_distill_block,
     jsd_terms,
     kd_grad_wrt_student,
-    loss_grad_wrt_logits,
+    loss_grad_from_probs,
     store_row_stats,
+    tempered_log_probs,
     transform_logits,
 )
 
@@ -50,7 +52,8 @@ def distill_epilogue_kernel(LOGITS, TEACHER_LOGITS, stride_l, stride_lt, DZ, str
                             softcap, logit_scale, ce_weight, smoothing, inv_vocab, z_loss, kd_coef, inv_temp, beta,
                             log_beta, log_1m_beta,
                             KD_MODE: tl.constexpr, GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                            HAS_SMOOTHING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+                            HAS_SMOOTHING: tl.constexpr, SAME_TEMP: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_V: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     row_valid = rows < n_rows
     y = tl.load(Y + rows, mask=row_valid, other=-1)
@@ -63,9 +66,9 @@ def distill_epilogue_kernel(LOGITS, TEACHER_LOGITS, stride_l, stride_lt, DZ, str
     for v0 in range(0, V, BLOCK_V):
         cols, col_valid, mask = column_block(v0, V, row_valid, BLOCK_V)
         s, t = _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
-        m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid, y, m, d, u, label_logit,
-                                                              sum_logits, HAS_SMOOTHING)
-        m_s, d_s, a_r, m_t, d_t, a_f = fold_kd_block(s, t, col_valid, inv_temp, m_s, d_s, a_r, m_t, d_t, a_f)
+        m, d, u, label_logit, sum_logits, m_s, d_s, a_r, m_t, d_t, a_f = fold_distill_block(
+            s, t, cols, col_valid, y, inv_temp, m, d, u, label_logit, sum_logits, m_s, d_s, a_r, m_t, d_t, a_f,
+            HAS_SMOOTHING, SAME_TEMP)
     lse, entropy = finish_softmax_state(m, d, u)
     lse_s, lse_t, kl_forward, kl_reverse = finish_kd_state(m_s, d_s, a_r, m_t, d_t, a_f)
 
@@ -79,7 +82,8 @@ def distill_epilogue_kernel(LOGITS, TEACHER_LOGITS, stride_l, stride_lt, DZ, str
         for v0 in range(0, V, BLOCK_V):
             cols, col_valid, mask = column_block(v0, V, row_valid, BLOCK_V)
             s, t = _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
-            pm, qm = jsd_terms(s, t, col_valid, lse_s, lse_t, inv_temp, log_beta, log_1m_beta)
+            log_p, log_q = tempered_log_probs(s, t, lse_s, lse_t, inv_temp)
+            pm, qm = jsd_terms(log_p, log_q, col_valid, log_beta, log_1m_beta)
             kl_pm += pm
             kl_qm += qm
         kd = beta * kl_qm + (1.0 - beta) * kl_pm
@@ -93,11 +97,14 @@ def distill_epilogue_kernel(LOGITS, TEACHER_LOGITS, stride_l, stride_lt, DZ, str
         for v0 in range(0, V, BLOCK_V):
             cols, col_valid, mask = column_block(v0, V, row_valid, BLOCK_V)
             s, t = _load_both(l_row, lt_row, cols, mask, softcap, logit_scale, HAS_SOFTCAP)
-            dkd = kd_grad_wrt_student(s, t, lse_s, lse_t, kl_reverse, kl_pm, inv_temp, beta, log_beta, log_1m_beta,
+            log_p, log_q = tempered_log_probs(s, t, lse_s, lse_t, inv_temp)
+            p = tl.exp(log_p)
+            dkd = kd_grad_wrt_student(p, log_p, log_q, kl_reverse, kl_pm, inv_temp, beta, log_beta, log_1m_beta,
                                       KD_MODE)
-            dz = loss_grad_wrt_logits(s, col_valid, cols[None, :] == y[:, None], lse, g, ce_weight,
+            p_ce = p if SAME_TEMP else tl.exp(s - lse[:, None])  # at T = 1 the tempered p is CE's, bit for bit
+            dz = loss_grad_from_probs(p_ce, s, col_valid, cols[None, :] == y[:, None], lse, g, ce_weight,
                                       smoothing, inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP,
-                                      extra_ds=kd_coef * dkd)
+                                      kd_coef * dkd)
             tl.store(dz_row + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
 
 
@@ -118,5 +125,5 @@ def distill_epilogue(logits, teacher_logits, labels, row_scale, scalars: dict, k
         logits, teacher_logits, logits.stride(0), teacher_logits.stride(0), dz if grad else logits,
         dz.stride(0) if grad else 0, labels, row_scale.float().contiguous() if grad else logits, out,
         rows, width, KD_MODE=kd_mode, GRAD=grad, HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=has_smoothing,
-        **scalars, **cfg)
+        SAME_TEMP=scalars["inv_temp"] == 1.0, **scalars, **cfg)
     return out, dz

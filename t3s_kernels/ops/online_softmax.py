@@ -43,13 +43,20 @@ def transform_logits(z, softcap, logit_scale, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def block_softmax_state(s, col_valid):
-    """(m, d, u) of each row of the tile ``s`` [rows, cols] over its valid columns.
-    ``col_valid`` is [1, cols]: masking through a broadcast -inf row costs no tile registers."""
+def block_exps(x, col_valid):
+    """(m, x - m, e^(x - m)) of each row of the tile ``x`` [rows, cols], m its max over the valid
+    columns, e 0 at the others. ``col_valid`` is [1, cols]: masking through a broadcast -inf row
+    costs no tile registers."""
     penalty = tl.where(col_valid, 0.0, float("-inf"))
-    m = tl.max(s + penalty, axis=1)
-    shifted = s - m[:, None]
-    e = tl.exp(shifted + penalty)
+    m = tl.max(x + penalty, axis=1)
+    shifted = x - m[:, None]
+    return m, shifted, tl.exp(shifted + penalty)
+
+
+@triton.jit
+def block_softmax_state(s, col_valid):
+    """(m, d, u) of each row of the tile ``s`` over its valid columns."""
+    m, shifted, e = block_exps(s, col_valid)
     return m, tl.sum(e, axis=1), tl.sum(e * shifted, axis=1)
 
 
@@ -68,17 +75,9 @@ def merge_softmax_state(m1, d1, u1, m2, d2, u2):
 
 
 @triton.jit
-def block_weighted_sum(x, values, col_valid):
-    """(m, d, w) over the valid columns of a tile: m = max x, d = sum e^(x - m), w = sum e^(x - m) * values.
-    Unlike ``u``, ``w`` is a plain weighted sum: it merges by rescaling alone (merge_weighted_sum)."""
-    penalty = tl.where(col_valid, 0.0, float("-inf"))
-    m = tl.max(x + penalty, axis=1)
-    e = tl.exp(x - m[:, None] + penalty)
-    return m, tl.sum(e, axis=1), tl.sum(e * tl.where(col_valid, values, 0.0), axis=1)
-
-
-@triton.jit
 def merge_weighted_sum(m1, d1, w1, m2, d2, w2):
+    """The (m, d, w) state of the union of two column sets, w = sum e^(x - m) * values. Unlike ``u``,
+    ``w`` is a plain weighted sum: it merges by rescaling alone."""
     m = tl.maximum(m1, m2)
     a1 = tl.exp(m1 - m)
     a2 = tl.exp(m2 - m)
@@ -86,9 +85,17 @@ def merge_weighted_sum(m1, d1, w1, m2, d2, w2):
 
 
 @triton.jit
+def fold_weighted_block(m, d, w, m_b, e, values, col_valid):
+    """Fold a tile's exponentials ``e`` = e^(x - m_b) (block_exps) into an (m, d, w) state."""
+    return merge_weighted_sum(m, d, w, m_b, tl.sum(e, axis=1), tl.sum(e * tl.where(col_valid, values, 0.0), axis=1))
+
+
+@triton.jit
 def log_add_exp(a, b):
+    """log(e^a + e^b) as max + log(1 + e^(min - max)): one exponential (the max's own is 1). Written
+    with min rather than -|a - b|, with which Triton 3.6's code for the JSD sweep spills on sm_90."""
     mx = tl.maximum(a, b)
-    return mx + tl.log(tl.exp(a - mx) + tl.exp(b - mx))
+    return mx + tl.log(1.0 + tl.exp(tl.minimum(a, b) - mx))
 
 
 @triton.jit
@@ -106,7 +113,14 @@ def loss_grad_wrt_logits(s, col_valid, is_label, lse, row_scale, ce_weight, smoo
     dl/ds the caller passes as ``extra_ds``, e.g. distillation):
         dl/ds_j = ce_weight * (p_j - (1 - eps) [j = y] - eps / V) + 2 z_loss lse p_j (+ extra_ds_j)
     then ds/dz = logit_scale * (1 - tanh^2) through the softcap."""
-    p = tl.exp(s - lse[:, None])
+    return loss_grad_from_probs(tl.exp(s - lse[:, None]), s, col_valid, is_label, lse, row_scale, ce_weight,
+                                smoothing, inv_vocab, z_loss, softcap, logit_scale, HAS_SOFTCAP, extra_ds)
+
+
+@triton.jit
+def loss_grad_from_probs(p, s, col_valid, is_label, lse, row_scale, ce_weight, smoothing, inv_vocab, z_loss,
+                         softcap, logit_scale, HAS_SOFTCAP: tl.constexpr, extra_ds):
+    """``loss_grad_wrt_logits`` for a caller that has the tile's p = e^(s - lse) already."""
     ds = p * (ce_weight + 2.0 * z_loss * lse)[:, None] - ce_weight * smoothing * inv_vocab + extra_ds
     ds = tl.where(is_label, ds - ce_weight * (1.0 - smoothing), ds)
     ds = ds * (row_scale * logit_scale)[:, None]
@@ -117,13 +131,20 @@ def loss_grad_wrt_logits(s, col_valid, is_label, lse, row_scale, ce_weight, smoo
 
 
 @triton.jit
+def fold_label_and_sum(s, cols, col_valid, y, label_logit, sum_logits, HAS_SMOOTHING: tl.constexpr):
+    """Add a tile's label logit (where the label is among its columns) and, for smoothing, its logit sum."""
+    label_logit += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
+    if HAS_SMOOTHING:
+        sum_logits += tl.sum(tl.where(col_valid, s, 0.0), axis=1)
+    return label_logit, sum_logits
+
+
+@triton.jit
 def fold_student_block(s, cols, col_valid, y, m, d, u, label_logit, sum_logits, HAS_SMOOTHING: tl.constexpr):
     """Fold one tile of transformed student logits into the rows' state, label logit and logit sum."""
     m_b, d_b, u_b = block_softmax_state(s, col_valid)
     m, d, u = merge_softmax_state(m, d, u, m_b, d_b, u_b)
-    label_logit += tl.sum(tl.where(cols[None, :] == y[:, None], s, 0.0), axis=1)
-    if HAS_SMOOTHING:
-        sum_logits += tl.sum(tl.where(col_valid, s, 0.0), axis=1)
+    label_logit, sum_logits = fold_label_and_sum(s, cols, col_valid, y, label_logit, sum_logits, HAS_SMOOTHING)
     return m, d, u, label_logit, sum_logits
 
 
@@ -179,22 +200,40 @@ def finish_kd_state(m_s, d_s, a_r, m_t, d_t, a_f):
 
 
 @triton.jit
-def fold_kd_block(s, t, col_valid, inv_temp, m_s, d_s, a_r, m_t, d_t, a_f):
-    """Fold one tile of both heads into the tempered states: (m_s, d_s, A_r) of the student and
-    (m_t, d_t, A_f) of the teacher, A_r = sum e^(s/T - m_s) (s - t)/T, A_f = sum e^(t/T - m_t) (t - s)/T."""
+def fold_distill_block(s, t, cols, col_valid, y, inv_temp, m, d, u, label_logit, sum_logits, m_s, d_s, a_r,
+                       m_t, d_t, a_f, HAS_SMOOTHING: tl.constexpr, SAME_TEMP: tl.constexpr):
+    """Fold one tile of both heads into the student's state (as fold_student_block does) and the
+    tempered states: (m_s, d_s, A_r) of the student and (m_t, d_t, A_f) of the teacher,
+    A_r = sum e^(s/T - m_s) (s - t)/T and A_f = sum e^(t/T - m_t) (t - s)/T. At T = 1 (SAME_TEMP)
+    the student's tempered state is its own: one set of exponentials serves both, with the same
+    numbers as two would give."""
     diff = (s - t) * inv_temp
-    m_b, d_b, w_b = block_weighted_sum(s * inv_temp, diff, col_valid)
-    m_s, d_s, a_r = merge_weighted_sum(m_s, d_s, a_r, m_b, d_b, w_b)
-    m_b, d_b, w_b = block_weighted_sum(t * inv_temp, -diff, col_valid)
-    m_t, d_t, a_f = merge_weighted_sum(m_t, d_t, a_f, m_b, d_b, w_b)
-    return m_s, d_s, a_r, m_t, d_t, a_f
+    if SAME_TEMP:
+        m_b, shifted, e = block_exps(s, col_valid)
+        d_b = tl.sum(e, axis=1)
+        m, d, u = merge_softmax_state(m, d, u, m_b, d_b, tl.sum(e * shifted, axis=1))
+        m_s, d_s, a_r = merge_weighted_sum(m_s, d_s, a_r, m_b, d_b,
+                                           tl.sum(e * tl.where(col_valid, diff, 0.0), axis=1))
+        label_logit, sum_logits = fold_label_and_sum(s, cols, col_valid, y, label_logit, sum_logits, HAS_SMOOTHING)
+    else:
+        m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid, y, m, d, u, label_logit,
+                                                              sum_logits, HAS_SMOOTHING)
+        m_b, _, e = block_exps(s * inv_temp, col_valid)
+        m_s, d_s, a_r = fold_weighted_block(m_s, d_s, a_r, m_b, e, diff, col_valid)
+    m_b, _, e = block_exps(t * inv_temp, col_valid)
+    m_t, d_t, a_f = fold_weighted_block(m_t, d_t, a_f, m_b, e, -diff, col_valid)
+    return m, d, u, label_logit, sum_logits, m_s, d_s, a_r, m_t, d_t, a_f
 
 
 @triton.jit
-def jsd_terms(s, t, col_valid, lse_s, lse_t, inv_temp, log_beta, log_1m_beta):
+def tempered_log_probs(s, t, lse_s, lse_t, inv_temp):
+    """(log p, log q) of a tile: the tempered student and teacher."""
+    return s * inv_temp - lse_s[:, None], t * inv_temp - lse_t[:, None]
+
+
+@triton.jit
+def jsd_terms(log_p, log_q, col_valid, log_beta, log_1m_beta):
     """This tile's share of KL(p || m) and KL(q || m), m = (1 - beta) p + beta q (tempered)."""
-    log_p = s * inv_temp - lse_s[:, None]
-    log_q = t * inv_temp - lse_t[:, None]
     log_m = log_add_exp(log_p + log_1m_beta, log_q + log_beta)
     kl_pm = tl.sum(tl.where(col_valid, tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
     kl_qm = tl.sum(tl.where(col_valid, tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
@@ -202,12 +241,10 @@ def jsd_terms(s, t, col_valid, lse_s, lse_t, inv_temp, log_beta, log_1m_beta):
 
 
 @triton.jit
-def kd_grad_wrt_student(s, t, lse_s, lse_t, kl_reverse, kl_pm, inv_temp, beta, log_beta, log_1m_beta,
+def kd_grad_wrt_student(p, log_p, log_q, kl_reverse, kl_pm, inv_temp, beta, log_beta, log_1m_beta,
                         KD_MODE: tl.constexpr):
-    """dKD/ds for the student's (softcapped) logits s; KD_MODE 1 forward KL, 2 reverse KL, 3 JSD."""
-    log_p = s * inv_temp - lse_s[:, None]
-    log_q = t * inv_temp - lse_t[:, None]
-    p = tl.exp(log_p)
+    """dKD/ds for the student's (softcapped) logits s, from the tempered p = e^(log p) and log q;
+    KD_MODE 1 forward KL, 2 reverse KL, 3 JSD."""
     if KD_MODE == 1:
         dkd = p - tl.exp(log_q)
     elif KD_MODE == 2:

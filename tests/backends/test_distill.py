@@ -286,3 +286,28 @@ def test_dense_teacher_with_input_dtype_logits(kd_loss, beta):
     assert_close(out.loss, ref, tol["value"], "loss")
     for name, got, want in zip(("dX", "dW"), torch.autograd.grad(out.loss, (x, w)), torch.autograd.grad(ref, (xd, wd))):
         assert_close(got, want, tol["grad"], name)
+
+
+@pytest.mark.parametrize("kd_loss,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_unit_temperature_with_far_apart_heads(kd_loss, beta):
+    """T = 1 (the default: one exponential per logit serves CE and the KD in the Triton epilogue) with a
+    teacher far from the student: logits tens apart, so many tempered probabilities and mixture
+    terms underflow to 0 in float32. Every output equals the fp64 reference at fp32 accuracy, no NaN."""
+    inputs = make_inputs(n=13, v=67, bias=True, weights="zeros", ignored=2)
+    th, tw_ = teacher(n=13, v=67)
+    x = inputs["hidden"].clone().requires_grad_()
+    w = inputs["weight"].clone().requires_grad_()
+    kw = dict(kd_weight=0.6, ce_weight=0.8, kd_loss=kd_loss, jsd_beta=beta, label_smoothing=0.1, z_loss=1e-3)
+    tw_ = tw_ * 40  # teacher logits of std ~ 75
+    out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], bias=inputs["bias"], token_weights=inputs["token_weights"],
+                                    teacher_hidden=th, teacher_weight=tw_, return_stats=True, backend="triton",
+                                    strategy="chunked", **kw)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref, stats = t3s.reference_t3s_loss(xd, wd, inputs["labels"], bias=inputs["bias"].double(),
+                                        token_weights=inputs["token_weights"],
+                                        teacher_logits=th.double() @ tw_.double().t(), **kw)
+    assert torch.isfinite(out.kd).all()
+    assert_close(out.loss, ref, 1e-5, "loss")
+    assert_close(out.kd, stats["kd"], 1e-5, "kd", floor=1e-2)
+    for name, got, want in zip(("dX", "dW"), torch.autograd.grad(out.loss, (x, w)), torch.autograd.grad(ref, (xd, wd))):
+        assert_close(got, want, 1e-5, name)

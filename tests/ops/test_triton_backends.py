@@ -180,3 +180,37 @@ def test_token_stats_without_tensor_descriptors(monkeypatch):
     monkeypatch.setitem(configs.INTERPRETER_CONFIGS["tile_forward"], "TMA", True)
     monkeypatch.setattr(tile_forward, "TensorDescriptor", None)
     check_token_stats("triton", torch.bfloat16, 1.0, softcap=None, bias=False, v=150)
+
+
+@pytest.mark.parametrize("kd_mode", [1, 2, 3])
+def test_distill_epilogue_shares_exponentials_at_unit_temperature(kd_mode, monkeypatch):
+    """At T = 1 the student's CE state and tempered state share one exponential per logit
+    (``SAME_TEMP``), as do CE's and the KD's p in the gradient sweep: statistics, KD and dL/dz equal
+    bit for bit what separate exponentials give."""
+    import math
+
+    from t3s_kernels.ops import distill_epilogue as module
+
+    g = torch.Generator().manual_seed(3)
+    rows, v = 5, 83
+    student, teacher = ((torch.randn(rows, v, generator=g) * 3).to(DEVICE) for _ in range(2))
+    labels = torch.randint(0, v, (rows,), generator=g).to(DEVICE)
+    row_scale = torch.rand(rows, generator=g).to(DEVICE)
+    scalars = dict(softcap=1.0, logit_scale=1.0, ce_weight=0.8, smoothing=0.1, inv_vocab=1.0 / v, z_loss=1e-3,
+                   kd_coef=0.6, beta=0.3, inv_temp=1.0, log_beta=math.log(0.3), log_1m_beta=math.log(0.7))
+
+    def run():  # dL/dz is written over the student's logits: a copy each time
+        return module.distill_epilogue(student.clone(), teacher, labels, row_scale, scalars, kd_mode, False, True,
+                                       torch.float32)
+
+    shared = run()
+    kernel = module.distill_epilogue_kernel
+
+    class Separate:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+            return lambda *args, **kwargs: launch(*args, **{**kwargs, "SAME_TEMP": False})
+
+    monkeypatch.setattr(module, "distill_epilogue_kernel", Separate())
+    separate = run()
+    assert torch.equal(shared[0], separate[0]) and torch.equal(shared[1], separate[1])
