@@ -80,13 +80,17 @@ void check_state(const torch::Tensor& state, int64_t rows) {
 // each row is read from memory once.
 constexpr int64_t kBlock = 512;
 
-// The state (m, d, u) of one block of a row, its logit sum and, with `keep_exp`, e^(s - m) written
-// over it (the block's maximum returned in m); s (transformed where it must be) otherwise.
+// The state (m, d, u) of one block of a row, its logit sum, the label's s (0 without the label at
+// `label_j`, -1) and, with `keep_exp`, e^(s - m) written over it (the block's maximum returned in
+// m); s (transformed where it must be) otherwise. The label's s is read from the very values the
+// maximum was taken over: a scalar tanh may differ from the vectorized one by an ulp, and a label
+// logit above or below its own row maximum would make `correct` wrong.
 struct BlockState {
-  float m, d, u, sum;
+  float m, d, u, sum, label;
 };
 
-inline BlockState fold_block(float* s, int64_t width, const Head& h, bool has_smoothing, bool keep_exp) {
+inline BlockState fold_block(float* s, int64_t width, int64_t label_j, const Head& h, bool has_smoothing,
+                             bool keep_exp) {
   const bool store = transforms(h);
   Vec vmax(-std::numeric_limits<float>::infinity()), vsum(0.0f);
   int64_t j = 0;
@@ -105,6 +109,7 @@ inline BlockState fold_block(float* s, int64_t width, const Head& h, bool has_sm
     m = std::max(m, s[j]);
     sum += has_smoothing ? s[j] : 0.0f;
   }
+  const float label = label_j >= 0 ? s[label_j] : 0.0f;
   Vec vd(0.0f), vu(0.0f);
   const Vec vm(m);
   j = 0;
@@ -122,7 +127,7 @@ inline BlockState fold_block(float* s, int64_t width, const Head& h, bool has_sm
     d += e;
     u += e * shifted;
   }
-  return {m, d, u, sum};
+  return {m, d, u, sum, label};
 }
 
 // The union of two disjoint column sets' states; an empty state (d = 0) adds nothing.
@@ -147,9 +152,8 @@ inline void fold_row(float* s, int64_t width, int64_t label_col, const Head& h, 
   for (int64_t b0 = 0, k = 0; b0 < width; b0 += kBlock, ++k) {
     const int64_t w = std::min(kBlock, width - b0);
     const bool has_label = label_col >= b0 && label_col < b0 + w;
-    float label_z = has_label ? s[label_col] : 0.0f;
-    const BlockState block = fold_block(s + b0, w, h, has_smoothing, keep_exp);
-    if (has_label) label += transform(label_z, h);
+    const BlockState block = fold_block(s + b0, w, has_label ? label_col - b0 : -1, h, has_smoothing, keep_exp);
+    label += block.label;
     if (keep_exp) block_max[k] = block.m;
     merge(m, d, u, block);
     sum += block.sum;
