@@ -322,6 +322,9 @@ def _setup_context(ctx, inputs, output):
     ctx.grads, ctx.config, ctx.has_bias = grads, config, bias is not None
     ctx.fused = LossConfig.from_args(*config).fuses_gradient(x.device, x.dtype, GradRequest(*grads))
     ctx.rescaled = ctx.handed_out = False
+    # Outputs without a gradient (the statistics, and the fused dX / dW / db, [V x H]) reach the backward
+    # as None: materialized, they would be zeros of their sizes, allocated and filled at every backward.
+    ctx.set_materialize_grads(False)
     if ctx.fused:
         ctx.save_for_backward(*output[6:])  # the gradient the forward computed
     else:
@@ -334,6 +337,8 @@ def _backward(ctx, grad_loss, *_unused_stat_grads):
         raise RuntimeError("fused_linear_t3s_loss: its gradient is not differentiable (create_graph=True / a "
                            "double backward); compute second-order terms with the eager reference instead")
     want = GradRequest(*ctx.grads)
+    if grad_loss is None:  # only the (detached) statistics or the fused gradient outputs were used
+        return (None,) * (_N_TENSORS + 1 + len(ctx.config))
     if ctx.fused:
         if ctx.rescaled:
             raise RuntimeError("fused_linear_t3s_loss: a second backward through one forward, after a backward with an "
