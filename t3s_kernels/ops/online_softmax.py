@@ -210,10 +210,8 @@ def fold_distill_block(s, t, cols, col_valid, y, inv_temp, m, d, u, label_logit,
     diff = (s - t) * inv_temp
     if SAME_TEMP:
         m_b, shifted, e = block_exps(s, col_valid)
-        d_b = tl.sum(e, axis=1)
-        m, d, u = merge_softmax_state(m, d, u, m_b, d_b, tl.sum(e * shifted, axis=1))
-        m_s, d_s, a_r = merge_weighted_sum(m_s, d_s, a_r, m_b, d_b,
-                                           tl.sum(e * tl.where(col_valid, diff, 0.0), axis=1))
+        m, d, u = merge_softmax_state(m, d, u, m_b, tl.sum(e, axis=1), tl.sum(e * shifted, axis=1))
+        m_s, d_s, a_r = fold_weighted_block(m_s, d_s, a_r, m_b, e, diff, col_valid)  # sum(e): one reduction, CSE'd
         label_logit, sum_logits = fold_label_and_sum(s, cols, col_valid, y, label_logit, sum_logits, HAS_SMOOTHING)
     else:
         m, d, u, label_logit, sum_logits = fold_student_block(s, cols, col_valid, y, m, d, u, label_logit,
