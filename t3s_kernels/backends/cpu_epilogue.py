@@ -1,7 +1,12 @@
 """The chunked driver's epilogue as native CPU code (csrc/cpu_epilogue.cpp): vectorized with ATen's
 ``Vectorized`` for the machine's instruction set, rows over ATen's threads. Built with
-``torch.utils.cpp_extension`` on first use (a C++ compiler and about a minute, then cached); where
-it cannot be built, ``native_module()`` is None and the torch backend keeps the PyTorch epilogue."""
+``torch.utils.cpp_extension`` on first use (a C++ compiler and about a minute, then cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); where it cannot be built,
+``native_module()`` is None and the torch backend keeps the PyTorch epilogue.
+
+The build is guarded by an operating-system lock (``flock``), which dies with its holder:
+``cpp_extension``'s own marker of a build in progress is a plain file that a process killed while
+building leaves behind, after which every later ``load`` of that build waits for it forever."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import os
 import pathlib
 import warnings
 
+import filelock
 import torch
 
 from .base import grad_scalars, head_scalars
@@ -23,6 +29,9 @@ _CAPABILITY_FLAGS = {
                "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
 }
+# How long a process waits for another one's build before it takes the PyTorch epilogue instead
+# (a build takes about a minute on two cores).
+BUILD_WAIT_S = float(os.environ.get("T3S_CPU_EPILOGUE_BUILD_WAIT_S", 900))
 
 
 def native_module():
@@ -39,22 +48,41 @@ def cpu_epilogue() -> TorchEpilogue:
     return TorchEpilogue() if module is None else NativeCpuEpilogue(module)
 
 
+def extensions_root() -> pathlib.Path:
+    """Where ``cpp_extension`` keeps its builds: ``TORCH_EXTENSIONS_DIR``, else the user's cache."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return pathlib.Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(cache) / "torch_extensions"
+
+
+def build_target() -> tuple[str, pathlib.Path, list[str]]:
+    """The extension's name, its build folder and compiler flags for this machine and PyTorch: one
+    name per source, flags and torch, so that two versions never load each other's library (the
+    folder is shared by every process of the user; "flock": builds that take the lock below)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    cflags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, [])]
+    key = SOURCE.read_bytes() + " ".join(cflags + [torch.__version__, "flock"]).encode()
+    name = f"t3s_cpu_epilogue_{capability.lower()}_{hashlib.sha256(key).hexdigest()[:12]}"
+    return name, extensions_root() / name, cflags
+
+
 @functools.lru_cache(maxsize=None)
 def _build():
     if not SOURCE.exists():
         return None
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = _CAPABILITY_FLAGS.get(capability, [])
     try:
         from torch.utils.cpp_extension import load
 
-        cflags = ["-O3", "-fopenmp", *flags]
-        # The build folder is shared by every process of the user: one name per source, flags and torch,
-        # so that two versions never load each other's library.
-        digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(cflags + [torch.__version__]).encode()).hexdigest()
-        return load(name=f"t3s_cpu_epilogue_{capability.lower()}_{digest[:12]}", sources=[str(SOURCE)],
-                    extra_cflags=cflags, extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, or headers that do not match: the PyTorch epilogue serves
+        name, folder, cflags = build_target()
+        folder.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(str(folder.parent / f"{name}.lock"), timeout=BUILD_WAIT_S):
+            # Every build of this folder holds the lock above, so a marker of cpp_extension's found
+            # while we hold it was left by a process that died building: without removing it, load waits.
+            (folder / "lock").unlink(missing_ok=True)
+            return load(name=name, sources=[str(SOURCE)], build_directory=str(folder), extra_cflags=cflags,
+                        extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, headers that do not match, another build past BUILD_WAIT_S
         warnings.warn(f"t3s-kernels: the native CPU epilogue did not build ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the PyTorch epilogue", stacklevel=2)
         return None

@@ -1,7 +1,14 @@
 """The native CPU epilogue (csrc/cpu_epilogue.cpp) against the fp64 reference through the whole op,
 every option and dtype, whole vocabulary rows and vocabulary chunks; and the PyTorch epilogue it
-falls back to, by request or when it cannot be built."""
+falls back to, by request or when it cannot be built; and the build's lock (a build killed midway,
+another process's build in progress)."""
 
+import json
+import os
+import subprocess
+import sys
+
+import filelock
 import pytest
 import torch
 
@@ -88,3 +95,54 @@ def test_pytorch_epilogue_on_request_and_without_a_build(monkeypatch):
     monkeypatch.setattr(cpu_epilogue, "_build", lambda: None)  # no compiler, no source: the fallback
     engine = make_engine(CPU, "torch")
     assert isinstance(engine, ChunkedEngine) and type(engine.epilogue) is TorchEpilogue
+
+
+# A stand-in source that builds in seconds: what is tested is the build's locking, not the epilogue.
+_TINY_SOURCE = """#include <pybind11/pybind11.h>
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", [] { return 42; }); }
+"""
+_BUILD_IN_A_PROCESS = """
+import json, pathlib, sys, warnings
+from t3s_kernels.backends import cpu_epilogue
+cpu_epilogue.SOURCE = pathlib.Path(sys.argv[1])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    module = cpu_epilogue._build()
+print(json.dumps({"answer": None if module is None else module.answer(), "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def _build_in_a_process(source, env, timeout):
+    done = subprocess.run([sys.executable, "-c", _BUILD_IN_A_PROCESS, str(source)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def tiny_build(tmp_path, monkeypatch):
+    source = tmp_path / "tiny.cpp"
+    source.write_text(_TINY_SOURCE)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(cpu_epilogue, "SOURCE", source)
+    return source, cpu_epilogue.build_target(), dict(os.environ, T3S_CPU_EPILOGUE_BUILD_WAIT_S="3")
+
+
+def test_a_build_killed_midway_does_not_stall_the_next(tiny_build):
+    # A process killed while building leaves cpp_extension's marker file ("lock") in the build folder;
+    # cpp_extension alone then waits for it forever in every later process (a test run stalled so).
+    source, (_, folder, _), env = tiny_build
+    folder.mkdir(parents=True)
+    (folder / "lock").touch()
+    assert _build_in_a_process(source, env, timeout=300) == {"answer": 42, "warnings": []}
+    assert not (folder / "lock").exists()
+
+
+def test_a_build_held_by_a_live_process_is_waited_for_then_given_up(tiny_build):
+    source, (name, folder, _), env = tiny_build
+    folder.mkdir(parents=True)
+    with filelock.FileLock(str(folder.parent / f"{name}.lock")):  # another process building, for longer than 3 s
+        result = _build_in_a_process(source, env, timeout=300)
+    assert result["answer"] is None and len(result["warnings"]) == 1
+    assert "did not build (Timeout" in result["warnings"][0] and "using the PyTorch epilogue" in result["warnings"][0]
+    assert _build_in_a_process(source, env, timeout=300)["answer"] == 42  # once it is released, the build runs
