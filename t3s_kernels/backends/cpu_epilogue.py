@@ -1,7 +1,7 @@
 """The chunked driver's epilogue as native CPU code (csrc/cpu_epilogue.cpp): vectorized with ATen's
 ``Vectorized`` for the machine's instruction set, rows over ATen's threads. Built with
 ``torch.utils.cpp_extension`` on first use (a C++ compiler and about a minute, then cached under
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); where it cannot be built,
+``TORCH_EXTENSIONS_DIR``, by default PyTorch's ``~/.cache/torch_extensions``); where it cannot be built,
 ``native_module()`` is None and the torch backend keeps the PyTorch epilogue.
 
 The build is guarded by an operating-system lock (``flock``), which dies with its holder:
@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import sys
 import warnings
 
 import filelock
@@ -48,23 +49,20 @@ def cpu_epilogue() -> TorchEpilogue:
     return TorchEpilogue() if module is None else NativeCpuEpilogue(module)
 
 
-def extensions_root() -> pathlib.Path:
-    """Where ``cpp_extension`` keeps its builds: ``TORCH_EXTENSIONS_DIR``, else the user's cache."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return pathlib.Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(cache) / "torch_extensions"
-
-
 def build_target() -> tuple[str, pathlib.Path, list[str]]:
-    """The extension's name, its build folder and compiler flags for this machine and PyTorch: one
-    name per source, flags and torch, so that two versions never load each other's library (the
-    folder is shared by every process of the user; "flock": builds that take the lock below)."""
+    """The extension's name, its build folder (under ``TORCH_EXTENSIONS_DIR``, else PyTorch's default
+    root) and compiler flags for this machine, Python and PyTorch: one name per source, flags, Python
+    ABI and torch, so that two versions never load each other's library (the folder is shared by every
+    process of the user; "flock": builds that take the lock below)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
     capability = torch.backends.cpu.get_cpu_capability()
     cflags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, [])]
-    key = SOURCE.read_bytes() + " ".join(cflags + [torch.__version__, "flock"]).encode()
+    python = sys.implementation.cache_tag + getattr(sys, "abiflags", "")
+    key = SOURCE.read_bytes() + " ".join(cflags + [python, torch.__version__, "flock"]).encode()
     name = f"t3s_cpu_epilogue_{capability.lower()}_{hashlib.sha256(key).hexdigest()[:12]}"
-    return name, extensions_root() / name, cflags
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return name, pathlib.Path(root) / name, cflags
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,6 +5,7 @@ another process's build in progress)."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -146,3 +147,17 @@ def test_a_build_held_by_a_live_process_is_waited_for_then_given_up(tiny_build):
     assert result["answer"] is None and len(result["warnings"]) == 1
     assert "did not build (Timeout" in result["warnings"][0] and "using the PyTorch epilogue" in result["warnings"][0]
     assert _build_in_a_process(source, env, timeout=300)["answer"] == 42  # once it is released, the build runs
+
+
+def test_each_python_torch_and_source_builds_in_a_folder_of_its_own(tiny_build, monkeypatch):
+    source, (name, folder, _), _ = tiny_build
+    assert folder == pathlib.Path(os.environ["TORCH_EXTENSIONS_DIR"]) / name
+    with monkeypatch.context() as m:
+        m.setattr(sys.implementation, "cache_tag", "cpython-399")  # another interpreter's ABI
+        other_python = cpu_epilogue.build_target()[0]
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "0.0.0")
+        other_torch = cpu_epilogue.build_target()[0]
+    assert cpu_epilogue.build_target()[0] == name  # nothing else moved it
+    source.write_text(_TINY_SOURCE + "// edited\n")
+    assert len({name, other_python, other_torch, cpu_epilogue.build_target()[0]}) == 4
