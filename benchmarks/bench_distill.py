@@ -1,5 +1,5 @@
 """Distillation, fwd+bwd: eager (both heads' full logits, log_softmax, KL + CE) against the fused
-loss with a teacher head of the same shape (its default strategy; on a GPU also the tile one);
+loss with a teacher head of the same shape (the chunked engine);
 Liger's fused linear JSD and chunked JSD loss and TRL's chunked divergence where installed
 (GPU). The peers' losses weigh CE and KD as their APIs do: compare time and memory, not values.
 

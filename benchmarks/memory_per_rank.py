@@ -1,4 +1,4 @@
-"""Memory per rank of the head's loss (the Triton chunked strategy, "mean" reduction, bf16), computed
+"""Memory per rank of the head's loss (the Triton chunked engine, "mean" reduction, bf16), computed
 from what the code allocates, for Qwen3-8B's and Qwen3-32B's heads under tensor parallelism (TP
 1/2/4/8: each rank holds V/TP rows and sees every token) and under FSDP2 (the head gathered whole
 inside its call, each rank its own tokens):

@@ -3,7 +3,7 @@ of 1 (``loss.backward()``) and at others (a loss divided by accumulation steps, 
 
     PYTHONPATH=. python benchmarks/upstream_scale_memory.py [--tokens 2048 --hidden 256 --vocab 65536]
 
-The chunked strategy makes the gradient in the forward, so a backward only rescales it: nothing at
+The chunked engine makes the gradient in the forward, so a backward only rescales it: nothing at
 1, in place otherwise. Each row: peak bytes allocated during ``backward`` above what was allocated
 before it (``bench.measure.peak_memory_bytes``: the CUDA allocator, or the profiler's memory events
 on a CPU), beside the sizes of dW and dX in the inputs' dtype.

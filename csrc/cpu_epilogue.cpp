@@ -1,4 +1,4 @@
-// The chunked strategy's epilogue on the CPU: the twin of ops/chunk_epilogue.py (Triton) and of
+// The chunked engine's epilogue on the CPU: the twin of ops/chunk_epilogue.py (Triton) and of
 // backends/torch_epilogue.py (PyTorch), over one chunk's float32 logits buffer, rows in parallel.
 //
 // Per row, with s = logit_scale * softcap * tanh(z / softcap) (identity without a cap):
@@ -324,9 +324,19 @@ torch::Tensor accumulate_and_gradient(torch::Tensor logits, torch::Tensor labels
 
 }  // namespace
 
+// Every argument is named: Python passes the scalars by these names (backends/cpu_epilogue.py), so a
+// renamed, added or reordered parameter fails the call instead of shifting a value into another's place.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("accumulate", &accumulate, "fold a chunk's logits into the rows' online softmax state");
-  m.def("gradient", &gradient, "dL/dz of a chunk's logits from the rows' logsumexp");
+  using pybind11::arg;
+  m.def("accumulate", &accumulate, "fold a chunk's logits into the rows' online softmax state", arg("logits"),
+        arg("labels"), arg("col0"), arg("state"), arg("has_softcap"), arg("softcap"), arg("logit_scale"),
+        arg("has_smoothing"));
+  m.def("gradient", &gradient, "dL/dz of a chunk's logits from the rows' logsumexp", arg("logits"), arg("labels"),
+        arg("col0"), arg("lse"), arg("row_scale"), arg("has_softcap"), arg("softcap"), arg("logit_scale"),
+        arg("ce_weight"), arg("smoothing"), arg("inv_vocab"), arg("z_loss"), arg("out_dtype"));
   m.def("accumulate_and_gradient", &accumulate_and_gradient,
-        "fold whole vocabulary rows into their state, then write dL/dz from the finished logsumexp");
+        "fold whole vocabulary rows into their state, then write dL/dz from the finished logsumexp", arg("logits"),
+        arg("labels"), arg("state"), arg("row_scale"), arg("has_softcap"), arg("softcap"), arg("logit_scale"),
+        arg("has_smoothing"), arg("ce_weight"), arg("smoothing"), arg("inv_vocab"), arg("z_loss"),
+        arg("out_dtype"));
 }

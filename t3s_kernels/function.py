@@ -4,7 +4,8 @@
 ``torch.compile`` sees one node with a fake implementation (shapes only), so a compiled model has
 no graph break inside the op and ``fullgraph=True`` works. Everything that depends on the data
 (row compaction, counts, the checks of label and weight values) runs inside the operator. Its
-static options (``LossConfig``) travel as its scalar arguments (``CONFIG_SCHEMA``).
+tensors travel by name (``HeadLossInputs``, ``HeadLossOutputs``) and its static options
+(``LossConfig``) as its scalar arguments (``CONFIG_SCHEMA``, built from the declarations).
 
 Rows are sorted into three kinds before any matmul:
   * ignored (label == ignore_index): never reach the head; statistics 0.
@@ -13,7 +14,7 @@ Rows are sorted into three kinds before any matmul:
 So the backward cost scales with the selected fraction of tokens.
 
 For "mean"/"sum" the upstream gradient is a scalar, so an engine that fuses the backward into its
-forward pass (the chunked strategy) computes dX, dW for ``g_i = w_i / divisor`` right away; the
+forward pass (the chunked engine) computes dX, dW for ``g_i = w_i / divisor`` right away; the
 operator returns them beside the loss and the backward only rescales them, in place and in float32
 (not at all for an upstream gradient of 1). For "none", and for fp16 inputs (whose unscaled dL/dz
 would underflow under a GradScaler's loss scale), the backward operator runs from the saved logsumexp.
@@ -21,9 +22,11 @@ would underflow under a GradScaler's loss scale), the backward operator runs fro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import typing
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -31,60 +34,58 @@ from .backends.base import HeadGrads, RowStats, per_token_loss
 from .backends.distill import TeacherRows
 from .backends.select import make_engine
 from .backends.vocab_parallel import VocabParallelEngine, VocabShard, for_shard
-from .options import GradRequest, HeadOptions
+from .options import HEAD_FIELDS, OPTIONS, GradRequest, HeadOptions
 from .validation import check_head_values, check_teacher_values, normalizer_value
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The static options of one call; they travel through the operator as its scalar arguments."""
+    """The static options of one call: the head function (``HeadOptions``) and how the operator runs it.
+    They travel through the operator as its scalar arguments: ``CONFIG_SCHEMA`` and the packing are
+    built from these fields and ``HeadOptions``', so a head option declared in options.py reaches every
+    engine with no change here. The caller-facing ones take their declared defaults."""
 
     opts: HeadOptions
-    ignore_index: int = -100
-    reduction: str = "mean"
-    normalizer: Optional[float] = None  # a Python number; a tensor normalizer is an operator input
-    backend: str = "auto"
-    chunk_budget_bytes: Optional[int] = None
-    grad_accum_dtype: str = "float32"
-    logits_dtype: str = "float32"  # resolved: "float32" or "input" (options.LOGITS_DTYPES)
+    ignore_index: int = OPTIONS["ignore_index"].default
+    reduction: str = OPTIONS["reduction"].default
+    normalizer_number: Optional[float] = None  # a Python number; a tensor normalizer is an operator input
+    backend: str = OPTIONS["backend"].default
+    chunk_budget_bytes: Optional[int] = OPTIONS["chunk_budget_bytes"].default
+    grad_accum_dtype: str = OPTIONS["grad_accum_dtype"].default
+    logits_dtype: str = "float32"  # resolved ("float32" or "input": options.resolved_logits_dtype)
     chunk_rows: Optional[int] = None  # a fixed chunk shape instead of the budget (tests of the driver)
     vocab_chunk: Optional[int] = None
-    vocab_parallel: Optional[tuple] = None  # (start, vocab_size, process group name)
+    # A vocabulary-parallel head: this rank's first entry, the whole vocabulary, the process group's name.
+    vocab_shard_start: Optional[int] = None
+    vocab_shard_size: Optional[int] = None
+    vocab_shard_group: Optional[str] = None
 
     def args(self) -> tuple:
         """The operator's scalar arguments, in ``CONFIG_SCHEMA`` order."""
-        start, size, group = self.vocab_parallel or (None, None, None)
-        return (*(getattr(self.opts, name) for name in _HEAD_FIELDS), self.ignore_index, self.reduction,
-                self.normalizer, self.backend, self.chunk_budget_bytes, self.grad_accum_dtype,
-                self.logits_dtype, self.chunk_rows, self.vocab_chunk, start, size, group)
+        return tuple(getattr(self.opts, name) for name in HEAD_FIELDS) + tuple(getattr(self, n) for n in CALL_FIELDS)
 
     @staticmethod
     @functools.lru_cache(maxsize=256)
     def from_args(*args) -> "LossConfig":
-        k = len(_HEAD_FIELDS)
-        opts = HeadOptions(**dict(zip(_HEAD_FIELDS, args[:k])))
-        (ignore_index, reduction, normalizer, backend, budget, accum, logits_dtype, chunk_rows, vocab_chunk,
-         start, size, group) = args[k:]
-        return LossConfig(opts, ignore_index, reduction, normalizer, backend, budget, accum, logits_dtype, chunk_rows,
-                          vocab_chunk, None if start is None else (start, size, group))
+        k = len(HEAD_FIELDS)
+        return LossConfig(opts=HeadOptions(**dict(zip(HEAD_FIELDS, args[:k]))), **dict(zip(CALL_FIELDS, args[k:])))
 
     @property
     def shard(self) -> Optional[VocabShard]:
-        if self.vocab_parallel is None:
+        if self.vocab_shard_size is None:
             return None
         from torch.distributed.distributed_c10d import _resolve_process_group
 
-        start, vocab_size, group_name = self.vocab_parallel
-        return VocabShard(start, vocab_size, _resolve_process_group(group_name))
+        return VocabShard(self.vocab_shard_start, self.vocab_shard_size, _resolve_process_group(self.vocab_shard_group))
 
-    def engine(self, device: torch.device, local_rows: Optional[int] = None):
+    def engine(self, device: torch.device, local_vocab: Optional[int] = None):
         """The engine of this call; for a vocabulary-parallel head, with the shards checked
-        (collective: every rank calls) when ``local_rows`` is given."""
+        (collective: every rank calls) when ``local_vocab`` (this rank's entries) is given."""
         inner = make_engine(device, self.backend, self.chunk_budget_bytes, self.chunk_rows,
                             self.vocab_chunk, self.grad_accum_dtype, self.logits_dtype)
-        if local_rows is not None:
-            return for_shard(inner, self.shard, local_rows, device)[0]
-        return inner if self.vocab_parallel is None else VocabParallelEngine(inner, self.shard)
+        if local_vocab is not None:
+            return for_shard(inner, self.shard, local_vocab, device)[0]
+        return inner if self.shard is None else VocabParallelEngine(inner, self.shard)
 
     def fuses_gradient(self, device: torch.device, dtype: torch.dtype, grads: GradRequest) -> bool:
         """Whether the forward computes the gradient (returned beside the loss) for the backward to rescale.
@@ -96,17 +97,21 @@ class LossConfig:
             and self.engine(device).fuses_backward
 
 
-# The operator's scalar arguments: HeadOptions' fields, then the call's options.
-_HEAD_FIELDS = ("vocab_size", "softcap", "logit_scale", "ce_weight", "label_smoothing", "z_loss", "kd_weight",
-                "kd_loss", "jsd_beta", "kd_temperature", "kd_t2_scaling", "sparse_tail")
-CONFIG_SCHEMA = ("int vocab_size, float? softcap, float logit_scale, float ce_weight, float label_smoothing, "
-                 "float z_loss, float kd_weight, str kd_loss, float jsd_beta, float kd_temperature, "
-                 "bool kd_t2_scaling, str sparse_tail, int ignore_index, str reduction, float? normalizer_number, "
-                 "str backend, int? chunk_budget_bytes, str grad_accum_dtype, str logits_dtype, "
-                 "int? chunk_rows, int? vocab_chunk, int? vocab_parallel_start, int? vocab_parallel_size, "
-                 "str? vocab_parallel_group")
-if set(_HEAD_FIELDS) != set(HeadOptions.__dataclass_fields__):  # a new option must reach the operator
-    raise ImportError(f"function.py: the operator's head options {_HEAD_FIELDS} are not HeadOptions' fields")
+CALL_FIELDS = tuple(f.name for f in dataclasses.fields(LossConfig) if f.name != "opts")
+_SCHEMA_TYPES = {int: "int", float: "float", bool: "bool", str: "str"}
+
+
+def _schema(cls, names) -> str:
+    """``type name`` of each field, as torch.library's schema language spells its type (``float?`` for Optional)."""
+    hints, parts = typing.get_type_hints(cls), []
+    for name in names:
+        inner = [a for a in typing.get_args(hints[name]) if a is not type(None)]
+        parts.append(f"{_SCHEMA_TYPES[inner[0]]}? {name}" if inner else f"{_SCHEMA_TYPES[hints[name]]} {name}")
+    return ", ".join(parts)
+
+
+# The operator's scalar arguments: HeadOptions' fields, then the call's.
+CONFIG_SCHEMA = f"{_schema(HeadOptions, HEAD_FIELDS)}, {_schema(LossConfig, CALL_FIELDS)}"
 
 
 def process_group_name(group) -> str:
@@ -168,7 +173,7 @@ def _rows(labels, token_weights, normalizer, cfg: LossConfig) -> _Rows:
     contributing = valid if token_weights is None else valid & (token_weights != 0)
     n_contrib = int(contributing.sum())
     contrib_idx = None if n_contrib == n else contributing.nonzero().squeeze(1)
-    norm = cfg.normalizer if normalizer is None else normalizer_value(normalizer)
+    norm = cfg.normalizer_number if normalizer is None else normalizer_value(normalizer)
     if norm is not None:
         if norm == 0 and n_contrib:  # 0 is HF's count for a step without label tokens
             raise ValueError(f"normalizer is 0 but {n_contrib} tokens contribute to the loss")
@@ -180,12 +185,6 @@ def _rows(labels, token_weights, normalizer, cfg: LossConfig) -> _Rows:
     row_w = torch.ones(n_contrib, device=labels.device) if token_weights is None \
         else _select(token_weights, contrib_idx).float()
     return _Rows(valid, contributing, n_contrib, contrib_idx, row_w, divisor)
-
-
-def _teacher(hidden, weight, bias, topk_ids, topk_logprobs) -> Optional[TeacherRows]:
-    if hidden is None and topk_ids is None:
-        return None
-    return TeacherRows(hidden=hidden, weight=weight, bias=bias, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
 
 
 def _teacher_kw(teacher: Optional[TeacherRows], index) -> dict:
@@ -217,31 +216,74 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-_TENSORS = ("Tensor x, Tensor weight, Tensor? bias, Tensor labels, Tensor? token_weights, Tensor? normalizer, "
-            "Tensor? teacher_hidden, Tensor? teacher_weight, Tensor? teacher_bias, Tensor? teacher_topk_ids, "
-            "Tensor? teacher_topk_logprobs")
+class HeadLossInputs(NamedTuple):
+    """The operator's tensor inputs, in schema order (the compaction, the gradients and the teacher
+    read them by name)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    labels: torch.Tensor
+    token_weights: Optional[torch.Tensor]
+    normalizer: Optional[torch.Tensor]
+    teacher_hidden: Optional[torch.Tensor]
+    teacher_weight: Optional[torch.Tensor]
+    teacher_bias: Optional[torch.Tensor]
+    teacher_topk_ids: Optional[torch.Tensor]
+    teacher_topk_logprobs: Optional[torch.Tensor]
+
+    def teacher(self) -> Optional[TeacherRows]:
+        if self.teacher_hidden is None and self.teacher_topk_ids is None:
+            return None
+        return TeacherRows(hidden=self.teacher_hidden, weight=self.teacher_weight, bias=self.teacher_bias,
+                           topk_ids=self.teacher_topk_ids, topk_logprobs=self.teacher_topk_logprobs)
+
+
+class HeadLossOutputs(NamedTuple):
+    """The operator's outputs: the loss, the statistics, and the gradient the forward fused (to be scaled
+    by the upstream gradient) where ``fuses_gradient``, else empty tensors."""
+
+    loss: torch.Tensor
+    logprob: torch.Tensor
+    entropy: torch.Tensor
+    correct: torch.Tensor
+    lse: torch.Tensor
+    kd: torch.Tensor
+    dx: torch.Tensor
+    dw: torch.Tensor
+    db: torch.Tensor
+
+
+_OPTIONAL_INPUTS = {n for n, hint in typing.get_type_hints(HeadLossInputs).items() if typing.get_args(hint)}
+_TENSORS = ", ".join(f"Tensor{'?' if n in _OPTIONAL_INPUTS else ''} {n}" for n in HeadLossInputs._fields)
+_N_INPUTS = len(HeadLossInputs._fields)
+
+
+def _split(args) -> "tuple[HeadLossInputs, GradRequest, LossConfig]":
+    """An operator call's positional arguments by meaning: the tensors, the gradients asked for, the config."""
+    return (HeadLossInputs._make(args[:_N_INPUTS]), GradRequest(*args[_N_INPUTS]),
+            LossConfig.from_args(*args[_N_INPUTS + 1:]))
+
+
 _LIBRARY = torch.library.Library("t3s", "DEF")
-# (loss, logprob, entropy, correct, lse, kd, dx, dw, db): dx, dw, db are the gradient the forward
-# fused (to be scaled by the upstream gradient) where ``fuses_gradient``, else empty.
 _LIBRARY.define(f"head_loss({_TENSORS}, bool[] grads, {CONFIG_SCHEMA}) -> "
-                "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+                f"({', '.join(['Tensor'] * len(HeadLossOutputs._fields))})")
 # (dx, dw, db) of the ``grad_loss``-weighted losses from the forward's logsumexp (empty where not asked).
 _LIBRARY.define(f"head_loss_backward(Tensor grad_loss, Tensor lse, {_TENSORS}, bool[] grads, {CONFIG_SCHEMA}) -> "
                 "(Tensor, Tensor, Tensor)")
 
 
-def _head_loss(x, weight, bias, labels, token_weights, normalizer, teacher_hidden, teacher_weight, teacher_bias,
-               teacher_topk_ids, teacher_topk_logprobs, grads, *config):
-    cfg = LossConfig.from_args(*config)
-    want = GradRequest(*grads)
+def _head_loss(*args) -> HeadLossOutputs:
+    t, want, cfg = _split(args)
+    x, weight, bias, labels = t.x, t.weight, t.bias, t.labels
     n, device = x.shape[0], x.device
-    check_head_values(labels, token_weights, cfg.ignore_index, cfg.opts.vocab_size)
-    check_teacher_values(teacher_topk_ids, teacher_topk_logprobs, cfg.opts.vocab_size)
-    teacher = _teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_topk_ids, teacher_topk_logprobs)
-    engine = cfg.engine(device, local_rows=weight.shape[0])
+    check_head_values(labels, t.token_weights, cfg.ignore_index, cfg.opts.vocab_size)
+    check_teacher_values(t.teacher_topk_ids, t.teacher_topk_logprobs, cfg.opts.vocab_size)
+    teacher = t.teacher()
+    engine = cfg.engine(device, local_vocab=weight.shape[0])
     fused = cfg.fuses_gradient(device, x.dtype, want)
     with no_autocast(device):
-        rows = _rows(labels, token_weights, normalizer, cfg)
+        rows = _rows(labels, t.token_weights, t.normalizer, cfg)
         stats_parts, index_parts = [], []
         head_grads: Optional[HeadGrads] = None
         if rows.n_contrib:
@@ -264,35 +306,38 @@ def _head_loss(x, weight, bias, labels, token_weights, normalizer, teacher_hidde
             per_row[index_parts[0]] = rows.row_w * per_token_loss(stats_parts[0], cfg.opts)
         loss = per_row if cfg.reduction == "none" else per_row.sum() / rows.divisor
     if not fused:
-        return loss, logprob, entropy, correct, lse, kd, _empty(x), _empty(x), _empty(x)
+        return HeadLossOutputs(loss, logprob, entropy, correct, lse, kd, _empty(x), _empty(x), _empty(x))
     hg = _zero_grads(x, weight, bias) if head_grads is None \
         else _on_all_rows(head_grads, weight, bias, rows.contrib_idx, n)  # None: no contributing row
-    return (loss, logprob, entropy, correct, lse, kd) + _grad_outputs(hg, want, x, bias)
+    return HeadLossOutputs(loss, logprob, entropy, correct, lse, kd, *_grad_outputs(hg, want, x, bias))
 
 
-def _head_loss_fake(x, weight, bias, labels, token_weights, normalizer, teacher_hidden, teacher_weight,
-                    teacher_bias, teacher_topk_ids, teacher_topk_logprobs, grads, *config):
-    cfg = LossConfig.from_args(*config)
-    want, n = GradRequest(*grads), x.shape[0]
+def _head_loss_fake(*args) -> HeadLossOutputs:
+    t, want, cfg = _split(args)
+    x, n = t.x, t.x.shape[0]
     fused = cfg.fuses_gradient(x.device, x.dtype, want)
     f32 = dict(dtype=torch.float32, device=x.device)
     loss = torch.empty((n,) if cfg.reduction == "none" else (), **f32)
-    stats = [torch.empty(n, **f32) for _ in range(4)]
+    logprob, entropy, lse, kd = (torch.empty(n, **f32) for _ in range(4))
     correct = torch.empty(n, dtype=torch.bool, device=x.device)
-    dx = torch.empty_like(x) if fused and want.hidden else _empty(x)
-    dw = torch.empty_like(weight) if fused and want.weight else _empty(x)
-    db = torch.empty_like(bias) if fused and want.bias and bias is not None else _empty(x)
-    return loss, stats[0], stats[1], correct, stats[2], stats[3], dx, dw, db
+    dx, dw, db = _grad_outputs_like(t, want) if fused else (_empty(x),) * 3
+    return HeadLossOutputs(loss, logprob, entropy, correct, lse, kd, dx, dw, db)
 
 
-def _head_loss_backward(grad_loss, lse, x, weight, bias, labels, token_weights, normalizer, teacher_hidden,
-                        teacher_weight, teacher_bias, teacher_topk_ids, teacher_topk_logprobs, grads, *config):
-    cfg = LossConfig.from_args(*config)
-    want = GradRequest(*grads)
+def _grad_outputs_like(t: HeadLossInputs, want: GradRequest) -> tuple:
+    """Uninitialized (dx, dw, db) of the inputs' shapes where asked, empty elsewhere (the fake kernels)."""
+    return (torch.empty_like(t.x) if want.hidden else _empty(t.x),
+            torch.empty_like(t.weight) if want.weight else _empty(t.x),
+            torch.empty_like(t.bias) if want.bias and t.bias is not None else _empty(t.x))
+
+
+def _head_loss_backward(grad_loss, lse, *args):
+    t, want, cfg = _split(args)
+    x, weight, bias = t.x, t.weight, t.bias
     n, device = x.shape[0], x.device
-    teacher = _teacher(teacher_hidden, teacher_weight, teacher_bias, teacher_topk_ids, teacher_topk_logprobs)
+    teacher = t.teacher()
     with no_autocast(device):
-        rows = _rows(labels, token_weights, normalizer, cfg)
+        rows = _rows(t.labels, t.token_weights, t.normalizer, cfg)
         if rows.n_contrib == 0:
             hg = _zero_grads(x, weight, bias)
         else:
@@ -301,34 +346,37 @@ def _head_loss_backward(grad_loss, lse, x, weight, bias, labels, token_weights, 
             else:
                 row_scale = grad_loss.float() * rows.row_w / rows.divisor
             hg = _on_all_rows(cfg.engine(device).backward(
-                _select(x, rows.contrib_idx), weight, bias, _select(labels, rows.contrib_idx),
+                _select(x, rows.contrib_idx), weight, bias, _select(t.labels, rows.contrib_idx),
                 _select(lse, rows.contrib_idx), row_scale, cfg.opts, want, **_teacher_kw(teacher, rows.contrib_idx)),
                 weight, bias, rows.contrib_idx, n)
     return _grad_outputs(hg, want, x, bias)
 
 
-def _head_loss_backward_fake(grad_loss, lse, x, weight, bias, *rest):
-    want = GradRequest(*rest[8])
-    return (torch.empty_like(x) if want.hidden else _empty(x), torch.empty_like(weight) if want.weight else _empty(x),
-            torch.empty_like(bias) if want.bias and bias is not None else _empty(x))
-
-
-_N_TENSORS = 11  # the operator's tensor inputs, before grads and the config
+def _head_loss_backward_fake(grad_loss, lse, *args):
+    t, want, _ = _split(args)
+    return _grad_outputs_like(t, want)
 
 
 def _setup_context(ctx, inputs, output):
-    tensors, grads, config = inputs[:_N_TENSORS], inputs[_N_TENSORS], inputs[_N_TENSORS + 1:]
-    x, bias = tensors[0], tensors[2]
-    ctx.grads, ctx.config, ctx.has_bias = grads, config, bias is not None
-    ctx.fused = LossConfig.from_args(*config).fuses_gradient(x.device, x.dtype, GradRequest(*grads))
+    t, want, cfg = _split(inputs)
+    out = HeadLossOutputs._make(output)
+    ctx.grads, ctx.config, ctx.has_bias = tuple(inputs[_N_INPUTS]), tuple(inputs[_N_INPUTS + 1:]), t.bias is not None
+    ctx.fused = cfg.fuses_gradient(t.x.device, t.x.dtype, want)
     ctx.rescaled = ctx.handed_out = False
     # Outputs without a gradient (the statistics, and the fused dX / dW / db, [V x H]) reach the backward
     # as None: materialized, they would be zeros of their sizes, allocated and filled at every backward.
     ctx.set_materialize_grads(False)
     if ctx.fused:
-        ctx.save_for_backward(*output[6:])  # the gradient the forward computed
+        ctx.save_for_backward(out.dx, out.dw, out.db)  # the gradient the forward computed
     else:
-        ctx.save_for_backward(output[4], *tensors)  # the logsumexp, and the inputs to recompute from
+        ctx.save_for_backward(out.lse, *t)  # the logsumexp, and the inputs to recompute from
+
+
+def _input_grads(dx=None, dw=None, db=None) -> tuple:
+    """The backward's result: a gradient for x, weight and bias, None for every other input."""
+    grads = dict.fromkeys(HeadLossInputs._fields)
+    grads.update(x=dx, weight=dw, bias=db)
+    return tuple(grads.values()) + (None,) * (1 + len(HEAD_FIELDS) + len(CALL_FIELDS))  # grads, the config
 
 
 def _backward(ctx, grad_loss, *_unused_stat_grads):
@@ -338,7 +386,7 @@ def _backward(ctx, grad_loss, *_unused_stat_grads):
                            "double backward); compute second-order terms with the eager reference instead")
     want = GradRequest(*ctx.grads)
     if grad_loss is None:  # only the (detached) statistics or the fused gradient outputs were used
-        return (None,) * (_N_TENSORS + 1 + len(ctx.config))
+        return _input_grads()
     if ctx.fused:
         if ctx.rescaled:
             raise RuntimeError("fused_linear_t3s_loss: a second backward through one forward, after a backward with an "
@@ -357,8 +405,8 @@ def _backward(ctx, grad_loss, *_unused_stat_grads):
         dx, dw, db = scaled.hidden, scaled.weight, scaled.bias
     else:
         dx, dw, db = torch.ops.t3s.head_loss_backward(grad_loss, *ctx.saved_tensors, ctx.grads, *ctx.config)
-    return (dx if want.hidden else None, dw if want.weight else None,
-            db if want.bias and ctx.has_bias else None) + (None,) * (_N_TENSORS - 3 + 1 + len(ctx.config))
+    return _input_grads(dx if want.hidden else None, dw if want.weight else None,
+                        db if want.bias and ctx.has_bias else None)
 
 
 _LIBRARY.impl("head_loss", _head_loss, "CompositeExplicitAutograd")
@@ -375,7 +423,7 @@ def fused_head_loss(x, weight, bias, labels, token_weights, cfg: LossConfig, tea
     on = torch.is_grad_enabled()
     grads = [on and x.requires_grad, on and weight.requires_grad, on and bias is not None and bias.requires_grad]
     t = teacher or TeacherRows()
-    out = torch.ops.t3s.head_loss(x, weight, bias, labels, token_weights, normalizer, t.hidden, t.weight, t.bias,
-                                  t.topk_ids, t.topk_logprobs, grads, *cfg.args())
-    loss, logprob, entropy, correct, lse, kd = out[:6]
-    return (loss,) + tuple(s.detach() for s in (logprob, entropy, correct, lse, kd))
+    inputs = HeadLossInputs(x, weight, bias, labels, token_weights, normalizer, t.hidden, t.weight, t.bias,
+                            t.topk_ids, t.topk_logprobs)
+    out = HeadLossOutputs._make(torch.ops.t3s.head_loss(*inputs, grads, *cfg.args()))
+    return (out.loss,) + tuple(s.detach() for s in (out.logprob, out.entropy, out.correct, out.lse, out.kd))

@@ -1,4 +1,5 @@
-"""Input checks: every error names the argument and what was expected."""
+"""Input checks: every error names the argument and what was expected. The checks of the declared
+options (options.py) are built from the primitives at the top."""
 
 from __future__ import annotations
 
@@ -7,17 +8,6 @@ import numbers
 from typing import Optional
 
 import torch
-
-from .options import (
-    BACKENDS,
-    GRAD_ACCUM_DTYPES,
-    KD_LOSSES,
-    LOGITS_DTYPES,
-    REDUCTIONS,
-    REMOVED_STRATEGIES,
-    SPARSE_TAILS,
-    STRATEGIES,
-)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The dtypes by the names the command line and the tools take.
@@ -39,6 +29,22 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, high_
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}; got {value!r}")
     if high is not None and (value >= high if high_open else value > high):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}; got {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {value!r}")
+
+
+def check_whole_number(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+
+
+def check_positive_int(name: str, value) -> None:
+    """A positive int, or None (the default)."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
 
 
 def is_dtensor(t) -> bool:
@@ -76,7 +82,7 @@ def _check_float_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16; got {t.dtype}")
 
 
-def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index: int) -> None:
+def check_head_inputs(hidden, weight, labels, bias, token_weights) -> None:
     """Shapes, dtypes and devices of the op's tensor arguments (their values: ``check_head_values``)."""
     _check_float_tensor("hidden", hidden)
     _check_float_tensor("weight", weight)
@@ -95,7 +101,6 @@ def check_head_inputs(hidden, weight, labels, bias, token_weights, ignore_index:
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}; "
                          f"got {tuple(labels.shape)}")
-    check_ignore_index(ignore_index)
     if bias is not None:
         _check_float_tensor("bias", bias)
         if tuple(bias.shape) != (rows,):
@@ -129,67 +134,34 @@ def check_head_values(labels: torch.Tensor, token_weights: Optional[torch.Tensor
             raise ValueError("token_weights must be finite and >= 0 (0 drops a token from the loss)")
 
 
-def check_ignore_index(ignore_index) -> None:
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int; got {ignore_index!r}")
-
-
-def check_options(*, backend: str, strategy: str, softcap, label_smoothing, z_loss, ce_weight,
-                  temperature, reduction: Optional[str] = None, normalizer=None,
-                  chunk_budget_bytes=None, logit_scale=1.0, grad_accum_dtype: str = "float32",
-                  logits_dtype: str = "auto") -> None:
-    check_choice("backend", backend, BACKENDS)
-    check_choice("grad_accum_dtype", grad_accum_dtype, GRAD_ACCUM_DTYPES)
-    check_choice("logits_dtype", logits_dtype, LOGITS_DTYPES)
-    if strategy in REMOVED_STRATEGIES:
-        raise ValueError(REMOVED_STRATEGIES[strategy])
-    check_choice("strategy", strategy, STRATEGIES)
-    if reduction is not None:
-        check_choice("reduction", reduction, REDUCTIONS)
-    check_number("softcap", softcap, low=0, low_open=True, allow_none=True)
-    check_number("logit_scale", logit_scale, low=0, low_open=True)
-    check_number("label_smoothing", label_smoothing, low=0, high=1, high_open=True)
-    check_number("z_loss", z_loss, low=0)
-    check_number("ce_weight", ce_weight, low=0)
-    check_number("temperature", temperature, low=0, low_open=True)
-    if chunk_budget_bytes is not None and (not isinstance(chunk_budget_bytes, int) or chunk_budget_bytes <= 0):
-        raise ValueError(f"chunk_budget_bytes must be a positive int; got {chunk_budget_bytes!r}")
-    if normalizer is not None:
-        if reduction == "none":
-            raise ValueError("normalizer divides a summed loss; it cannot be used with reduction='none'")
-        if isinstance(normalizer, torch.Tensor):
-            if normalizer.numel() != 1:
-                raise ValueError(f"normalizer must be a number or a 0-d tensor; got a tensor of shape "
-                                 f"{tuple(normalizer.shape)}")
-            if normalizer.is_complex() or normalizer.dtype == torch.bool:
-                raise TypeError(f"normalizer must be a real number; got a {normalizer.dtype} tensor")
-        else:  # a tensor's value is checked inside the operator (normalizer_value)
-            check_number("normalizer", normalizer, low=0)  # 0: HF's count for a step without label tokens
+def check_normalizer(normalizer, reduction: str) -> None:
+    """A number >= 0 or a 0-d real tensor (whose value the operator checks: ``normalizer_value``), and
+    not with reduction='none'."""
+    if normalizer is None:
+        return
+    if reduction == "none":
+        raise ValueError("normalizer divides a summed loss; it cannot be used with reduction='none'")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(f"normalizer must be a number or a 0-d tensor; got a tensor of shape "
+                             f"{tuple(normalizer.shape)}")
+        if normalizer.is_complex() or normalizer.dtype == torch.bool:
+            raise TypeError(f"normalizer must be a real number; got a {normalizer.dtype} tensor")
+    else:
+        check_number("normalizer", normalizer, low=0)  # 0: HF's count for a step without label tokens
 
 
 def normalizer_value(normalizer: torch.Tensor) -> float:
-    """A tensor normalizer's value, checked as a number is by ``check_options``."""
+    """A tensor normalizer's value, checked as a number is by ``check_normalizer``."""
     value = float(normalizer.item())
     check_number("normalizer", value, low=0)
     return value
 
 
-def check_kd_options(*, kd_weight=0.0, kd_loss="forward_kl", jsd_beta=0.5, kd_temperature=1.0,
-                     sparse_tail="renormalize") -> None:
-    check_choice("kd_loss", kd_loss, KD_LOSSES)
-    check_choice("sparse_tail", sparse_tail, SPARSE_TAILS)
-    check_number("kd_weight", kd_weight, low=0)
-    check_number("jsd_beta", jsd_beta, low=0, high=1)
-    check_number("kd_temperature", kd_temperature, low=0, low_open=True)
-
-
 def check_teacher(hidden, weight, *, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
-                  teacher_topk_ids=None, teacher_topk_logprobs=None, kd_weight=0.0, kd_loss="forward_kl",
-                  jsd_beta=0.5, kd_temperature=1.0, sparse_tail="renormalize") -> bool:
-    """The teacher's inputs and the distillation options; True when a teacher is given. A dense
-    teacher's head has the student's rows. (A sparse teacher's values: ``check_teacher_values``.)"""
-    check_kd_options(kd_weight=kd_weight, kd_loss=kd_loss, jsd_beta=jsd_beta, kd_temperature=kd_temperature,
-                     sparse_tail=sparse_tail)
+                  teacher_topk_ids=None, teacher_topk_logprobs=None, kd_weight=0.0) -> bool:
+    """The teacher's inputs; True when a teacher is given. A dense teacher's head has the student's
+    vocabulary. (A sparse teacher's values: ``check_teacher_values``.)"""
     dense = any(t is not None for t in (teacher_hidden, teacher_weight, teacher_bias))
     sparse = teacher_topk_ids is not None or teacher_topk_logprobs is not None
     if dense and sparse:

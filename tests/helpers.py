@@ -62,7 +62,7 @@ def make_inputs(n=37, h=48, v=203, dtype=torch.float32, *, seed=0, bias=False, w
     return dict(hidden=x, weight=w, labels=to(y), bias=b, token_weights=to(tw))
 
 
-def run_and_compare(inputs, *, backend="torch", strategy="auto", reduction="mean", grad_scale=1.7,
+def run_and_compare(inputs, *, backend="torch", reduction="mean", grad_scale=1.7,
                     check_grads=True, chunk_budget_bytes=None, **options):
     """Run the fused op and the fp64 reference on the same inputs; compare loss, dX, dW, db, statistics."""
     hidden = inputs["hidden"].detach().clone().requires_grad_(check_grads)
@@ -75,7 +75,7 @@ def run_and_compare(inputs, *, backend="torch", strategy="auto", reduction="mean
 
     out = t3s.fused_linear_t3s_loss(hidden, weight, labels, bias=bias, token_weights=token_weights,
                                     reduction=reduction, return_stats=True, backend=backend,
-                                    strategy=strategy, chunk_budget_bytes=chunk_budget_bytes, **options)
+                                    chunk_budget_bytes=chunk_budget_bytes, **options)
     ref_inputs = [t.detach().double().requires_grad_(check_grads) if t is not None else None
                   for t in (hidden, weight, bias)]
     ref, ref_stats = t3s.reference_t3s_loss(ref_inputs[0], ref_inputs[1], labels, bias=ref_inputs[2],

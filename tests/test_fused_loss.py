@@ -130,14 +130,14 @@ def test_zero_normalizer_without_contributing_tokens_gives_zero_loss_and_grads()
         t3s.fused_linear_t3s_loss(**{**inputs, "token_weights": None}, normalizer=0, backend="torch")
 
 
-@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked")])
-def test_graph_semantics_match_eager(backend, strategy):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_graph_semantics_match_eager(backend):
     """A second backward without retain_graph raises (the gradients are freed after the first), with
     retain_graph it gives the same gradients again; create_graph raises rather than returning a
     gradient that cannot be differentiated; weights that require grad are refused."""
     inputs = make_inputs(n=9, h=16, v=31, weights="random")
     x = inputs["hidden"].clone().requires_grad_()
-    kw = dict(token_weights=inputs["token_weights"], backend=backend, strategy=strategy)
+    kw = dict(token_weights=inputs["token_weights"], backend=backend)
     out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], **kw)
     (g1,) = torch.autograd.grad(out.loss, x, retain_graph=True)
     (g2,) = torch.autograd.grad(out.loss, x)
@@ -152,8 +152,8 @@ def test_graph_semantics_match_eager(backend, strategy):
                                   token_weights=inputs["token_weights"].clone().requires_grad_(), backend=backend)
 
 
-@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked")])
-def test_no_grad_forward_computes_no_gradient(backend, strategy, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_grad_forward_computes_no_gradient(backend, monkeypatch):
     """Under torch.no_grad, inputs that require grad get a forward only (no dX / dW computed)."""
     inputs = make_inputs(n=9, h=16, v=31)
     x, w = inputs["hidden"].clone().requires_grad_(), inputs["weight"].clone().requires_grad_()
@@ -170,7 +170,7 @@ def test_no_grad_forward_computes_no_gradient(backend, strategy, monkeypatch):
 
     monkeypatch.setattr(function, "make_engine", recording)
     with torch.no_grad():
-        out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], backend=backend, strategy=strategy)
+        out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], backend=backend)
     assert not out.loss.requires_grad and seen and not any(g is not None and g.any for g in seen)
 
 

@@ -135,4 +135,4 @@ def test_tp_plan_auto_models_patched_are_exact(tmp_path):
         for key in ("logprob", "entropy"):
             assert_close(getattr(saved["stats"], key), getattr(whole, key), 1e-5, f"token_stats {key}")
         assert torch.equal(saved["stats"].correct, whole.correct)
-        assert "pass its local rows" in saved["results"]["refused"]
+        assert "pass its local part" in saved["results"]["refused"]

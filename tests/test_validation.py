@@ -31,7 +31,8 @@ def call(**changes):
     (dict(token_weights=torch.full((7,), float("nan"))), ValueError, r"token_weights must be finite"),
     (dict(reduction="avg"), ValueError, r"reduction must be one of 'mean', 'sum', 'none'; got 'avg'"),
     (dict(backend="cuda"), ValueError, r"backend must be one of"),
-    (dict(strategy="fast"), ValueError, r"strategy must be one of"),
+    (dict(strategy="chunked"), TypeError, r"strategy was removed: the chunked engine .* is the only way the loss "
+                                           r"walks the logits.* Drop the argument"),
     (dict(label_smoothing=1.0), ValueError, r"label_smoothing must be < 1"),
     (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be >= 0"),
     (dict(z_loss=-1.0), ValueError, r"z_loss must be >= 0"),
@@ -44,7 +45,17 @@ def call(**changes):
     (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int"),
     (dict(chunk_budget_bytes=-5), ValueError, r"chunk_budget_bytes must be a positive int"),
     (dict(grad_accum_dtype="bf16"), ValueError, r"grad_accum_dtype must be one of .float32., .weight.; got .bf16."),
-    (dict(strategy="tile"), ValueError, r"strategy='tile' was removed: on an H200 .* Use strategy='chunked'"),
+    (dict(strategy="tile"), TypeError, r"strategy was removed.*The tile strategy went first, by measurement: "
+                                        r"benchmarks/RESULTS.md"),
+    (dict(label_smothing=0.1), TypeError, r"fused_linear_t3s_loss got unknown option\(s\) \['label_smothing'\] "
+                                          r"\(did you mean 'label_smoothing'\?\)"),
+    (dict(kd_t2_scaling=1), TypeError, r"kd_t2_scaling must be a bool; got 1"),
+    (dict(return_stats="yes"), TypeError, r"return_stats must be a bool"),
+    (dict(kd_loss="kl"), ValueError, r"kd_loss must be one of 'forward_kl', 'reverse_kl', 'jsd'; got 'kl'"),
+    (dict(jsd_beta=1.5), ValueError, r"jsd_beta must be <= 1"),
+    (dict(kd_temperature=0.0), ValueError, r"kd_temperature must be > 0"),
+    (dict(sparse_tail="drop"), ValueError, r"sparse_tail must be one of"),
+    (dict(logit_scale=-1.0), ValueError, r"logit_scale must be > 0"),
     (dict(logits_dtype="bf16"), ValueError, r"logits_dtype must be one of .auto., .float32., .input.; got .bf16."),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_input_is_named(changes, error, pattern):

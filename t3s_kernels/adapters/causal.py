@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..api import T3SLossOutput, fused_linear_t3s_loss
+from ..api import TEACHER_ROW_INPUTS, T3SLossOutput, fused_linear_t3s_loss
 
 
 def as_token_weights(mask: Optional[torch.Tensor], like: torch.Tensor, name: str) -> Optional[torch.Tensor]:
@@ -77,9 +77,6 @@ def causal_lm_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, 
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
     w = None if weights is None else weights.reshape(-1).index_select(0, index)
     return rows, flat_target.index_select(0, index), w, index
-
-
-TEACHER_ROW_INPUTS = ("teacher_hidden", "teacher_topk_ids", "teacher_topk_logprobs")
 
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor] = None, *,

@@ -54,12 +54,12 @@ def per_token_loss(stats: RowStats, opts: HeadOptions) -> torch.Tensor:
 
 
 def head_scalars(opts: HeadOptions) -> dict:
-    """The head's transform as the native kernels take it (the Triton kernels by name, csrc/ in order)."""
+    """The head's transform as the native kernels take it, by their parameters' names (Triton's and csrc/'s)."""
     return dict(softcap=float(opts.softcap or 1.0), logit_scale=float(opts.logit_scale))
 
 
 def grad_scalars(opts: HeadOptions) -> dict:
-    """The loss gradient's scalars as the native kernels take them (by name, or in this order)."""
+    """The loss gradient's scalars as the native kernels take them, by their parameters' names."""
     return dict(ce_weight=float(opts.ce_weight), smoothing=float(opts.label_smoothing),
                 inv_vocab=1.0 / opts.vocab_size, z_loss=float(opts.z_loss))
 
@@ -99,7 +99,7 @@ class Engine(Protocol):
     """A way to evaluate the head. Rows given to it are already compacted by the caller."""
 
     # True when ``forward`` with ``row_scale`` computes gradients in the same pass (the chunked
-    # strategy: 3 matmuls); False for an engine without a fused gradient (the forward tile kernel's
+    # engine: 3 matmuls); False for an engine without a fused gradient (the forward tile kernel's
     # statistics-only engine).
     fuses_backward: bool
 
@@ -110,6 +110,16 @@ class Engine(Protocol):
 
     def backward(self, x, weight, bias, labels, lse, row_scale, opts: HeadOptions,
                  grads: GradRequest, teacher=None) -> HeadGrads: ...
+
+
+def rescaled_state(m: torch.Tensor, d: torch.Tensor, u: torch.Tensor, m_new: torch.Tensor):
+    """(d, u) of a state (m, d, u) re-expressed at a larger max ``m_new``: the terms a merge adds up
+    (two states here, every rank's under tensor parallelism):
+        d' = e^(m - m_new) d,   u' = e^(m - m_new) (u + (m - m_new) d).
+    An empty state (d = 0, m = -inf) adds nothing: its (m - m_new) * d would be nan."""
+    a = torch.exp(m - m_new)
+    shift = torch.where(d > 0, m - m_new, torch.zeros_like(m_new))
+    return a * d, a * (u + shift * d)
 
 
 def _plane(k: int) -> property:
@@ -130,14 +140,9 @@ class OnlineState:
 
     def merge(self, m_b: torch.Tensor, d_b: torch.Tensor, u_b: torch.Tensor) -> None:
         m = torch.maximum(self.m, m_b)
-        a_self = torch.exp(self.m - m)
-        a_b = torch.exp(m_b - m)
-        # An empty state (d = 0, m = -inf) must add nothing; (m - m_new) * d would be nan.
-        shift_self = torch.where(self.d > 0, self.m - m, torch.zeros_like(m))
-        shift_b = torch.where(d_b > 0, m_b - m, torch.zeros_like(m))
-        self.u = a_self * (self.u + shift_self * self.d) + a_b * (u_b + shift_b * d_b)
-        self.d = a_self * self.d + a_b * d_b
-        self.m = m
+        d_self, u_self = rescaled_state(self.m, self.d, self.u, m)
+        d_other, u_other = rescaled_state(m_b, d_b, u_b, m)
+        self.d, self.u, self.m = d_self + d_other, u_self + u_other, m
 
     def lse(self) -> torch.Tensor:
         return self.m + torch.log(self.d)

@@ -1,4 +1,4 @@
-"""The chunked strategy: token chunks x vocab chunks, matmuls by PyTorch, an epilogue per chunk.
+"""The chunked engine: token chunks x vocab chunks, matmuls by PyTorch, an epilogue per chunk.
 
 For each chunk of rows, the logits of one vocabulary chunk at a time are made by one
 matmul, into a float32 buffer or (``logits_dtype="input"``, on an epilogue that reads them) in
@@ -8,9 +8,9 @@ which two more matmuls carry to dX and dW. When a whole vocabulary row fits the 
 logits are made once and the gradient is written over them (3 matmuls); otherwise the
 gradient pass recomputes them (4 matmuls), never holding more than the budget.
 
-The driver is shared: ``TorchEpilogue`` (backends/torch_epilogue.py) makes it the PyTorch
-backend, and the Triton epilogue kernel (``ops/chunk_epilogue.py``) makes it the Triton chunked
-strategy.
+The driver is shared: ``TorchEpilogue`` (backends/torch_epilogue.py) and the native CPU
+epilogue (backends/cpu_epilogue.py) make it the torch backend, and the Triton epilogue kernel
+(``ops/chunk_epilogue.py``) the Triton one.
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ def plan_chunks(n_rows: int, vocab: int, bytes_per_logit: int, budget_bytes: int
 
     Whole vocabulary rows are preferred (3 matmuls instead of 4) as long as at least
     ``min_rows`` rows fit, enough to keep the matmuls efficient. The rows are split evenly over
-    the fewest chunks the budget allows (a small last chunk runs its matmuls slowly: on the CPU,
-    N=2048 in chunks of 640, 640, 640 and 128 rows took 7% longer than in three of 683), in
-    multiples of 64 where the budget leaves room.
+    the fewest chunks the budget allows, since a small last chunk runs its matmuls slowly
+    (benchmarks/RESULTS.md, 'Chunk shapes on a CPU'), in multiples of 64 where the budget leaves room.
     """
     min_rows = 128
     if vocab_chunk is None:
@@ -76,9 +75,8 @@ def plan_chunks(n_rows: int, vocab: int, bytes_per_logit: int, budget_bytes: int
 
 
 # The forward-only block on a CPU: 512 rows x 4096 columns of float32 (8 MiB, a quarter of a 32 MiB
-# L3). Measured on the project's CPU machine (2 cores, 2026-11-28) at N=2048, H=256, V=65536: the
-# matmuls into such blocks take 413 ms against 527 ms into whole 512-row chunks (their output no
-# longer goes to memory), and the epilogue reads its block from cache.
+# L3), so that the matmul's output stays in the last-level cache for the epilogue that reads it
+# instead of going to memory (benchmarks/RESULTS.md, 'Chunk shapes on a CPU').
 CPU_FORWARD_ROWS = 512
 CPU_FORWARD_BLOCK_BYTES = 8 << 20
 

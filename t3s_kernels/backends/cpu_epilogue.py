@@ -87,7 +87,11 @@ def _build():
 
 
 class NativeCpuEpilogue(TorchEpilogue):
-    """The epilogue in native code for CPU tensors (with a teacher: the PyTorch chunk function)."""
+    """The epilogue in native code for CPU tensors (with a teacher: the PyTorch chunk function).
+
+    Every scalar crosses into C++ by name (the ``py::arg`` list of csrc/cpu_epilogue.cpp), never by
+    position: a parameter renamed or added on one side fails the call with pybind11's TypeError
+    naming the arguments, instead of shifting a value into another's place."""
 
     bytes_per_logit = 6  # the fp32 logits buffer, and a half-precision gradient for half inputs
 
@@ -96,16 +100,19 @@ class NativeCpuEpilogue(TorchEpilogue):
         self.module = module
 
     @staticmethod
-    def _head(opts):
-        return (opts.has_softcap, *head_scalars(opts).values())
+    def _head(opts) -> dict:
+        return dict(has_softcap=opts.has_softcap, **head_scalars(opts))
 
     def accumulate(self, logits, labels, col0, state, opts):
-        self.module.accumulate(logits, labels, col0, state.planes, *self._head(opts), opts.has_smoothing)
+        self.module.accumulate(logits=logits, labels=labels, col0=col0, state=state.planes, **self._head(opts),
+                               has_smoothing=opts.has_smoothing)
 
     def gradient(self, logits, labels, col0, lse, row_scale, opts, out_dtype):
-        return self.module.gradient(logits, labels, col0, lse, row_scale, *self._head(opts),
-                                    *grad_scalars(opts).values(), out_dtype)
+        return self.module.gradient(logits=logits, labels=labels, col0=col0, lse=lse, row_scale=row_scale,
+                                    **self._head(opts), **grad_scalars(opts), out_dtype=out_dtype)
 
     def accumulate_and_gradient(self, logits, labels, state, row_scale, opts, out_dtype):
-        return self.module.accumulate_and_gradient(logits, labels, state.planes, row_scale, *self._head(opts),
-                                                   opts.has_smoothing, *grad_scalars(opts).values(), out_dtype)
+        return self.module.accumulate_and_gradient(logits=logits, labels=labels, state=state.planes,
+                                                   row_scale=row_scale, **self._head(opts),
+                                                   has_smoothing=opts.has_smoothing, **grad_scalars(opts),
+                                                   out_dtype=out_dtype)

@@ -18,8 +18,8 @@ This module is the PyTorch backend of it: each token chunk holds whole vocabular
 both heads (within the chunk budget) and the gradient of the chunk's loss comes from autograd
 on that chunk alone, so nothing outside a chunk is ever held. The teacher gets no gradient.
 
-Every sum, max and pick over the vocabulary goes through a ``VocabRows``: ``WHOLE_ROWS`` when a
-row's whole vocabulary is here, ``ShardedRows`` when the ranks of a tensor-parallel group each
+Every sum, max and pick over the vocabulary goes through a ``VocabAxis``: ``WHOLE_VOCAB`` when a
+row's whole vocabulary is here, ``ShardedVocab`` when the ranks of a tensor-parallel group each
 hold a slice of it (backends/vocab_parallel.py). Every divergence above is a sum over the
 vocabulary of terms that need only each distribution's logsumexp, so the sharded form is exact:
 the logsumexps merge across ranks, then the per-rank sums add up.
@@ -37,7 +37,7 @@ from ..options import HeadOptions
 from .base import RowStats, per_token_loss
 
 
-class VocabRows:
+class VocabAxis:
     """Reductions over the vocabulary axis (the last) of rows whose whole vocabulary is here."""
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class VocabRows:
         return torch.logsumexp(t, -1)
 
 
-WHOLE_ROWS = VocabRows()
+WHOLE_VOCAB = VocabAxis()
 
 
 @dataclass
@@ -89,17 +89,17 @@ def _xlogy_terms(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> t
     return torch.where(a == 0, torch.zeros_like(term), term)
 
 
-def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kd_loss: str, beta: float,
-               vocab: VocabRows = WHOLE_ROWS) -> torch.Tensor:
+def kd_divergence(log_p: torch.Tensor, log_q: torch.Tensor, kd_loss: str, beta: float,
+                  axis: VocabAxis = WHOLE_VOCAB) -> torch.Tensor:
     """Per-row divergence between student log-probs ``log_p`` and teacher log-probs ``log_q``,
-    summed over the vocabulary by ``vocab``."""
+    summed over the vocabulary by ``axis``."""
     p, q = log_p.exp(), log_q.exp()
     if kd_loss == "forward_kl" or (kd_loss == "jsd" and beta == 0.0):
-        return vocab.sum(_xlogy_terms(q, log_q, log_p))
+        return axis.sum(_xlogy_terms(q, log_q, log_p))
     if kd_loss == "reverse_kl" or (kd_loss == "jsd" and beta == 1.0):
-        return vocab.sum(_xlogy_terms(p, log_p, log_q))
+        return axis.sum(_xlogy_terms(p, log_p, log_q))
     log_m = torch.logaddexp(log_p + math.log(1.0 - beta), log_q + math.log(beta))
-    return vocab.sum(beta * _xlogy_terms(q, log_q, log_m) + (1.0 - beta) * _xlogy_terms(p, log_p, log_m))
+    return axis.sum(beta * _xlogy_terms(q, log_q, log_m) + (1.0 - beta) * _xlogy_terms(p, log_p, log_m))
 
 
 def _softcap(z: torch.Tensor, opts: HeadOptions) -> torch.Tensor:
@@ -107,14 +107,14 @@ def _softcap(z: torch.Tensor, opts: HeadOptions) -> torch.Tensor:
 
 
 def sparse_log_probs(s: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                     opts: HeadOptions, vocab: VocabRows = WHOLE_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+                     opts: HeadOptions, axis: VocabAxis = WHOLE_VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
     """(student, teacher) log-probabilities over the teacher's support (+ a tail bucket); these
-    K (+ 1) entries are whole on every rank, whatever ``vocab`` holds of the student's row."""
+    K (+ 1) entries are whole on every rank, whatever ``axis`` holds of the student's row."""
     inv_t = 1.0 / opts.kd_temperature
-    s_support = vocab.pick(s, ids) * inv_t
+    s_support = axis.pick(s, ids) * inv_t
     if opts.sparse_tail == "renormalize":
         return torch.log_softmax(s_support, -1), torch.log_softmax(teacher_logprobs * inv_t, -1)
-    lse = vocab.logsumexp(s * inv_t)[:, None]
+    lse = axis.logsumexp(s * inv_t)[:, None]
     log_p_support = s_support - lse
     p_tail = (1.0 - log_p_support.exp().sum(-1, keepdim=True)).clamp(min=1e-12)
     log_p = torch.cat([log_p_support, p_tail.log()], -1)
@@ -134,30 +134,30 @@ def _own_autograd():
 
 def distill_chunk(z: torch.Tensor, labels: torch.Tensor, teacher_logits: Optional[torch.Tensor],
                   teacher: TeacherRows, row_scale: Optional[torch.Tensor], opts: HeadOptions,
-                  out_dtype: torch.dtype, vocab: VocabRows = WHOLE_ROWS) -> tuple[RowStats, Optional[torch.Tensor]]:
+                  out_dtype: torch.dtype, axis: VocabAxis = WHOLE_VOCAB) -> tuple[RowStats, Optional[torch.Tensor]]:
     """Statistics (with the per-row KD) of vocabulary rows ``z`` (float32 logits; whole, or this
-    rank's slice with ``vocab`` a ``ShardedRows``), and dL/dz for ``L = sum_i row_scale_i * l_i``
+    rank's slice with ``axis`` a ``ShardedVocab``), and dL/dz for ``L = sum_i row_scale_i * l_i``
     when ``row_scale`` is given. ``labels`` and top-k ids number the whole vocabulary."""
     want_grad = row_scale is not None
     with torch.enable_grad(), _own_autograd():
         z = z.detach().requires_grad_(want_grad)
         s = _softcap(z, opts) * opts.logit_scale
-        lse = vocab.logsumexp(s)
-        label_logit = vocab.pick(s, labels)
-        sum_logits = vocab.sum(s) if opts.has_smoothing else torch.zeros_like(lse)
+        lse = axis.logsumexp(s)
+        label_logit = axis.pick(s, labels)
+        sum_logits = axis.sum(s) if opts.has_smoothing else torch.zeros_like(lse)
         inv_t = 1.0 / opts.kd_temperature
         if teacher.dense:
-            log_p = vocab.log_softmax(s * inv_t)
-            log_q = vocab.log_softmax(_softcap(teacher_logits, opts) * inv_t)
-            kd = divergence(log_p, log_q.detach(), opts.kd_loss, opts.jsd_beta, vocab)
+            log_p = axis.log_softmax(s * inv_t)
+            log_q = axis.log_softmax(_softcap(teacher_logits, opts) * inv_t)
+            kd = kd_divergence(log_p, log_q.detach(), opts.kd_loss, opts.jsd_beta, axis)
         else:
-            log_p, log_q = sparse_log_probs(s, teacher.topk_ids, teacher.topk_logprobs.float(), opts, vocab)
-            kd = divergence(log_p, log_q.detach(), opts.kd_loss, opts.jsd_beta)
+            log_p, log_q = sparse_log_probs(s, teacher.topk_ids, teacher.topk_logprobs.float(), opts, axis)
+            kd = kd_divergence(log_p, log_q.detach(), opts.kd_loss, opts.jsd_beta)
         with torch.no_grad():
             sd = s.detach()
             shifted = sd - lse.detach()[:, None]
-            entropy = -vocab.sum(shifted.exp() * shifted)
-            max_logit = vocab.max(sd)
+            entropy = -axis.sum(shifted.exp() * shifted)
+            max_logit = axis.max(sd)
         stats = RowStats(lse=lse, label_logit=label_logit, sum_logits=sum_logits, entropy=entropy,
                          max_logit=max_logit, kd=kd)
         dz = None

@@ -1,5 +1,5 @@
 """Which engine evaluates the head: a backend ("torch" or "triton") resolved for the tensors' device,
-the chunked strategy for the loss, and for forward-only statistics on Triton the forward tile kernel."""
+the chunked engine for the loss, and for forward-only statistics on Triton the forward tile kernel."""
 
 from __future__ import annotations
 
@@ -59,5 +59,5 @@ def stats_engine(device: torch.device, backend: str, chunk_budget_bytes: Optiona
 
 def _check_triton(device: torch.device) -> None:
     if not triton_available(device):
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the triton package; "
-                         f"got tensors on {device}")
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1) and the triton package (a "
+                         f"CUDA build of torch ships it; elsewhere the 'triton' extra); got tensors on {device}")

@@ -1,5 +1,6 @@
 """The chunked driver's epilogue in plain PyTorch (backends/chunked.py drives it): the torch
-backend on every device, and the reference twin of the Triton epilogue kernel."""
+backend's epilogue on CUDA tensors and wherever the native CPU epilogue is not built, the one with a
+vocabulary split across ranks, and the PyTorch twin of the Triton epilogue kernel."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import torch
 
 from ..options import HeadOptions
 from .base import OnlineState
-from .distill import WHOLE_ROWS, VocabRows, distill_chunk
+from .distill import WHOLE_VOCAB, VocabAxis, distill_chunk
 
 
 class TorchEpilogue:
-    """The epilogue in plain PyTorch: the CPU path, and the Triton kernels' twin.
+    """The epilogue in plain PyTorch (module docstring).
 
     With a teacher, ``distill`` is backends/distill.py's chunk function (autograd on the chunk),
-    its vocabulary reductions by ``vocab`` (a rank's slice of the rows under tensor parallelism).
+    its vocabulary reductions by ``axis`` (a rank's slice of the vocabulary under tensor parallelism).
 
     It works in the logits buffer it is given (the driver's, reused chunk after chunk):
     the accumulate step leaves it holding ``s - m`` (one exp temporary instead of two), and
@@ -25,11 +26,11 @@ class TorchEpilogue:
     distill_bytes_per_logit = 48  # both heads' fp32 rows and autograd's temporaries
     reads_half_logits = False  # its in-place steps would round every intermediate to the half dtype
 
-    def __init__(self, vocab: VocabRows = WHOLE_ROWS):
-        self.vocab = vocab
+    def __init__(self, axis: VocabAxis = WHOLE_VOCAB):
+        self.axis = axis
 
     def distill(self, logits, labels, teacher_logits, teacher, row_scale, opts, out_dtype):
-        return distill_chunk(logits, labels, teacher_logits, teacher, row_scale, opts, out_dtype, self.vocab)
+        return distill_chunk(logits, labels, teacher_logits, teacher, row_scale, opts, out_dtype, self.axis)
 
     @staticmethod
     def _transform_(logits: torch.Tensor, opts: HeadOptions) -> torch.Tensor:

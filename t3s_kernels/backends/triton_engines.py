@@ -1,5 +1,5 @@
 """The Triton engines over the kernels' launchers (ops/): the forward tile kernel (statistics only),
-and the chunked strategy's Triton epilogue. Here a head's options (``HeadOptions``) become the
+and the chunked engine's Triton epilogue. Here a head's options (``HeadOptions``) become the
 kernels' scalar arguments, and their output planes become ``RowStats``."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class TileForwardEngine:
 
 
 class TritonEpilogue:
-    """The chunked strategy's per-chunk epilogue as one Triton kernel (ops/chunk_epilogue.py)."""
+    """The chunked engine's per-chunk epilogue as one Triton kernel (ops/chunk_epilogue.py)."""
 
     bytes_per_logit = 6  # the fp32 logits, plus a half-precision gradient buffer for half inputs
     distill_bytes_per_logit = 10  # both heads' fp32 logits and the half gradient

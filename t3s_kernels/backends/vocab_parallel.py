@@ -1,8 +1,8 @@
-"""A head split over the vocabulary across ranks (tensor parallelism): each rank holds rows
-[start, start + V_local) of the weight and sees every token.
+"""A head split over the vocabulary across ranks (tensor parallelism): each rank holds the entries
+[start, start + V_local) of the vocabulary (those rows of the weight matrix) and sees every token.
 
-Each rank runs any engine over its own rows, then the row states merge exactly across ranks
-(the online-softmax merge of backends/base.py, as a collective):
+Each rank runs any engine over its own entries, then each token row's state merges exactly across
+ranks (the online-softmax merge of backends/base.py, as a collective):
     m = max_r m_r,   d = sum_r e^(m_r - m) d_r,   u = sum_r e^(m_r - m) (u_r + (m_r - m) d_r)
 the label's logit and the smoothing sum are sums (a label lives on one rank; the others add 0),
 ``correct`` compares the label's logit with the global max. The gradient then needs only the
@@ -10,9 +10,9 @@ global logsumexp: each rank's dL/dz over its own columns is exact, dW and db sta
 is the sum of the ranks' partial products (one all-reduce). Every rank must call with the same
 tokens, labels and weights, as tensor parallelism gives them.
 
-Distillation: the teacher's head is split the same way (the same rows on each rank). Its
+Distillation: the teacher's head is split the same way (the same entries on each rank). Its
 divergences need both heads' logsumexps, merged across ranks before the per-rank sums over the
-vocabulary (backends/distill.py with ``ShardedRows``); this path runs the chunked driver with the
+vocabulary (backends/distill.py with ``ShardedVocab``); this path runs the chunked driver with the
 PyTorch epilogue (cuBLAS matmuls on a GPU) whatever the engine asked for.
 """
 
@@ -24,15 +24,16 @@ from typing import Any, Optional
 import torch
 
 from ..options import GradRequest, HeadOptions
-from .base import HeadGrads, RowStats
+from ..validation import is_dtensor
+from .base import HeadGrads, RowStats, rescaled_state
 from .chunked import ChunkedEngine
-from .distill import VocabRows
+from .distill import VocabAxis
 from .torch_epilogue import TorchEpilogue
 
 
 @dataclass(frozen=True)
 class VocabShard:
-    """This rank's rows of a vocabulary-parallel head: rows ``[start, start + weight.shape[0])`` of a
+    """This rank's part of a vocabulary-parallel head: entries ``[start, start + weight.shape[0])`` of a
     vocabulary of ``vocab_size``, split across the ranks of ``group`` (None: the default group)."""
 
     start: int
@@ -40,25 +41,17 @@ class VocabShard:
     group: Any = None
 
 
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
 def local_head(weight, bias, vocab_parallel, name: str = "weight"):
-    """(this rank's weight rows, bias rows, ``VocabShard``) of a head split over the vocabulary.
+    """(this rank's weight rows, bias entries, ``VocabShard``) of a head split over the vocabulary.
 
-    ``vocab_parallel`` is a ``VocabShard`` (``weight`` already holds this rank's rows), or the
+    ``vocab_parallel`` is a ``VocabShard`` (``weight`` already holds this rank's entries), or the
     1-D ``DeviceMesh`` of a ``Shard(0)`` DTensor ``weight``: passing the mesh is the caller's
     statement that the head is tensor-parallel (FSDP2's parameters carry the same placement, so it
-    is never inferred); its local rows (differentiable, the gradient reaches the DTensor as
-    Shard(0)) and their offset come from the DTensor's own layout, with no communication."""
+    is never inferred); its local part (differentiable, the gradient reaches the DTensor as
+    Shard(0)) and its offset come from the DTensor's own layout, with no communication."""
     if isinstance(vocab_parallel, VocabShard):
-        if _is_dtensor(weight):
-            raise TypeError(f"{name} is a DTensor; with vocab_parallel=VocabShard(...) pass its local rows "
+        if is_dtensor(weight):
+            raise TypeError(f"{name} is a DTensor; with vocab_parallel=VocabShard(...) pass its local part "
                             f"({name}.to_local()), or pass vocab_parallel={name}.device_mesh")
         return weight, bias, vocab_parallel
     from torch.distributed.device_mesh import DeviceMesh
@@ -68,8 +61,8 @@ def local_head(weight, bias, vocab_parallel, name: str = "weight"):
     if not isinstance(vocab_parallel, DeviceMesh):
         raise TypeError(f"vocab_parallel must be a VocabShard or the DeviceMesh of a Shard(0) DTensor {name}; got "
                         f"{type(vocab_parallel).__name__}")
-    if not _is_dtensor(weight):
-        raise TypeError(f"vocab_parallel=<a DeviceMesh> is for a DTensor {name}; for plain local rows pass "
+    if not is_dtensor(weight):
+        raise TypeError(f"vocab_parallel=<a DeviceMesh> is for a DTensor {name}; for a plain local part pass "
                         "vocab_parallel=VocabShard(start, vocab_size, group)")
     mesh = weight.device_mesh
     if mesh != vocab_parallel or mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
@@ -79,45 +72,45 @@ def local_head(weight, bias, vocab_parallel, name: str = "weight"):
     _, offset = compute_local_shape_and_global_offset(weight.shape, mesh, weight.placements)
     shard = VocabShard(start=int(offset[0]), vocab_size=int(weight.shape[0]), group=mesh.get_group())
     local = weight.to_local()
-    return local, rows_of(bias, shard, local.shape[0], "bias"), shard
+    return local, shard_entries(bias, shard, local.shape[0], "bias"), shard
 
 
-def rows_of(t, shard: VocabShard, rows: int, name: str):
-    """This rank's ``rows`` of a per-vocabulary tensor (a bias, a teacher's head) for ``shard``: a
-    ``Shard(0)`` DTensor's local rows (split as the student's), a whole plain tensor's slice, or a
-    plain tensor that already holds them; anything else is refused."""
+def shard_entries(t, shard: VocabShard, local_vocab: int, name: str):
+    """This rank's ``local_vocab`` entries of a per-vocabulary tensor (a bias, a teacher's head) for
+    ``shard``: a ``Shard(0)`` DTensor's local part (split as the student's), a whole plain tensor's
+    slice, or a plain tensor that already holds them; anything else is refused."""
     from torch.distributed.tensor import Shard
 
     if t is None:
         return None
-    if _is_dtensor(t):
+    if is_dtensor(t):
         if tuple(t.placements) != (Shard(0),) or t.device_mesh.ndim != 1 or t.shape[0] != shard.vocab_size:
-            raise ValueError(f"{name} is a DTensor with placements {tuple(t.placements)} and {t.shape[0]} rows; a "
+            raise ValueError(f"{name} is a DTensor with placements {tuple(t.placements)} and {t.shape[0]} entries; a "
                              f"vocabulary-parallel head needs it sharded as the head (Shard(0) of "
-                             f"{shard.vocab_size} rows on the same mesh) or whole")
+                             f"{shard.vocab_size} entries on the same mesh) or whole")
         local = t.to_local()
-    elif t.shape[0] == shard.vocab_size and rows != shard.vocab_size:
-        local = t[shard.start:shard.start + rows]
+    elif t.shape[0] == shard.vocab_size and local_vocab != shard.vocab_size:
+        local = t[shard.start:shard.start + local_vocab]
     else:
         local = t
-    if local.shape[0] != rows:
-        raise ValueError(f"{name} has {local.shape[0]} rows on this rank, the head {rows}: give it whole "
-                         f"({shard.vocab_size} rows) or split as the head")
+    if local.shape[0] != local_vocab:
+        raise ValueError(f"{name} has {local.shape[0]} vocabulary entries on this rank, the head {local_vocab}: "
+                         f"give it whole ({shard.vocab_size} entries) or split as the head")
     return local
 
 
-def check_shards(shard: VocabShard, local_rows: int, device: torch.device) -> None:
+def check_shards(shard: VocabShard, local_vocab: int, device: torch.device) -> None:
     """The ranks' shards must tile the vocabulary exactly (no gap, no overlap), or be refused."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("vocab_parallel needs an initialized torch.distributed process group")
     if not (isinstance(shard.start, int) and isinstance(shard.vocab_size, int) and 0 <= shard.start
-            and shard.start + local_rows <= shard.vocab_size):
-        raise ValueError(f"vocab_parallel: this rank's rows [{shard.start}, {shard.start + local_rows}) do not lie in "
-                         f"[0, vocab_size = {shard.vocab_size})")
+            and shard.start + local_vocab <= shard.vocab_size):
+        raise ValueError(f"vocab_parallel: this rank's entries [{shard.start}, {shard.start + local_vocab}) do not lie "
+                         f"in [0, vocab_size = {shard.vocab_size})")
     world = dist.get_world_size(shard.group)
-    mine = torch.tensor([shard.start, local_rows, shard.vocab_size], device=device)
+    mine = torch.tensor([shard.start, local_vocab, shard.vocab_size], device=device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=shard.group)
     spans = sorted((int(t[0]), int(t[1]), int(t[2])) for t in everyone)
@@ -126,19 +119,19 @@ def check_shards(shard: VocabShard, local_rows: int, device: torch.device) -> No
     end = 0
     for start, rows, _ in spans:
         if start != end:
-            raise ValueError(f"vocab_parallel: the ranks' rows {[(s, s + r) for s, r, _ in spans]} do not tile "
+            raise ValueError(f"vocab_parallel: the ranks' entries {[(s, s + r) for s, r, _ in spans]} do not tile "
                              f"[0, {shard.vocab_size}) exactly")
         end = start + rows
     if end != shard.vocab_size:
-        raise ValueError(f"vocab_parallel: the ranks' rows cover [0, {end}), not [0, {shard.vocab_size})")
+        raise ValueError(f"vocab_parallel: the ranks' entries cover [0, {end}), not [0, {shard.vocab_size})")
 
 
-def for_shard(engine, shard: Optional[VocabShard], local_rows: int, device: torch.device):
-    """(engine, whole vocabulary size): ``engine`` and its weight's rows as they are, or for a
+def for_shard(engine, shard: Optional[VocabShard], local_vocab: int, device: torch.device):
+    """(engine, whole vocabulary size): ``engine`` and its weight's entries as they are, or for a
     vocabulary-parallel head, the engine merged across ranks after the shards are checked."""
     if shard is None:
-        return engine, local_rows
-    check_shards(shard, local_rows, device)
+        return engine, local_vocab
+    check_shards(shard, local_vocab, device)
     return VocabParallelEngine(engine, shard), shard.vocab_size
 
 
@@ -177,8 +170,8 @@ class _ToShardedWork(torch.autograd.Function):
         return grad, None
 
 
-class ShardedRows(VocabRows):
-    """Reductions over vocabulary rows split across the ranks of a tensor-parallel group: this rank
+class ShardedVocab(VocabAxis):
+    """Reductions over a vocabulary split across the ranks of a tensor-parallel group: this rank
     holds columns ``[shard.start, shard.start + width)``; sums and picks add up across ranks
     (differentiably), the max is taken across ranks (it only stabilizes, no gradient). As in
     Megatron's tensor-parallel regions, a sum over ranks has an identity backward and a replicated
@@ -214,7 +207,7 @@ class ShardedRows(VocabRows):
 
 
 class VocabParallelEngine:
-    """Any engine over this rank's rows, its states merged across the ranks (module docstring)."""
+    """Any engine over this rank's vocabulary entries, its states merged across the ranks (module docstring)."""
 
     fuses_backward = True
 
@@ -230,8 +223,7 @@ class VocabParallelEngine:
         u_r = d_r * (torch.log(d_r) - st.entropy)  # entropy = log d - u / d
         m = m_r.clone()
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        a = torch.exp(m_r - m)
-        sums = torch.stack([a * d_r, a * (u_r + (m_r - m) * d_r), st.label_logit, st.sum_logits])
+        sums = torch.stack([*rescaled_state(m_r, d_r, u_r, m), st.label_logit, st.sum_logits])
         dist.all_reduce(sums, group=group)
         d, u, label_logit, sum_logits = sums
         log_d = torch.log(d)
@@ -260,7 +252,7 @@ class VocabParallelEngine:
 
     def _distill_engine(self) -> ChunkedEngine:
         """The chunked driver with the PyTorch epilogue over this rank's slice of both heads."""
-        return ChunkedEngine(TorchEpilogue(ShardedRows(self.shard)), getattr(self.inner, "budget_bytes", None))
+        return ChunkedEngine(TorchEpilogue(ShardedVocab(self.shard)), getattr(self.inner, "budget_bytes", None))
 
     def _sum_dx(self, out: HeadGrads) -> HeadGrads:
         """Each rank's dX covers its own columns only: the whole dX is their sum."""

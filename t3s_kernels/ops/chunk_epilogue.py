@@ -1,4 +1,4 @@
-"""The chunked strategy's epilogue: one kernel over a chunk's logits buffer.
+"""The chunked engine's epilogue: one kernel over a chunk's logits buffer.
 
 The logits of [rows x vocabulary chunk] come from cuBLAS, in float32 or the inputs' half dtype.
 Each program owns BLOCK_R rows and walks their columns:

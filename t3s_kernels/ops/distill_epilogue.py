@@ -1,4 +1,4 @@
-"""The chunked strategy's epilogue with a teacher: student and teacher logits of a chunk
+"""The chunked engine's epilogue with a teacher: student and teacher logits of a chunk
 (both by cuBLAS, float32 or the inputs' half dtype), per-token CE + KD, statistics and dL/dz in one kernel.
 
 With s, t the two heads' logits after the softcap and T the KD temperature, the first sweep

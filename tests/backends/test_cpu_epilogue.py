@@ -89,6 +89,32 @@ def test_state_merges_across_vocabulary_chunks_like_the_pytorch_epilogue(native)
     assert_close(states[1].planes, states[0].planes, 1e-5, "state")
 
 
+def test_arguments_cross_into_cpp_by_name(native):
+    """What the Python side passes is, name for name, what the C++ functions declare (their py::arg
+    list), and a name that is not declared fails the call instead of landing in another's place."""
+    import re
+
+    calls = {}
+
+    class Recorder:
+        def __getattr__(self, name):
+            return lambda **kwargs: calls.setdefault(name, set(kwargs))
+
+    opts = HeadOptions(vocab_size=8, softcap=2.0, label_smoothing=0.1)
+    logits, labels = torch.zeros(2, 8), torch.zeros(2, dtype=torch.long)
+    state, lse, scale = torch.zeros(5, 2), torch.zeros(2), torch.ones(2)
+    fake = NativeCpuEpilogue(Recorder())
+    fake.accumulate(logits, labels, 0, type("S", (), {"planes": state})(), opts)
+    fake.gradient(logits, labels, 0, lse, scale, opts, torch.float32)
+    fake.accumulate_and_gradient(logits, labels, type("S", (), {"planes": state})(), scale, opts, torch.float32)
+    for name, passed in calls.items():
+        declared = re.findall(r"(\w+): ", getattr(native, name).__doc__.splitlines()[0])
+        assert set(declared) == passed, (name, declared, passed)
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        native.accumulate(logits=logits, labels=labels, col0=0, state=state, has_softcap=False, softcap=1.0,
+                          logit_scale=1.0, smoothing=False)  # has_smoothing misspelled
+
+
 def test_pytorch_epilogue_on_request_and_without_a_build(monkeypatch):
     monkeypatch.setenv("T3S_CPU_EPILOGUE", "torch")
     assert type(make_engine(CPU, "torch").epilogue) is TorchEpilogue

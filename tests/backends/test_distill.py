@@ -36,16 +36,15 @@ def eager_loss(x, w, y, tw, t_logits, *, kd_loss, beta, temperature, kd_weight, 
                                           pytest.param("jsd", 0.3, marks=pytest.mark.gpu),
                                           ("jsd", 1.0)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked")])
-def test_dense_teacher_matches_reference(backend, strategy, kd_loss, beta, temperature, dtype, reduction):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dense_teacher_matches_reference(backend, kd_loss, beta, temperature, dtype, reduction):
     inputs = make_inputs(dtype=dtype, weights="zeros", ignored=4)
     th, tw_ = teacher(dtype=dtype)
     x = inputs["hidden"].clone().requires_grad_()
     w = inputs["weight"].clone().requires_grad_()
     out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], token_weights=inputs["token_weights"], teacher_hidden=th,
                                     teacher_weight=tw_, kd_weight=0.6, ce_weight=0.8, kd_loss=kd_loss, jsd_beta=beta,
-                                    kd_temperature=temperature, reduction=reduction, return_stats=True, backend=backend,
-                                    strategy=strategy)
+                                    kd_temperature=temperature, reduction=reduction, return_stats=True, backend=backend)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref, kd = eager_loss(xd, wd, inputs["labels"], inputs["token_weights"], th.double() @ tw_.double().t(),
                          kd_loss=kd_loss, beta=beta, temperature=temperature, kd_weight=0.6, ce_weight=0.8,
@@ -66,10 +65,10 @@ def test_triton_distillation_with_softcap_smoothing_bias_and_several_chunks():
     kw = dict(teacher_hidden=th, teacher_weight=tw_, kd_weight=0.7, kd_loss="jsd", jsd_beta=0.3, kd_temperature=1.5,
               softcap=4.0, label_smoothing=0.1, z_loss=1e-3, return_stats=True)
     outs, grads = [], []
-    for backend, strategy, budget in (("torch", "auto", None), ("triton", "chunked", 10 * 203 * 8)):
+    for backend, budget in (("torch", None), ("triton", 10 * 203 * 8)):
         x = inputs["hidden"].clone().requires_grad_()
         out = t3s.fused_linear_t3s_loss(x, inputs["weight"], inputs["labels"], bias=inputs["bias"],
-                                        token_weights=inputs["token_weights"], backend=backend, strategy=strategy,
+                                        token_weights=inputs["token_weights"], backend=backend,
                                         chunk_budget_bytes=budget, teacher_bias=inputs["bias"] * 0.5, **kw)
         outs.append(out)
         grads.append(torch.autograd.grad(out.loss, x)[0])
@@ -129,11 +128,11 @@ def test_sparse_teacher_matches_eager_formula_on_its_support(backend, tail, kd_l
     assert_close(torch.autograd.grad(out.loss, x)[0], torch.autograd.grad(ref, xd)[0], 1e-5, "dX")
 
 
-@pytest.mark.parametrize("backend,strategy,n,h,v", [
-    ("torch", "auto", 2048, 32, 8192),
-    ("triton", "chunked", 128, 16, 2048),
+@pytest.mark.parametrize("backend,n,h,v", [
+    ("torch", 2048, 32, 8192),
+    ("triton", 128, 16, 2048),
 ])
-def test_distillation_never_holds_full_logits(backend, strategy, n, h, v):
+def test_distillation_never_holds_full_logits(backend, n, h, v):
     """Peak memory of fwd+bwd with a teacher: within the chunk budget; a full N x V fp32 buffer (of
     either head) would exceed the bound.
     Measured on the CPU (Triton under its interpreter); the GPU check measures the GPU."""
@@ -153,8 +152,7 @@ def test_distillation_never_holds_full_logits(backend, strategy, n, h, v):
 
     def step():
         loss = t3s.fused_linear_t3s_loss(x, w, y, teacher_hidden=th, teacher_weight=tw_, kd_weight=1.0,
-                                         kd_loss="jsd", chunk_budget_bytes=budget, backend=backend,
-                                         strategy=strategy).loss
+                                         kd_loss="jsd", chunk_budget_bytes=budget, backend=backend).loss
         loss.backward()
 
     _, peak = peak_memory_bytes(step, torch.device("cpu"))
@@ -208,8 +206,8 @@ def test_kd_weight_needs_a_teacher():
 
 
 @pytest.mark.parametrize("kd_loss", ["forward_kl", "jsd"])
-@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked")])
-def test_student_logit_scale_with_a_teacher(backend, strategy, kd_loss):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_student_logit_scale_with_a_teacher(backend, kd_loss):
     """A student with its own logit multiplier (Cohere-style): CE and KD both see the scaled logits;
     the teacher's logits are its own. Compared with the eager transcription on scaled logits."""
     inputs = make_inputs(weights="zeros", ignored=4, logit_scale=4.0)
@@ -218,7 +216,7 @@ def test_student_logit_scale_with_a_teacher(backend, strategy, kd_loss):
     w = inputs["weight"].clone().requires_grad_()
     out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], token_weights=inputs["token_weights"], teacher_hidden=th,
                                     teacher_weight=tw_, kd_weight=0.6, kd_loss=kd_loss, kd_temperature=2.0,
-                                    logit_scale=0.25, backend=backend, strategy=strategy)
+                                    logit_scale=0.25, backend=backend)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref, _ = eager_loss(xd, wd, inputs["labels"], inputs["token_weights"], th @ tw_.t(), kd_loss=kd_loss,
                         beta=0.5, temperature=2.0, kd_weight=0.6, ce_weight=1.0, reduction="mean", logit_scale=0.25)
@@ -237,15 +235,15 @@ def test_teacher_bias_dtype_is_checked():
 
 
 @pytest.mark.parametrize("kd_loss", ["forward_kl", "reverse_kl", "jsd"])
-@pytest.mark.parametrize("backend,strategy", [("torch", "auto"), ("triton", "chunked")])
-def test_a_nan_teacher_gives_a_nan_loss_as_eager_does(backend, strategy, kd_loss):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_nan_teacher_gives_a_nan_loss_as_eager_does(backend, kd_loss):
     inputs = make_inputs()
     th, tw_ = teacher()
     th = th.clone()
     th[3] = float("nan")
     out = t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"], inputs["labels"], teacher_hidden=th,
                                     teacher_weight=tw_, kd_weight=0.5, kd_loss=kd_loss, backend=backend,
-                                    strategy=strategy, return_stats=True)
+                                    return_stats=True)
     assert math.isnan(out.loss.item()) and math.isnan(out.kd[3].item())
 
 
@@ -275,7 +273,7 @@ def test_dense_teacher_with_input_dtype_logits(kd_loss, beta):
     w = inputs["weight"].clone().requires_grad_()
     kw = dict(kd_weight=0.6, ce_weight=0.8, kd_loss=kd_loss, jsd_beta=beta, kd_temperature=2.0)
     out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], token_weights=inputs["token_weights"], teacher_hidden=th,
-                                    teacher_weight=tw_, backend="triton", strategy="chunked", logits_dtype="input",
+                                    teacher_weight=tw_, backend="triton", logits_dtype="input",
                                     **kw)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     t_logits = (th.double() @ tw_.double().t()).to(torch.bfloat16).double()
@@ -301,7 +299,7 @@ def test_unit_temperature_with_far_apart_heads(kd_loss, beta):
     tw_ = tw_ * 40  # teacher logits of std ~ 75
     out = t3s.fused_linear_t3s_loss(x, w, inputs["labels"], bias=inputs["bias"], token_weights=inputs["token_weights"],
                                     teacher_hidden=th, teacher_weight=tw_, return_stats=True, backend="triton",
-                                    strategy="chunked", **kw)
+                                    **kw)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref, stats = t3s.reference_t3s_loss(xd, wd, inputs["labels"], bias=inputs["bias"].double(),
                                         token_weights=inputs["token_weights"],

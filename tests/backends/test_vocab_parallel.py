@@ -13,16 +13,16 @@ from tests.helpers import TOLERANCE, assert_close, make_inputs, run_on_two_ranks
 dist = pytest.importorskip("torch.distributed")
 
 RICH = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, logit_scale=0.5)
-# (options, backend, strategy): every option family on the torch backend; the Triton chunked strategy
-# (compiled on a GPU, interpreted here) under the richest options.
+# (options, backend): every option family on the torch backend; the Triton one (compiled on a GPU,
+# interpreted here) under the richest options.
 OPTION_SETS = [
-    (dict(), "torch", "auto"),
-    (RICH, "torch", "auto"),
-    (dict(reduction="sum", ce_weight=0.7), "torch", "auto"),
-    (dict(reduction="none"), "torch", "auto"),
-    (RICH, "triton", "chunked"),
+    (dict(), "torch"),
+    (RICH, "torch"),
+    (dict(reduction="sum", ce_weight=0.7), "torch"),
+    (dict(reduction="none"), "torch"),
+    (RICH, "triton"),
 ]
-SPLIT = 120  # rank 0 holds rows [0, 120) of 203, rank 1 [120, 203): uneven on purpose
+SPLIT = 120  # rank 0 holds entries [0, 120) of 203, rank 1 [120, 203): uneven on purpose
 # Distillation: a dense teacher split the same way, or a sparse top-k teacher; every divergence.
 DISTILL_SETS = [
     dict(kd_loss="forward_kl", kd_weight=0.6, ce_weight=0.8),
@@ -67,13 +67,13 @@ def _worker(rank):
     rows = slice(0, SPLIT) if rank == 0 else slice(SPLIT, 203)
     shard = t3s.VocabShard(start=rows.start, vocab_size=203)
     results = []
-    for options, backend, strategy in OPTION_SETS:
+    for options, backend in OPTION_SETS:
         hidden = inputs["hidden"].clone().requires_grad_(True)
         weight = inputs["weight"][rows].clone().requires_grad_(True)
         bias = inputs["bias"][rows].clone().requires_grad_(True)
         out = t3s.fused_linear_t3s_loss(hidden, weight, inputs["labels"], bias=bias,
                                         token_weights=inputs["token_weights"], return_stats=True,
-                                        backend=backend, strategy=strategy, vocab_parallel=shard, **options)
+                                        backend=backend, vocab_parallel=shard, **options)
         g = torch.linspace(0.5, 1.5, out.loss.numel()).view(out.loss.shape)
         dx, dw, db = torch.autograd.grad(out.loss, (hidden, weight, bias), g)
         results.append({"loss": out.loss.detach(), "logprob": out.logprob, "entropy": out.entropy,
@@ -83,7 +83,7 @@ def _worker(rank):
     stats = t3s.token_stats(inputs["hidden"], inputs["weight"][rows], inputs["labels"], bias=inputs["bias"][rows],
                             softcap=4.0, temperature=2.0, backend="torch", vocab_parallel=shard)
     refused = ""
-    try:  # both ranks claim rows from 0: the shards overlap
+    try:  # both ranks claim entries from 0: the shards overlap
         t3s.fused_linear_t3s_loss(inputs["hidden"], inputs["weight"][rows], inputs["labels"], backend="torch",
                                   vocab_parallel=t3s.VocabShard(start=0, vocab_size=203))
     except ValueError as e:
@@ -95,8 +95,8 @@ def test_vocab_parallel_head_equals_the_whole_head(tmp_path):
     ranks = run_on_two_ranks(_worker, tmp_path)
     inputs = _inputs()
     tol = TOLERANCE[torch.float32]
-    for k, (options, backend, strategy) in enumerate(OPTION_SETS):
-        options_name = f"{backend}/{strategy} {options}"
+    for k, (options, backend) in enumerate(OPTION_SETS):
+        options_name = f"{backend} {options}"
         ref_in = [inputs[n].double().requires_grad_(True) for n in ("hidden", "weight", "bias")]
         ref, ref_stats = t3s.reference_t3s_loss(ref_in[0], ref_in[1], inputs["labels"], bias=ref_in[2],
                                                 token_weights=inputs["token_weights"], **options)

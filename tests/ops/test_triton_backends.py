@@ -1,4 +1,4 @@
-"""The Triton chunked strategy and the forward tile kernel (token_stats) against the fp64 reference.
+"""The Triton chunked engine and the forward tile kernel (token_stats) against the fp64 reference.
 
 On a CPU-only machine they run under TRITON_INTERPRET=1 (set in conftest.py) at small odd
 shapes (N=37, H=48, V=203: no dimension a multiple of any block size)."""
@@ -15,19 +15,19 @@ from tests.helpers import DEVICE, assert_close, check_token_stats, make_inputs, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("input_opts,loss_opts", CASE_PARAMS)
 def test_triton_matches_reference(input_opts, loss_opts, dtype, reduction):
-    run_and_compare(make_inputs(dtype=dtype, **input_opts), backend="triton", strategy="chunked",
+    run_and_compare(make_inputs(dtype=dtype, **input_opts), backend="triton",
                     reduction=reduction, **loss_opts)
 
 
 def test_fp16_inputs():
     run_and_compare(make_inputs(dtype=torch.float16, bias=True, weights="zeros"), backend="triton",
-                    strategy="chunked", label_smoothing=0.05, softcap=4.0)
+                    label_smoothing=0.05, softcap=4.0)
 
 
 @pytest.mark.gpu
 def test_normalizer_and_leading_dims():
     inputs = make_inputs(n=36, lead=(3, 12), weights="zeros", ignored=2)
-    run_and_compare(inputs, backend="triton", strategy="chunked", normalizer=7)
+    run_and_compare(inputs, backend="triton", normalizer=7)
 
 
 @pytest.mark.gpu
@@ -37,19 +37,19 @@ def test_non_contiguous_inputs():
     inputs["hidden"] = base["hidden"][:, ::2]
     inputs["weight"] = base["weight"].t().contiguous().t()[:, ::2]  # column-major, strided
     inputs["labels"] = torch.stack([base["labels"], base["labels"]], 1)[:, 1]
-    run_and_compare(inputs, backend="triton", strategy="chunked")
+    run_and_compare(inputs, backend="triton")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(1, 16, 5), (64, 32, 128), (5, 200, 65)], ids=str)
 def test_shapes_at_and_around_block_edges(shape):
     n, h, v = shape
-    run_and_compare(make_inputs(n=n, h=h, v=v, weights="zeros"), backend="triton", strategy="chunked",
+    run_and_compare(make_inputs(n=n, h=h, v=v, weights="zeros"), backend="triton",
                     label_smoothing=0.1)
 
 
 def test_chunked_multiple_token_chunks():
-    run_and_compare(make_inputs(bias=True, weights="zeros"), backend="triton", strategy="chunked",
+    run_and_compare(make_inputs(bias=True, weights="zeros"), backend="triton",
                     chunk_budget_bytes=6 * 203 * 8, softcap=3.0, z_loss=1e-3)
 
 
