@@ -72,3 +72,11 @@ def test_unknown_and_removed_options_are_named():
     with pytest.raises(TypeError, match="strategy was removed"):
         t3s.T3SLoss(strategy="chunked")
 
+
+def test_patch_reserves_the_logit_transform():
+    """The options the patch sets from the model's head math are the declared logit transform's."""
+    from t3s_kernels.patching import SET_BY_PATCH
+
+    transform = [f.name for f in dataclasses.fields(options.LogitTransform)]
+    assert transform == ["softcap", "logit_scale"] and set(transform) <= set(SET_BY_PATCH)
+    assert not set(SET_BY_PATCH) & (set(OPTIONS) - set(transform) - {"ignore_index"})

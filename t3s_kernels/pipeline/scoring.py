@@ -20,8 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..api import token_stats
-from ..patching import HeadInputs, model_head_inputs
+from ..patching import capture_head_inputs
 from ..validation import DTYPES
 from .data import IGNORE, Example
 from .store import ScoreStore, iter_batches, token_hash
@@ -48,12 +47,6 @@ def _stats_dict(n: int, device) -> dict[str, torch.Tensor]:
             "scored": torch.zeros(n, dtype=torch.bool, device=device)}
 
 
-def _token_stats(head: HeadInputs, hidden: torch.Tensor, targets: torch.Tensor):
-    """token_stats through the model's own head math (logit scale, soft cap, vocabulary), as in training."""
-    return token_stats(hidden, head.weight, targets, bias=head.bias, softcap=head.math.softcap,
-                       logit_scale=head.math.logit_scale)
-
-
 def _causal_example_stats(st, index, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """One example's stored statistics: its teacher-forced predictions ``st[index]`` (position t-1
     predicting token t) and their ``targets``; the first token has none."""
@@ -71,11 +64,11 @@ def score_batch_causal_packed(model, examples: list[Example]) -> list[dict[str, 
     lengths = [len(e.input_ids) for e in examples]
     ids = torch.tensor([t for e in examples for t in e.input_ids], device=device)[None]
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
-    head = model_head_inputs(model, input_ids=ids, position_ids=positions)
+    head = capture_head_inputs(model, input_ids=ids, position_ids=positions)
     offsets = torch.tensor([0] + lengths).cumsum(0).tolist()
     targets = torch.tensor([y for e in examples for y in e.labels], device=device)[1:].clone()
     targets[[o - 1 for o in offsets[1:-1]]] = IGNORE  # a sequence's last token does not predict the next one's first
-    st = _token_stats(head, head.hidden[0, :-1], targets)
+    st = head.token_stats(head.hidden[0, :-1], targets)
     return [_causal_example_stats(st, slice(o, o + n - 1), targets[o:o + n - 1]) for n, o in zip(lengths, offsets)]
 
 
@@ -83,9 +76,9 @@ def score_batch_causal_packed(model, examples: list[Example]) -> list[dict[str, 
 def score_batch_causal(model, examples: list[Example], pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
     device = next(model.parameters()).device
     ids, labels, attn = _pad(examples, pad_id, device)
-    head = model_head_inputs(model, input_ids=ids, attention_mask=attn)
+    head = capture_head_inputs(model, input_ids=ids, attention_mask=attn)
     targets = labels[:, 1:]  # position t-1 predicts token t
-    st = _token_stats(head, head.hidden[:, :-1], targets)
+    st = head.token_stats(head.hidden[:, :-1], targets)
     return [_causal_example_stats(st, (r, slice(0, len(e.input_ids) - 1)), targets[r, :len(e.input_ids) - 1])
             for r, e in enumerate(examples)]
 
@@ -105,8 +98,8 @@ def score_batch_masked_diffusion(model, examples: list[Example], indices: list[i
     for k in range(rounds):
         masked = groups == k
         noisy = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
-        head = model_head_inputs(model, input_ids=noisy, attention_mask=attn)
-        st = _token_stats(head, head.hidden, torch.where(masked, ids, torch.full_like(ids, IGNORE)))
+        head = capture_head_inputs(model, input_ids=noisy, attention_mask=attn)
+        st = head.token_stats(head.hidden, torch.where(masked, ids, torch.full_like(ids, IGNORE)))
         for r, e in enumerate(examples):
             n = len(e.input_ids)
             m = masked[r, :n]

@@ -1,0 +1,117 @@
+"""``apply_t3s`` / ``revert_t3s``: the patch put on a model (or its class) and taken off."""
+
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+import torch
+
+from ..api import TEACHER_ROW_INPUTS, T3SLoss
+from ..options import TRANSFORM_OPTIONS
+from .equivalence import check_t3s_patch
+from .forward import make_forward, patched_signature
+from .head import head_math, lm_head
+from .refusals import ANCHORS, refuse_unsupported, refuse_wrappers
+from .state import STATE, is_t3s_patched, patch_state
+
+MODES = ("causal", "masked_diffusion")
+# The op's arguments the patch sets itself: from the model's head math (the logit transform), from the
+# batch (each forward's ignore_index, token weights, teacher rows, normalizer), from the model (its
+# bias and, under tensor parallelism, its mesh).
+SET_BY_PATCH = (*TRANSFORM_OPTIONS, "ignore_index", "bias", "token_weights", "normalizer", "vocab_parallel",
+                *TEACHER_ROW_INPUTS)
+
+
+def _on_meta(model) -> bool:
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch_class: bool = False,
+              check: bool = True, anchors: str = "ignore", tensor_parallel: bool = False, **loss_options):
+    """Patch ``model`` (an instance; with ``patch_class=True`` its class, for every instance) so that
+    training forwards with labels use the fused loss. ``loss_options`` are ``fused_linear_t3s_loss``'s
+    (``label_smoothing``, ``z_loss``, ``backend``, ...; for distillation
+    ``teacher_weight=teacher.lm_head.weight``, ``kd_weight``, ``kd_loss``, ``kd_temperature``, and then
+    ``teacher_hidden=`` or ``teacher_topk_ids=``/``teacher_topk_logprobs=`` in each forward call).
+    The model's own head math (logit scale, soft cap) and ``ignore_index`` (a forward argument, as
+    in HuggingFace) come from the model and the call (``SET_BY_PATCH``).
+
+    ``anchors`` fixes what a weight-0 token (T3S's imitation anchor) means for the normalization.
+    ``"ignore"`` (default): as if it had label -100, the usual implementation and what the method's
+    loss means: the sum over kept tokens is divided by the kept count (without ``num_items_in_batch``)
+    or by ``num_items_in_batch``, which must then not count anchors (``T3SDataCollator`` gives them
+    label -100; a forward that would divide by a count including them raises). ``"count"``: divide
+    by ``num_items_in_batch`` as given, anchors included.
+
+    ``tensor_parallel=True`` says the LM head is (or will be) sharded over the vocabulary by tensor
+    parallelism (a ``Shard(0)`` DTensor on a 1-D mesh, as transformers' ``tp_plan`` and
+    ``ColwiseParallel`` make it): the loss then runs vocabulary-parallel over that mesh, exactly.
+    It is never inferred from the placements (FSDP2's parameters look the same).
+
+    ``check`` (default True) runs the equivalence check (``equivalence.check_t3s_patch``: two forward
+    passes of a 2 x 16 batch; at the first training forward when the parameters are on the meta
+    device). In masked-diffusion mode there is no unpatched loss of the same meaning to compare
+    with: only the per-forward probe runs. Returns the model; raises ``TypeError`` / ``ValueError``
+    naming the reason where the patch cannot be exact (and leaves the model unpatched)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if shift not in (None, "dream"):
+        raise ValueError(f"shift must be None or 'dream'; got {shift!r}")
+    if shift is not None and mode != "masked_diffusion":
+        raise ValueError("shift='dream' is a masked-diffusion convention; use mode='masked_diffusion'")
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be a bool; got {check!r}")
+    if anchors not in ANCHORS:
+        raise ValueError(f"anchors must be one of {ANCHORS}; got {anchors!r}")
+    if not isinstance(tensor_parallel, bool):
+        raise TypeError(f"tensor_parallel must be a bool; got {tensor_parallel!r}")
+    for reserved in SET_BY_PATCH:
+        if reserved in loss_options:
+            raise ValueError(f"{reserved} is set by the patch from the model and the batch; do not pass it "
+                             "(ignore_index and teacher inputs go to each forward call)")
+    refuse_wrappers(model)
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: it patches HuggingFace models (an "
+                        "nn.Module with a config and an LM head)")
+    lm_head(model)
+    head_math(model)
+    refuse_unsupported(model, mode)
+    if is_t3s_patched(model):
+        raise ValueError(f"{type(model).__name__} is already patched; call revert_t3s first")
+    loss = T3SLoss(**loss_options)  # validates the option names and values now, not at the first step
+    state = dict(mode=mode, shift=shift, anchors=anchors, tensor_parallel=tensor_parallel)
+    forward = make_forward(mode, shift, loss)
+    if patch_class:
+        cls = type(model)
+        forward.__signature__ = patched_signature(cls.forward)
+        setattr(cls, STATE, dict(state, original=cls.forward))
+        cls.forward = forward
+    else:
+        forward.__signature__ = patched_signature(model.forward)
+        setattr(model, STATE, dict(state, original=model.forward))  # bound to model; deepcopy rebinds it
+        model.forward = types.MethodType(forward, model)
+    if check:
+        if _on_meta(model):
+            patch_state(model)["deferred_check"] = check_t3s_patch  # at the first training forward
+        else:
+            try:
+                check_t3s_patch(model)
+            except Exception:
+                revert_t3s(model)
+                raise
+    return model
+
+
+def revert_t3s(model):
+    """Undo ``apply_t3s``; returns the model."""
+    if STATE in vars(model):
+        del model.forward  # the instance attribute; the class's forward shows through again
+        delattr(model, STATE)
+    elif STATE in vars(type(model)):
+        cls = type(model)
+        cls.forward = getattr(cls, STATE)["original"]
+        delattr(cls, STATE)
+    else:
+        raise ValueError(f"{type(model).__name__} is not patched by apply_t3s")
+    return model
