@@ -84,6 +84,9 @@ def _sweep(args: argparse.Namespace, on_gpu: bool) -> int:
 
 
 def _compile_report(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("triton", "t3s compile-report")
     from .ops.aot import main as aot_main
 
     aot_main(["--arch", *map(str, args.arch)] + (["--json"] if args.json else []))

@@ -54,6 +54,7 @@ from typing import Optional
 
 import torch
 
+from .extras import pyplot
 from .patching import apply_t3s
 from .pipeline.accuracy import generation_accuracy
 from .pipeline.bottleneck import TroughDetector, find_bottleneck, plot_accuracy
@@ -276,10 +277,7 @@ def _plot_seed(base_set, bottleneck_set, sets, anchors, table, bottleneck, out: 
 
 def _plot_arms(seeds: list[dict], out: Path) -> list[str]:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot("the demo's plots")
     except ImportError:
         return []
     arms = ("base",) + ARMS

@@ -13,6 +13,9 @@ Conventions: LLaDA (``weighting="inverse_p"``, ``normalization="llada_sft"``, t 
 default; LLaDA 2.0 is ``rate_range=(0.3, 0.8), weighting="none", normalization="masked_tokens"``
 (``LLADA2``). Block diffusion (LLaDA 2.0's noisy and clean halves with block size 32) is not
 supported.
+
+Only ``MaskedDiffusionTrainer`` needs transformers (the ``hf`` extra); it is built on first use, so
+the loss pieces import without it.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from transformers import Trainer
 
 from .adapters.masked_diffusion import NORMALIZATIONS, WEIGHTINGS, NoisedBatch, loss_weights, noise
 from .adapters.packing import is_packed, segment_ids
+from .extras import require
 from .patching import is_t3s_patched
 from .trainer_utils import FORCE_COLUMN, KEEP_COLUMN
 
@@ -107,53 +110,68 @@ LLADA = dict(weighting="inverse_p", normalization="llada_sft", rate_range=None)
 LLADA2 = dict(weighting="none", normalization="masked_tokens", rate_range=(0.3, 0.8))
 
 
-class MaskedDiffusionTrainer(Trainer):
-    """``Trainer`` with the masked-diffusion loss; see the module docstring for the options."""
+def _trainer_class():
+    """``MaskedDiffusionTrainer``, a subclass of transformers' ``Trainer``, made once transformers is there."""
+    Trainer = require("transformers", "MaskedDiffusionTrainer").Trainer
 
-    def __init__(self, *args, mask_token_id: int, weighting: str = "inverse_p", normalization: str = "llada_sft",
-                 rate_range: Optional[tuple[float, float]] = None, eps: float = 1e-3, seed: int = 0, **kwargs):
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
-        super().__init__(*args, **kwargs)
-        self.mask_token_id, self.weighting, self.normalization = mask_token_id, weighting, normalization
-        self.rate_range, self.eps, self.seed = rate_range, eps, seed
-        self._generators: dict[str, torch.Generator] = {}
-        self.loss_is_scaled_for_ga = True  # each micro-batch is divided by the step's normalizer
+    class MaskedDiffusionTrainer(Trainer):
+        """``Trainer`` with the masked-diffusion loss; see the module docstring for the options."""
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            rank = self.args.process_index
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + rank)
-        return self._generators[key]
+        def __init__(self, *args, mask_token_id: int, weighting: str = "inverse_p", normalization: str = "llada_sft",
+                     rate_range: Optional[tuple[float, float]] = None, eps: float = 1e-3, seed: int = 0, **kwargs):
+            if weighting not in WEIGHTINGS:
+                raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}")
+            if normalization not in NORMALIZATIONS:
+                raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
+            super().__init__(*args, **kwargs)
+            self.mask_token_id, self.weighting, self.normalization = mask_token_id, weighting, normalization
+            self.rate_range, self.eps, self.seed = rate_range, eps, seed
+            self._generators: dict[str, torch.Generator] = {}
+            self.loss_is_scaled_for_ga = True  # each micro-batch is divided by the step's normalizer
 
-    def _noise(self, inputs):
-        return noise_inputs(inputs, mask_token_id=self.mask_token_id, rate_range=self.rate_range, eps=self.eps,
-                            generator=self._generator(inputs["input_ids"].device))
+        def _generator(self, device: torch.device) -> torch.Generator:
+            key = str(device)
+            if key not in self._generators:
+                rank = self.args.process_index
+                self._generators[key] = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + rank)
+            return self._generators[key]
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        noised = []
-        for b in batches:
-            nb = self._noise(b)
-            b.update(pack_noised(nb))
-            noised.append(nb)
-        total = torch.tensor(step_normalizer(noised, self.normalization), device=device)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            total = self.accelerator.gather(total).sum()
-        return batches, total
+        def _noise(self, inputs):
+            return noise_inputs(inputs, mask_token_id=self.mask_token_id, rate_range=self.rate_range, eps=self.eps,
+                                generator=self._generator(inputs["input_ids"].device))
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if NOISED_KEYS[0] in inputs:  # a training micro-batch, noised with its step
-            noised = unpack_noised(inputs)
-        else:  # evaluation: noised here, normalized on its own
-            noised = self._noise(inputs)
-            num_items_in_batch = None
-        loss = masked_diffusion_compute_loss(model, inputs, mask_token_id=self.mask_token_id,
-                                             normalization=self.normalization, weighting=self.weighting,
-                                             noised=noised, num_items_in_batch=num_items_in_batch)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            loss = loss * self.args.world_size  # the normalizer is global; data parallelism averages gradients
-        return (loss, None) if return_outputs else loss
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+            noised = []
+            for b in batches:
+                nb = self._noise(b)
+                b.update(pack_noised(nb))
+                noised.append(nb)
+            total = torch.tensor(step_normalizer(noised, self.normalization), device=device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                total = self.accelerator.gather(total).sum()
+            return batches, total
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if NOISED_KEYS[0] in inputs:  # a training micro-batch, noised with its step
+                noised = unpack_noised(inputs)
+            else:  # evaluation: noised here, normalized on its own
+                noised = self._noise(inputs)
+                num_items_in_batch = None
+            loss = masked_diffusion_compute_loss(model, inputs, mask_token_id=self.mask_token_id,
+                                                 normalization=self.normalization, weighting=self.weighting,
+                                                 noised=noised, num_items_in_batch=num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # the normalizer is global; data parallelism averages gradients
+            return (loss, None) if return_outputs else loss
+
+    MaskedDiffusionTrainer.__qualname__ = "MaskedDiffusionTrainer"  # pickled by this module's name
+    return MaskedDiffusionTrainer
+
+
+def __getattr__(name: str):
+    if name == "MaskedDiffusionTrainer":  # the class is made on first use: it needs transformers
+        cls = _trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .extras import require
+
 TINY_CONFIG = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
 PAD_ID, EOS_ID, MASK_ID = 0, 1, 2  # ids the tiny tokenizer reserves
@@ -13,8 +15,7 @@ PAD_ID, EOS_ID, MASK_ID = 0, 1, 2  # ids the tiny tokenizer reserves
 def tiny_causal_lm(family: str = "qwen3", seed: int = 0, **overrides):
     """A randomly initialised *ForCausalLM of the given family (qwen3, qwen2, llama, mistral, gemma2,
     gemma3), ``TINY_CONFIG`` with ``overrides`` (the tests' smaller shapes, a soft cap, ...)."""
-    import transformers as tf
-
+    tf = require("transformers", "the toy models")
     classes = {"qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
                "llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
                "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
@@ -40,8 +41,9 @@ def tiny_bidirectional_lm(family: str = "llama", seed: int = 0, **overrides):
 
 def tiny_tokenizer(vocab_size: int = TINY_CONFIG["vocab_size"]):
     """A word-level tokenizer over tokens "<pad>", "<eos>", "<mask>", "t3" ... (space-separated)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    tokenizers = require("tokenizers", "the toy tokenizer")
+    Tokenizer, models, pre_tokenizers = tokenizers.Tokenizer, tokenizers.models, tokenizers.pre_tokenizers
+    PreTrainedTokenizerFast = require("transformers", "the toy tokenizer").PreTrainedTokenizerFast
 
     vocab = {"<pad>": PAD_ID, "<eos>": EOS_ID, "<mask>": MASK_ID}
     vocab.update({f"t{i}": i for i in range(3, vocab_size)})

@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "t3s_kernels"
 # Lowest first; a module may import its own layer or lower ones.
 LAYERS = [
     ["ops"],
-    ["options", "validation", "reference", "version"],
+    ["options", "validation", "reference", "version", "extras"],
     ["backends"],
     ["function"],
     ["api"],

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..extras import pyplot, require
 from .measure import device_name
 from .table import Report, run_bench
 
@@ -70,11 +71,8 @@ def plot_sweep(reports: list[Report], folder: str) -> list[str]:
     """One PNG per vocabulary size: fwd+bwd time and peak memory against N (log-log), each provider
     a line, the 3-matmul floor dashed. Needs matplotlib (the ``plot`` extra); without it, none."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
+        plt = pyplot("the sweep's plots")
+        ticker = require("matplotlib.ticker", "the sweep's plots")
     except ImportError:
         return []
     written = []
@@ -96,7 +94,7 @@ def plot_sweep(reports: list[Report], folder: str) -> list[str]:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(ns, [str(n) for n in ns])
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
             ax.set_xlabel("tokens N")
             ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ..extras import pyplot
 from .store import atomic_write_bytes
 
 
@@ -59,11 +60,7 @@ def read_accuracy_table(path: str) -> list[tuple[str, float]]:
 
 
 def plot_accuracy(table: Sequence[tuple[str, float]], path: str, bottleneck: Optional[str] = None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("plotting accuracy")
     names, accs = [t[0] for t in table], [t[1] for t in table]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(names, accs, "o-")

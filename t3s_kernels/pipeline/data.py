@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..extras import require
+
 IGNORE = -100
 
 
@@ -108,7 +110,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_tokenizer(path: str):
     """A tokenizer from a local folder; refused when the folder holds no tokenizer (a model folder
     saved without one would otherwise load an empty tokenizer and turn every text into nothing)."""
-    from transformers import AutoTokenizer
+    AutoTokenizer = require("transformers", "loading a tokenizer").AutoTokenizer
 
     folder = Path(path)
     if not folder.is_dir():
@@ -148,23 +150,20 @@ def _records(path: str, split: Optional[str]) -> list[tuple[str, dict]]:
         raise FileNotFoundError(f"No such file or directory: {path}")
     if p.is_dir():
         if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
-            from datasets import load_from_disk
-
+            load_from_disk = require("datasets", f"reading the saved dataset {path}").load_from_disk
             rows = _one_split(load_from_disk(str(p)), path, split)
         else:
             files = [f for f in sorted(p.rglob("*")) if f.suffix in DATA_FILE_TYPES and f.is_file()]
             if not files:
                 raise ValueError(f"{path}: a folder with neither a saved dataset (save_to_disk) nor "
                                  f"{'/'.join(DATA_FILE_TYPES)} files")
-            from datasets import load_dataset
-
+            load_dataset = require("datasets", f"reading the dataset folder {path}").load_dataset
             rows = _one_split(load_dataset(str(p)), path, split)
         return [(f"{path}[{i}]", dict(r)) for i, r in enumerate(rows)]
     if split is not None:
         raise ValueError(f"--split {split}: {path} is a single file without splits")
     if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
+        pq = require("pyarrow.parquet", f"reading the Parquet file {path}")
         return [(f"{path}[{i}]", r) for i, r in enumerate(pq.read_table(str(p)).to_pylist())]
     records = []
     with open(p) as f:

@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from ..extras import require
 from ..patching import capture_head_inputs
 from ..validation import DTYPES
 from .data import IGNORE, Example
@@ -202,8 +203,7 @@ def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, 
 
 def load_local_model(path: str, dtype: str = "fp32", device: str = "cpu", trust_remote_code: bool = False):
     """A model from a local folder only (never a hub download)."""
-    from transformers import AutoModelForCausalLM
-
+    AutoModelForCausalLM = require("transformers", "loading a model").AutoModelForCausalLM
     if not os.path.isdir(path):
         raise ValueError(f"model must be a local folder; {path!r} is not one")
     if dtype not in DTYPES:

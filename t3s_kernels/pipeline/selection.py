@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..extras import pyplot
 from .store import ScoreSet, StoreError, atomic_write_bytes
 
 RULES = ("ar", "dllm", "inverse", "confidence_high", "confidence_low", "entropy", "random")
@@ -194,11 +195,7 @@ def plot_selection(base: ScoreSet, bottleneck: ScoreSet, sets: Sequence[ScoreSet
                    out_dir: str, selection: Optional[Selection] = None) -> list[str]:
     """dc histogram and the bifurcation picture (anchors vs others per checkpoint); needs matplotlib.
     With a ``dllm`` selection, both pictures also show tau and the selected (force-masked) set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("plotting a selection")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scored = base.values["scored"]
