@@ -198,6 +198,7 @@ HEAD_FIELDS = tuple(f.name for f in dataclasses.fields(HeadOptions))
 # The options the patch sets from the model's head math (patching.head_math), never a caller.
 TRANSFORM_OPTIONS = tuple(f.name for f in dataclasses.fields(LogitTransform))
 _OPTIONS_OF = {api: {name: o for name, o in OPTIONS.items() if api in o.api} for api in ("loss", "stats")}
+_DEFAULTS_OF = {api: {name: o.default for name, o in options.items()} for api, options in _OPTIONS_OF.items()}
 
 
 def options_of(api: str) -> "dict[str, Option]":
@@ -228,8 +229,9 @@ def resolve_options(given: dict, api: str, caller: str) -> dict:
     """Every declared option of ``api``: the given ones, checked (floats as floats), and the declared
     defaults for the rest."""
     check_options(given, api, caller)
-    return {name: float(given[name]) if name in given and o.is_float and given[name] is not None
-            else given.get(name, o.default) for name, o in options_of(api).items()}
+    declared = options_of(api)
+    return {**_DEFAULTS_OF[api], **{name: float(value) if declared[name].is_float and value is not None else value
+                                    for name, value in given.items()}}
 
 
 def pick(names: tuple, values: dict) -> dict:
