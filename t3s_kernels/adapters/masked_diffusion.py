@@ -3,6 +3,7 @@
 Noising, per sequence b:
   * LLaDA: ``t ~ U(0, 1)``, ``p_mask = (1 - eps) t + eps`` (eps = 1e-3);
   * LLaDA 2.0: a rate drawn from ``U(low, high)`` (its trainer: U(0.3, 0.8)), pass ``rate_range``;
+(or, with ``rate_block_size``, one rate per block of that many positions, as BD3-LM draws it);
 each answer token is replaced by the mask token with probability ``p_mask``; prompt tokens
 are never masked; ``force_mask`` (T3S's selected yet-to-learn tokens) is unioned in, so
 those positions are always masked and always reconstructed.
@@ -12,7 +13,11 @@ from position t-1, as Dream does), weighted by ``1 / p_mask`` (``weighting="inve
 LLaDA) or not (``"none"``, LLaDA 2.0), normalized by
   * ``"llada_pretrain"``: batch x length;
   * ``"llada_sft"``: each token's term divided by its sequence's answer length, then by batch;
-  * ``"masked_tokens"``: the number of masked tokens (LLaDA 2.0's mean).
+  * ``"masked_tokens"``: the number of masked tokens (a mean over the step's masked tokens);
+  * ``"sequence_masked_mean"``: each token's term divided by its sequence's masked count, then by
+    the number of sequences (LLaDA 2.0's trainer, dFactory: each micro-batch's masked mean, averaged
+    over micro-batches, which at one sequence a micro-batch is this);
+  * ``"answer_tokens"``: the number of answer (maskable) tokens (dLLM's "token" normalization).
 Why a forced token gets weight 1 under ``"inverse_p"``: the 1/t weight is an importance weight.
 A token masked with probability t contributes ``1[masked] / t * l`` to the loss, whose
 expectation over the masking is ``l``: every answer token counts once on average, whatever t.
@@ -35,7 +40,7 @@ import torch
 
 from ..api import T3SLossOutput, fused_linear_t3s_loss
 
-NORMALIZATIONS = ("llada_pretrain", "llada_sft", "masked_tokens")
+NORMALIZATIONS = ("llada_pretrain", "llada_sft", "masked_tokens", "sequence_masked_mean", "answer_tokens")
 WEIGHTINGS = ("inverse_p", "none", "inverse_p_all")
 
 
@@ -75,12 +80,13 @@ def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[i
           prompt_lengths=None, attention_mask: Optional[torch.Tensor] = None,
           maskable: Optional[torch.Tensor] = None, force_mask: Optional[torch.Tensor] = None, eps: float = 1e-3,
           rate_range: Optional[tuple[float, float]] = None, segments: Optional[torch.Tensor] = None,
-          generator: Optional[torch.Generator] = None) -> NoisedBatch:
+          rate_block_size: Optional[int] = None, generator: Optional[torch.Generator] = None) -> NoisedBatch:
     """The forward process: mask answer tokens with a per-sequence probability, force-mask the
     T3S-selected ones. The answer is what ``prompt_lengths``, ``attention_mask`` and ``maskable``
     (bool (B, T), e.g. ``labels != -100``) all allow. ``segments`` (long (B, T), from
     ``adapters.packing.segment_ids``) marks packed sequences: each draws its own rate, as it would
-    in a row of its own. ``generator`` (on input_ids' device) makes it reproducible."""
+    in a row of its own. ``rate_block_size`` draws one rate per block of that many positions instead
+    of one per sequence (BD3-LM). ``generator`` (on input_ids' device) makes it reproducible."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (B, T); got {tuple(input_ids.shape)}")
     if vocab_size is not None and not 0 <= mask_token_id < vocab_size:
@@ -96,6 +102,11 @@ def noise(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: Optional[i
         if prompt_lengths is not None:
             raise ValueError("prompt_lengths describe one sequence per row; a packed row takes maskable (labels)")
         u = torch.rand(b, t, generator=generator, device=device).gather(1, segments)  # one draw per sequence
+    elif rate_block_size is not None:
+        if not isinstance(rate_block_size, int) or isinstance(rate_block_size, bool) or rate_block_size < 1:
+            raise ValueError(f"rate_block_size must be an int >= 1; got {rate_block_size!r}")
+        blocks = torch.arange(t, device=device) // rate_block_size
+        u = torch.rand(b, int(blocks[-1]) + 1, generator=generator, device=device)[:, blocks]  # one draw per block
     else:
         u = torch.rand(b, generator=generator, device=device)[:, None]
     if rate_range is None:
@@ -134,14 +145,25 @@ def loss_weights(batch: NoisedBatch, *, weighting: str = "inverse_p",
             importance = importance & ~batch.forced  # masked with probability 1: weight 1 (module docstring)
         w = torch.where(importance, 1.0 / batch.p_mask.clamp(min=1e-12), w)
     if normalization == "llada_sft":  # each sequence's answer length, then the number of sequences
-        if batch.segments is None:
-            return w / batch.answer_mask.sum(1, keepdim=True).clamp(min=1).float(), float(b)
-        seg = batch.segments
-        lengths = torch.zeros(b, t, device=w.device).scatter_add_(1, seg, batch.answer_mask.float())
-        return w / lengths.gather(1, seg).clamp(min=1), float(int((seg.max(1).values + 1).sum()))
+        return _per_sequence(w, batch, batch.answer_mask)
+    if normalization == "sequence_masked_mean":  # each sequence's masked count, then the number of sequences
+        return _per_sequence(w, batch, batch.masked)
     if normalization == "llada_pretrain":
         return w, float(b * t)
+    if normalization == "answer_tokens":
+        return w, float(max(int(batch.answer_mask.sum()), 1))
     return w, float(max(int(batch.masked.sum()), 1))
+
+
+def _per_sequence(w: torch.Tensor, batch: NoisedBatch, counted: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``w`` divided by each sequence's count of ``counted`` positions, and the number of sequences
+    (a packed row's each count as one)."""
+    b, t = counted.shape
+    if batch.segments is None:
+        return w / counted.sum(1, keepdim=True).clamp(min=1).float(), float(b)
+    seg = batch.segments
+    counts = torch.zeros(b, t, device=w.device).scatter_add_(1, seg, counted.float())
+    return w / counts.gather(1, seg).clamp(min=1), float(int((seg.max(1).values + 1).sum()))
 
 
 def loss_rows(hidden: torch.Tensor, input_ids: torch.Tensor, batch: NoisedBatch, *,

@@ -30,7 +30,7 @@ from .capture import HeadInputs, capture_head_inputs
 from .equivalence import check_t3s_patch
 from .head import HeadMath, head_math, lm_head
 from .refusals import ANCHORS
-from .state import is_t3s_patched, patch_mode
+from .state import is_t3s_patched, patch_block_size, patch_mode
 
 __all__ = ["apply_t3s", "revert_t3s", "is_t3s_patched", "patch_mode", "check_t3s_patch", "capture_head_inputs",
-           "HeadInputs", "HeadMath", "head_math", "lm_head", "MODES", "ANCHORS", "SET_BY_PATCH"]
+           "HeadInputs", "HeadMath", "head_math", "lm_head", "MODES", "ANCHORS", "SET_BY_PATCH", "patch_block_size"]

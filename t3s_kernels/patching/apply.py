@@ -7,15 +7,21 @@ from typing import Optional
 
 import torch
 
+from ..adapters.block_diffusion import check_block_size
 from ..api import TEACHER_ROW_INPUTS, T3SLoss
 from ..options import TRANSFORM_OPTIONS
+from .attention import check_attention
 from .equivalence import check_t3s_patch
 from .forward import make_forward, patched_signature
-from .head import head_math, lm_head
+from .head import head_math, lm_head, model_configs
 from .refusals import ANCHORS, refuse_unsupported, refuse_wrappers
-from .state import STATE, is_t3s_patched, patch_state
+from .state import STATE, is_t3s_patched, original_forward, patch_state
 
 MODES = ("causal", "masked_diffusion")
+# Model types whose own training fixes the masked-diffusion shift: Dream predicts token t from position
+# t - 1 ("dream"); LLaDA's models predict it at t (None).
+SHIFT_OF_MODEL_TYPE = {"dream": "dream", "llada": None, "lladamoe": None, "llada_moe": None, "llada2_moe": None}
+SHIFTS = ("auto", None, "dream")
 # The op's arguments the patch sets itself: from the model's head math (the logit transform), from the
 # batch (each forward's ignore_index, token weights, teacher rows, normalizer), from the model (its
 # bias and, under tensor parallelism, its mesh).
@@ -27,8 +33,48 @@ def _on_meta(model) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
-def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch_class: bool = False,
-              check: bool = True, anchors: str = "ignore", tensor_parallel: bool = False, **loss_options):
+def _model_shift(model) -> tuple[bool, Optional[str]]:
+    """(whether the model's type fixes the shift, that shift)."""
+    for cfg in model_configs(model):
+        kind = str(getattr(cfg, "model_type", "")).lower()
+        if kind in SHIFT_OF_MODEL_TYPE:
+            return True, SHIFT_OF_MODEL_TYPE[kind]
+    return False, None
+
+
+def _resolve_shift(model, mode: str, shift) -> Optional[str]:
+    if shift not in SHIFTS:
+        raise ValueError(f"shift must be one of {SHIFTS}; got {shift!r}")
+    if mode != "masked_diffusion":
+        if shift == "dream":
+            raise ValueError("shift='dream' is a masked-diffusion convention; use mode='masked_diffusion'")
+        return None
+    fixed, own = _model_shift(model)
+    if shift == "auto":
+        return own
+    if fixed and shift != own:
+        raise ValueError(f"shift={shift!r} contradicts {type(model).__name__}'s own convention (model_type "
+                         f"{model.config.model_type!r} trains with shift={own!r}); leave shift='auto'")
+    return shift
+
+
+def _check_attention_now(model, block_size: Optional[int]) -> None:
+    """The attention check (attention.py) on a random unpadded row, at patch time."""
+    length = 16 if block_size is None else 2 * block_size + 3
+    if length > 512:
+        return  # a large block: checked at the first training forward only
+    head = lm_head(model)
+    vocab = min(head.out_features, head_math(model).vocab_size or head.out_features)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, length), generator=g).to(head.weight.device)
+    clean = None if block_size is None else torch.randint(0, vocab, (1, length), generator=g).to(ids.device)
+    check_attention(model, original_forward(model), dict(input_ids=ids), clean_ids=clean, block_size=block_size,
+                    where="a random row at apply_t3s")
+
+
+def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = "auto", block_size: Optional[int] = None,
+              patch_class: bool = False, check: bool = True, anchors: str = "ignore", tensor_parallel: bool = False,
+              **loss_options):
     """Patch ``model`` (an instance; with ``patch_class=True`` its class, for every instance) so that
     training forwards with labels use the fused loss. ``loss_options`` are ``fused_linear_t3s_loss``'s
     (``label_smoothing``, ``z_loss``, ``backend``, ...; for distillation
@@ -49,17 +95,27 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
     ``ColwiseParallel`` make it): the loss then runs vocabulary-parallel over that mesh, exactly.
     It is never inferred from the placements (FSDP2's parameters look the same).
 
+    ``mode="masked_diffusion"``: a LLaDA-style student, its labels aligned with the positions (-100
+    where not masked). ``shift``: "auto" (default) takes the model type's own convention (Dream's
+    "dream": position t - 1 predicts token t; LLaDA's None), and a contradicting value is refused; for
+    other types None or "dream". ``block_size``: a block-diffusion student (LLaDA 2.0, BD3-LM; LLaDA
+    2.0 trains with 32): each training forward takes the noisy ``input_ids`` and the clean
+    ``t3s_clean_ids``, and the patch feeds ``[x_t ; x_0]`` with its block mask (patching/attention.py,
+    adapters/block_diffusion.py). In masked-diffusion mode the patch checks that the model attends as
+    declared under the masks it sends (at patch time on a random row, and at the first training
+    forward on the batch as sent) and refuses a model that does not.
+
     ``check`` (default True) runs the equivalence check (``equivalence.check_t3s_patch``: two forward
     passes of a 2 x 16 batch; at the first training forward when the parameters are on the meta
-    device). In masked-diffusion mode there is no unpatched loss of the same meaning to compare
-    with: only the per-forward probe runs. Returns the model; raises ``TypeError`` / ``ValueError``
+    device) and, in masked-diffusion mode, the attention checks; there, there is no unpatched loss of
+    the same meaning to compare with. Returns the model; raises ``TypeError`` / ``ValueError``
     naming the reason where the patch cannot be exact (and leaves the model unpatched)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-    if shift not in (None, "dream"):
-        raise ValueError(f"shift must be None or 'dream'; got {shift!r}")
-    if shift is not None and mode != "masked_diffusion":
-        raise ValueError("shift='dream' is a masked-diffusion convention; use mode='masked_diffusion'")
+    if block_size is not None:
+        if mode != "masked_diffusion":
+            raise ValueError("block_size is for block-diffusion students; use mode='masked_diffusion'")
+        check_block_size(block_size)
     if not isinstance(check, bool):
         raise TypeError(f"check must be a bool; got {check!r}")
     if anchors not in ANCHORS:
@@ -76,11 +132,13 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
                         "nn.Module with a config and an LM head)")
     lm_head(model)
     head_math(model)
+    shift = _resolve_shift(model, mode, shift)
     refuse_unsupported(model, mode)
     if is_t3s_patched(model):
         raise ValueError(f"{type(model).__name__} is already patched; call revert_t3s first")
     loss = T3SLoss(**loss_options)  # validates the option names and values now, not at the first step
-    state = dict(mode=mode, shift=shift, anchors=anchors, tensor_parallel=tensor_parallel)
+    state = dict(mode=mode, shift=shift, anchors=anchors, tensor_parallel=tensor_parallel, block_size=block_size,
+                 attention_pending=mode == "masked_diffusion" and check)
     forward = make_forward(mode, shift, loss)
     if patch_class:
         cls = type(model)
@@ -97,6 +155,8 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
         else:
             try:
                 check_t3s_patch(model)
+                if mode == "masked_diffusion":
+                    _check_attention_now(model, block_size)
             except Exception:
                 revert_t3s(model)
                 raise

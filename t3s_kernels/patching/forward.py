@@ -13,6 +13,7 @@ from ..adapters.masked_diffusion import dream_shift
 from ..adapters.packing import is_packed, prepare_packed_forward
 from ..api import TEACHER_ROW_INPUTS, T3SLoss
 from ..validation import is_dtensor
+from .attention import check_attention, diffusion_arguments
 from .capture import HeadInputs, accepts, run_with_head_captured
 from .distributed import call_through_head, check_tensor_parallel_head, runs_through_module
 from .head import kept_vocabulary, lm_head, model_configs
@@ -22,7 +23,7 @@ from .state import original_forward, patch_state
 # Where a model keeps the coefficient of its router auxiliary loss (on itself or its config).
 AUX_COEF_NAMES = ("router_aux_loss_coef", "aux_loss_coef")
 # What the patched forward takes beside the model's own arguments.
-PATCH_INPUTS = ("t3s_weights", "shift_labels", "num_items_in_batch", *TEACHER_ROW_INPUTS)
+PATCH_INPUTS = ("t3s_weights", "shift_labels", "num_items_in_batch", "t3s_clean_ids", *TEACHER_ROW_INPUTS)
 
 
 def aux_loss_coef(model) -> float:
@@ -45,7 +46,8 @@ def make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
     """The patched forward."""
 
     def forward(self, *args, labels=None, t3s_weights=None, shift_labels=None, num_items_in_batch=None,
-                teacher_hidden=None, teacher_topk_ids=None, teacher_topk_logprobs=None, **kwargs):
+                t3s_clean_ids=None, teacher_hidden=None, teacher_topk_ids=None, teacher_topk_logprobs=None,
+                **kwargs):
         if args:  # positional arguments by the original forward's names, so that labels given positionally count
             named = inspect.signature(original_forward(self)).bind_partial(*args).arguments
             if "labels" in named:
@@ -56,6 +58,9 @@ def make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
                        teacher_topk_logprobs=teacher_topk_logprobs)
         if not want_fused and any(v is not None for v in teacher.values()):
             raise ValueError("teacher inputs are for the training loss; pass labels too (and train mode)")
+        if not want_fused and t3s_clean_ids is not None:
+            raise ValueError("t3s_clean_ids (a block-diffusion step's clean half) is for the training loss; pass "
+                             "labels too (and train mode)")
         if not want_fused:
             if t3s_weights is not None and self.training:
                 raise ValueError("t3s_weights were given without labels; pass labels (or shift_labels) too")
@@ -71,7 +76,8 @@ def make_forward(mode: str, shift: Optional[str], loss: T3SLoss):
         if deferred_check is not None:
             deferred_check(self)
         return fused_forward(self, loss, mode, shift, args, kwargs, labels=labels, shift_labels=shift_labels,
-                             t3s_weights=t3s_weights, num_items_in_batch=num_items_in_batch, teacher=teacher)
+                             t3s_weights=t3s_weights, num_items_in_batch=num_items_in_batch, teacher=teacher,
+                             clean_ids=t3s_clean_ids)
 
     forward._t3s_loss = loss  # what the equivalence check swaps for the plain loss
     return forward
@@ -103,8 +109,10 @@ def _loss_options(model, head_in: HeadInputs, loss: T3SLoss, teacher: dict) -> d
 
 
 def fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, kwargs, *, labels, shift_labels,
-                  t3s_weights, num_items_in_batch, teacher):
+                  t3s_weights, num_items_in_batch, teacher, clean_ids=None):
     original = original_forward(model)
+    state = patch_state(model)
+    block_size = state.get("block_size")
     refuse_replaced_loss(model, "{name}.loss_function was replaced after apply_t3s; the fused op would ignore it. "
                                 "revert_t3s(model) to use your loss function")
     refuse_generation_options(kwargs)
@@ -116,14 +124,28 @@ def fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, k
             if k not in ("ignore_index", "num_items_in_batch") or accepts(original, k)}
     if num_items_in_batch is not None and accepts(original, "num_items_in_batch"):
         call["num_items_in_batch"] = num_items_in_batch
-    if is_packed(call.get("position_ids"), call.get("attention_mask")):
+    packed = is_packed(call.get("position_ids"), call.get("attention_mask"))
+    if packed and block_size is not None:
+        raise ValueError("a packed batch cannot be trained by block diffusion here: the block mask is built for one "
+                         "sequence a row; pad instead (packing with a document-level block mask is not supported)")
+    if packed:
         labels, shift_labels = prepare_packed_forward(
             call, labels, shift_labels, causal=mode == "causal",
             attention=getattr(model.config, "_attn_implementation", None), dtype=model.dtype,
             takes_use_cache=accepts(original, "use_cache"), ignore_index=ignore_index,
             counted=num_items_in_batch is not None, model_name=type(model).__name__)
+    if mode == "masked_diffusion":
+        if args:
+            raise ValueError("a masked-diffusion training forward takes its inputs by name (input_ids=...)")
+        if state.get("attention_pending") and not packed:  # the first unpacked training batch, as sent
+            state["attention_pending"] = False
+            check_attention(model, original, call, clean_ids=clean_ids, block_size=block_size,
+                            where="the first training batch")
+        call = diffusion_arguments(model, call, clean_ids, block_size)
     head_in = run_with_head_captured(model, original, *args, labels=None, **call)
     hidden, options = head_in.hidden, _loss_options(model, head_in, loss, teacher)
+    if block_size is not None:
+        hidden = hidden[:, :hidden.shape[1] // 2]  # x_t's half: the loss is read at the noisy positions
     if mode == "masked_diffusion":
         # labels are already aligned with the positions (no shift), -100 where not masked.
         labels, shift_labels = None, labels if shift_labels is None else shift_labels

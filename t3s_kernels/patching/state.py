@@ -39,3 +39,8 @@ def original_forward(model):
 def unpatched_forward(model):
     """The forward that computes ``model``'s own outputs: the original one of a patched model, else its own."""
     return original_forward(model) if is_t3s_patched(model) else model.forward
+
+
+def patch_block_size(model) -> Optional[int]:
+    """The ``block_size`` a masked-diffusion student was patched with (None: full attention, or not patched)."""
+    return patch_state(model).get("block_size") if is_t3s_patched(model) else None

@@ -75,6 +75,10 @@ def eager(hidden, weight, ids, nb, *, weighting, normalization, shift=None, excl
     if normalization == "llada_sft":
         answer_len = nb.answer_mask.sum(1).double()
         return (term.sum(1) / answer_len).sum() / B
+    if normalization == "sequence_masked_mean":  # each sequence's mean over its masked tokens, averaged
+        return (term.sum(1) / nb.masked.sum(1).clamp(min=1).double()).sum() / B
+    if normalization == "answer_tokens":
+        return term.sum() / nb.answer_mask.sum()
     return term.sum() / nb.masked.sum()
 
 
@@ -84,6 +88,8 @@ def eager(hidden, weight, ids, nb, *, weighting, normalization, shift=None, excl
     ("none", "masked_tokens", None, False),
     ("inverse_p", "llada_sft", "dream", False),
     ("none", "masked_tokens", None, True),
+    ("none", "sequence_masked_mean", None, False),
+    ("inverse_p", "answer_tokens", None, False),
 ])
 def test_loss_conventions_match_reference(weighting, normalization, shift, exclude):
     ids, hidden, weight, prompt = inputs()

@@ -141,3 +141,34 @@ def test_masked_diffusion_packed_accumulation_equals_one_padded_batch(monkeypatc
     accumulated = one_step(make_model, lambda *a: make_trainer(*a, packed=True), rows, batch_size=2, accumulation=4)
     large = one_step(make_model, make_trainer, rows, batch_size=8, accumulation=1)
     assert_same_step(accumulated, large)
+
+
+@pytest.mark.parametrize("convention", [
+    dict(mdt.LLADA2_BLOCK),
+    dict(mdt.BD3LM),
+    dict(weighting="none", normalization="sequence_masked_mean", rate_range=(0.3, 0.8), padding="dropped"),
+], ids=["llada2-block", "bd3lm", "block-padding-dropped"])
+def test_block_diffusion_accumulation_equals_one_large_batch(monkeypatch, convention):
+    """A block-diffusion student (block size 8) under accumulation 4 equals one batch 4x as large, for
+    LLaDA 2.0's and BD3-LM's conventions. Labelled padding trains the pad tokens a batch pads to, so
+    there the examples are of one length (as LLaDA 2.0 pads to a fixed multiple of the block size)."""
+    from t3s_kernels.masked_diffusion_trainer import MaskedDiffusionTrainer
+
+    monkeypatch.setattr(mdt, "noise", _rowwise_noise(mdt.noise))
+    equal = convention.get("padding") == "labelled"
+    traces = synthetic_traces(8, select_fraction=0.1, use="force_mask", seed=5,
+                              **(dict(min_len=24, max_len=24) if equal else {}))
+    rows = [{k: r[k] for k in ("input_ids", "labels", "t3s_force_mask")} for r in traces]
+
+    def make_model():
+        return t3s.apply_t3s(tiny_bidirectional_lm("llama", attn_implementation="sdpa"), mode="masked_diffusion",
+                             block_size=8, backend="torch")
+
+    def make_trainer(model, args, data):
+        return MaskedDiffusionTrainer(model=model, args=args, train_dataset=data, mask_token_id=MASK_ID,
+                                      data_collator=tu.T3SDataCollator(pad_token_id=PAD_ID, model=model),
+                                      **convention)
+
+    accumulated = one_step(make_model, make_trainer, rows, batch_size=2, accumulation=4)
+    large = one_step(make_model, make_trainer, rows, batch_size=8, accumulation=1)
+    assert_same_step(accumulated, large)

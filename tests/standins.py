@@ -1,0 +1,92 @@
+"""Stand-in masked-diffusion students, written here, each attending the way some real model code does:
+what the patch's attention check (t3s_kernels/patching/attention.py) must accept, repair or refuse.
+
+``behaviour``:
+  * "honours": full attention; a 2-D mask is key padding, a 4-D additive mask is taken as given
+    (transformers' own models with a non-causal config);
+  * "causal_under_2d": a 2-D mask with padding is made causal, an all-ones one full, a 4-D one taken as
+    given (LLaDA 2.0's released code under transformers 4.x, whose 2-D helper builds a causal mask);
+  * "ignores": full attention whatever mask it is given;
+  * "causal": causal whatever mask it is given (an autoregressive model patched by mistake).
+
+One attention layer and an MLP over learned position embeddings; the LM head is an ``nn.Linear``.
+"""
+
+import math
+
+import torch
+from transformers import PretrainedConfig
+from transformers.modeling_outputs import CausalLMOutput
+
+BEHAVIOURS = ("honours", "causal_under_2d", "ignores", "causal")
+
+
+class StandInConfig(PretrainedConfig):
+    model_type = "t3s_standin"
+
+    def __init__(self, vocab_size=97, hidden_size=16, max_positions=256, behaviour="honours", **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size, self.hidden_size, self.max_positions, self.behaviour = (vocab_size, hidden_size,
+                                                                                 max_positions, behaviour)
+
+
+class StandInLM(torch.nn.Module):
+    def __init__(self, behaviour="honours", model_type=None, seed=0, vocab_size=97, hidden_size=16):
+        super().__init__()
+        assert behaviour in BEHAVIOURS
+        torch.manual_seed(seed)
+        self.config = StandInConfig(vocab_size=vocab_size, hidden_size=hidden_size, behaviour=behaviour)
+        if model_type is not None:
+            self.config.model_type = model_type
+        h = hidden_size
+        self.embed = torch.nn.Embedding(vocab_size, h)
+        self.positions = torch.nn.Embedding(self.config.max_positions, h)
+        self.qkv = torch.nn.Linear(h, 3 * h)
+        self.out = torch.nn.Linear(h, h)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(h, 2 * h), torch.nn.GELU(), torch.nn.Linear(2 * h, h))
+        self.norm = torch.nn.LayerNorm(h)
+        self.lm_head = torch.nn.Linear(h, vocab_size, bias=False)
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def _additive(self, attention_mask, t, device):
+        behaviour = self.config.behaviour
+        causal = torch.zeros(t, t, device=device).masked_fill(
+            torch.ones(t, t, dtype=torch.bool, device=device).triu(1), torch.finfo(torch.float32).min)[None, None]
+        if behaviour == "ignores":
+            return None
+        if behaviour == "causal":
+            return causal
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() == 4:
+            return attention_mask.float()
+        padding = torch.zeros(attention_mask.shape, device=device).masked_fill(
+            ~attention_mask.bool(), torch.finfo(torch.float32).min)[:, None, None, :]
+        if behaviour == "causal_under_2d" and not bool(attention_mask.bool().all()):
+            return (causal + padding).clamp(min=torch.finfo(torch.float32).min)
+        return padding
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, use_cache=None,
+                return_dict=None, **kwargs):
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device)[None].expand(b, -1)
+        x = self.embed(input_ids) + self.positions(position_ids)
+        q, k, v = self.qkv(x).chunk(3, -1)
+        scores = q @ k.transpose(1, 2) / math.sqrt(x.shape[-1])
+        mask = self._additive(attention_mask, t, x.device)
+        if mask is not None:
+            scores = scores + mask[:, 0]
+        x = x + self.out(torch.softmax(scores, -1) @ v)
+        x = self.norm(x + self.mlp(x))
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        return CausalLMOutput(loss=loss, logits=logits)
