@@ -115,7 +115,8 @@ def _score(args: argparse.Namespace) -> int:
         model = load_local_model(path, args.dtype, device, args.trust_remote_code)
         n = score_dataset(model, examples, store, name, protocol=args.protocol, max_tokens=args.max_tokens,
                           max_batch=args.max_batch, mask_token_id=args.mask_token_id, rounds=args.rounds,
-                          seed=args.seed, pad_id=_pad_id(model), progress=not args.quiet, packed=args.packed)
+                          seed=args.seed, pad_id=_pad_id(model), progress=not args.quiet, packed=args.packed,
+                          block_size=args.block_size)
         print(f"scored {n} examples into '{name}' of {args.store}")
         del model
     return 0
@@ -234,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--store", required=True, help="the dataset's score store folder")
     score.add_argument("--name", help="score set name, e.g. base or step-50 (default: the model folder's name)")
     score.add_argument("--tokenizer", help="local tokenizer folder, for text examples (default: the model folder)")
-    score.add_argument("--protocol", choices=["causal", "masked_diffusion"], default="causal")
-    score.add_argument("--mask-token-id", type=int, help="for --protocol masked_diffusion")
+    score.add_argument("--protocol", choices=["causal", "masked_diffusion", "block_diffusion"], default="causal")
+    score.add_argument("--mask-token-id", type=int, help="for --protocol masked_diffusion / block_diffusion")
+    score.add_argument("--block-size", type=_positive_int,
+                       help="for --protocol block_diffusion: the student's training block size (LLaDA 2.0: 32)")
     score.add_argument("--rounds", type=_positive_int, default=2,
                        help="masking rounds of the masked-diffusion protocol")
     score.add_argument("--seed", type=int, default=0)

@@ -10,6 +10,11 @@ what the patch's attention check (t3s_kernels/patching/attention.py) must accept
   * "causal": causal whatever mask it is given (an autoregressive model patched by mistake).
 
 One attention layer and an MLP over learned position embeddings; the LM head is an ``nn.Linear``.
+
+``LLaDALikeLM`` has LLaDA 1's head forms in the layout of its released code: an outer model whose
+``model`` holds its own config and a ``transformer`` module dict (``wte``, ``ln_f``, and ``ff_out`` when
+untied); with ``weight_tying`` the logits are ``F.linear(x, wte.weight)`` with no module call, and with
+``scale_logits`` they are multiplied by 1 / sqrt(d_model) in place.
 """
 
 import math
@@ -90,3 +95,64 @@ class StandInLM(torch.nn.Module):
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         return CausalLMOutput(loss=loss, logits=logits)
+
+
+class LLaDALikeConfig(PretrainedConfig):
+    model_type = "llada"
+
+    def __init__(self, vocab_size=97, d_model=16, weight_tying=False, scale_logits=False, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size, self.d_model, self.weight_tying, self.scale_logits = (vocab_size, d_model, weight_tying,
+                                                                             scale_logits)
+
+
+class _LLaDALikeInner(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(weight_tying=config.weight_tying, scale_logits=config.scale_logits,
+                                      d_model=config.d_model)
+        d, v = config.d_model, config.vocab_size
+        self.transformer = torch.nn.ModuleDict(dict(wte=torch.nn.Embedding(v, d), wpe=torch.nn.Embedding(256, d),
+                                                    qkv=torch.nn.Linear(d, 3 * d), ln_f=torch.nn.LayerNorm(d)))
+        if not config.weight_tying:
+            self.transformer.update({"ff_out": torch.nn.Linear(d, v, bias=False)})
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        t = input_ids.shape[1]
+        position_ids = torch.arange(t, device=input_ids.device)[None] if position_ids is None else position_ids
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)
+        q, k, v = self.transformer.qkv(x).chunk(3, -1)
+        scores = q @ k.transpose(1, 2) / math.sqrt(x.shape[-1])
+        if attention_mask is not None and attention_mask.dim() == 4:
+            scores = scores + attention_mask[:, 0].float()
+        elif attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask.bool()[:, None, :], torch.finfo(torch.float32).min)
+        x = self.transformer.ln_f(x + torch.softmax(scores, -1) @ v)
+        if self.config.weight_tying:
+            logits = torch.nn.functional.linear(x, self.transformer.wte.weight, None)
+        else:
+            logits = self.transformer.ff_out(x)
+        if self.config.scale_logits:
+            logits.mul_(1 / math.sqrt(self.config.d_model))
+        return logits
+
+
+class LLaDALikeLM(torch.nn.Module):
+    def __init__(self, weight_tying=False, scale_logits=False, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.config = LLaDALikeConfig(weight_tying=weight_tying, scale_logits=scale_logits)
+        self.model = _LLaDALikeInner(self.config)
+
+    @property
+    def dtype(self):
+        return self.model.transformer.wte.weight.dtype
+
+    def get_output_embeddings(self):
+        return self.model.transformer.wte if self.config.weight_tying else self.model.transformer.ff_out
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, use_cache=None,
+                return_dict=None, **kwargs):
+        return CausalLMOutput(logits=self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids))

@@ -256,3 +256,35 @@ def test_flash_attention_is_refused_for_block_diffusion():
                                          "block-diffusion mask"):
         bd.block_layout(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long), block_size=4,
                         attention="flash_attention_2", dtype=torch.float32, model_name="M")
+
+
+@pytest.mark.parametrize("weight_tying,scale_logits", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_llada_head_forms(weight_tying, scale_logits, block_size):
+    """LLaDA 1's own head forms: the input embedding as the head (no module call) and logits scaled by
+    1 / sqrt(d_model); loss and every gradient (the tied embedding's from both its uses) equal the
+    unpatched model's, and the patch leaves the model tied as it was."""
+    from tests.standins import LLaDALikeLM
+
+    model = LLaDALikeLM(weight_tying=weight_tying, scale_logits=scale_logits).train()
+    inputs = batch(pad=0)
+    t3s.apply_t3s(model, mode="masked_diffusion", block_size=block_size, backend="torch")
+    assert t3s.patching.head_math(model).logit_scale == (0.25 if scale_logits else 1.0)
+    loss = masked_diffusion_compute_loss(model, inputs, mask_token_id=MASK, weighting="none",
+                                         normalization="masked_tokens", generator=torch.Generator().manual_seed(4))
+    got = grads(model, loss)
+    assert model.model.config.weight_tying == weight_tying and hasattr(model.model.transformer, "ff_out") != \
+        weight_tying
+    t3s.revert_t3s(model)
+    nb = noise_inputs(inputs, mask_token_id=MASK, generator=torch.Generator().manual_seed(4))
+    if block_size is None:
+        logits = model(input_ids=nb.noisy_ids).logits.float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs["input_ids"].reshape(-1),
+                             reduction="none").view(nb.masked.shape)
+        ref = (ce * nb.masked).sum() / nb.masked.sum()
+    else:
+        ref = reference_loss(model, inputs, nb, block_size=block_size, padding="labelled", weighting="none",
+                             normalization="masked_tokens")
+    assert_close(loss, ref, 1e-5, "loss")
+    for k, (a, e) in enumerate(zip(got, grads(model, ref))):
+        assert_close(a, e, 1e-4, f"gradient {k}")

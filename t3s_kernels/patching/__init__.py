@@ -20,12 +20,14 @@ what the registry misses:
 
 The files, one job each: state.py (what the patch records on a model), head.py (the LM head and its
 head math), capture.py (the head captured; ``capture_head_inputs``, which scoring uses too),
-distributed.py (FSDP2 / FSDP1 / tensor-parallel heads), refusals.py, forward.py (the patched
+distributed.py (FSDP2 / FSDP1 / tensor-parallel heads), attention.py (the masks a masked-diffusion
+student is given and the check that it attends by them), refusals.py, forward.py (the patched
 forward), equivalence.py (the patch-time check), apply.py (apply / revert). Packed batches are
 prepared by ``adapters/packing.py``.
 """
 
 from .apply import MODES, SET_BY_PATCH, apply_t3s, revert_t3s
+from .attention import capture_diffusion_head_inputs
 from .capture import HeadInputs, capture_head_inputs
 from .equivalence import check_t3s_patch
 from .head import HeadMath, head_math, lm_head
@@ -33,4 +35,5 @@ from .refusals import ANCHORS
 from .state import is_t3s_patched, patch_block_size, patch_mode
 
 __all__ = ["apply_t3s", "revert_t3s", "is_t3s_patched", "patch_mode", "check_t3s_patch", "capture_head_inputs",
-           "HeadInputs", "HeadMath", "head_math", "lm_head", "MODES", "ANCHORS", "SET_BY_PATCH", "patch_block_size"]
+           "HeadInputs", "HeadMath", "head_math", "lm_head", "MODES", "ANCHORS", "SET_BY_PATCH", "patch_block_size",
+           "capture_diffusion_head_inputs"]

@@ -25,7 +25,8 @@ import torch
 
 from ..adapters.block_diffusion import bidirectional_padding_mask, block_layout
 from ..adapters.packing import VARLEN_ATTENTION
-from .capture import run_with_head_captured
+from .capture import HeadInputs, capture_head_inputs, run_with_head_captured
+from .head import lm_head
 
 # |change| above this fraction of the head inputs' scale counts as a change; unchanged positions
 # compute bitwise the same numbers (masked keys get exactly zero weight), so the split is wide.
@@ -80,6 +81,20 @@ def diffusion_arguments(model, call: dict, clean_ids: Optional[torch.Tensor], bl
     return call
 
 
+def capture_diffusion_head_inputs(model, *, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                                  clean_ids: Optional[torch.Tensor] = None,
+                                  block_size: Optional[int] = None) -> HeadInputs:
+    """``capture_head_inputs`` of a masked-diffusion student given the masks training gives it (the block
+    layout with ``block_size``, the noisy ``input_ids`` beside the ``clean_ids``): what self-scoring
+    evaluates. The hidden states are the noisy positions' (the first half in block layout)."""
+    call = diffusion_arguments(model, dict(input_ids=input_ids, attention_mask=attention_mask), clean_ids,
+                               block_size)
+    head = capture_head_inputs(model, **call)
+    if block_size is not None:
+        head.hidden = head.hidden[:, :input_ids.shape[1]]
+    return head
+
+
 def _head_inputs(model, forward, call: dict) -> torch.Tensor:
     return run_with_head_captured(model, forward, **call).hidden[0].detach().float()
 
@@ -101,7 +116,7 @@ def check_attention(model, forward, call: dict, *, clean_ids: Optional[torch.Ten
            for k, v in call.items()}
     clean = None if clean_ids is None else clean_ids[row:row + 1]
     valid = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device) if key_valid is None else key_valid[row]
-    length, vocab = ids.shape[1], int(model.get_output_embeddings().weight.shape[0])
+    length, vocab = ids.shape[1], lm_head(model).out_features
     real = valid.nonzero().squeeze(1)
     if real.numel() < 2:
         return

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..api import TokenStats, token_stats
-from .head import HeadMath, head_math, kept_vocabulary, lm_head
+from .head import HeadMath, TiedHead, head_math, kept_vocabulary, lm_head
 from .state import unpatched_forward
 
 
@@ -67,6 +67,10 @@ class _HeadSwapped:
     rest of the forward left them, for the fused op to use."""
 
     def __init__(self, model, head: torch.nn.Linear):
+        self.head, self.stand_in = head, _HeadStandIn(head)
+        if isinstance(head, TiedHead):  # the model untied for this forward, the stand-in its untied head
+            self.parent, self.attr = head.parent, head.attr
+            return
         for name, module in model.named_modules():
             if module is head and name:
                 parent_name, _, self.attr = name.rpartition(".")
@@ -74,14 +78,19 @@ class _HeadSwapped:
                 break
         else:
             raise ValueError(f"apply_t3s: {type(model).__name__}'s LM head is not one of its submodules")
-        self.head, self.stand_in = head, _HeadStandIn(head)
 
     def __enter__(self) -> _HeadStandIn:
+        if isinstance(self.head, TiedHead):
+            setattr(self.head.flag_owner, self.head.flag, False)
         setattr(self.parent, self.attr, self.stand_in)
         return self.stand_in
 
     def __exit__(self, *exc):
-        setattr(self.parent, self.attr, self.head)
+        if isinstance(self.head, TiedHead):
+            delattr(self.parent, self.attr)
+            setattr(self.head.flag_owner, self.head.flag, True)
+        else:
+            setattr(self.parent, self.attr, self.head)
         return False
 
 

@@ -21,7 +21,32 @@ LOGIT_SCALES = {
        for t in ("cohere", "cohere2", "cohere2_moe", "cohere_compass_text")},
     "hyperclovax": lambda cfg, m: cfg.logits_scaling,  # logits * logits_scaling (not a divisor here)
     "falcon_h1": lambda cfg, m: m.model.lm_head_multiplier,
+    "llada": lambda cfg, m: 1.0 / math.sqrt(cfg.d_model) if getattr(cfg, "scale_logits", False) else 1.0,
 }
+# Models whose LM head may be their input embedding applied as a linear map inside the forward, with no
+# module call to capture (LLaDA with weight_tying: ``F.linear(x, transformer.wte.weight)``): model_type ->
+# (the object holding the tie flag, the flag, the module the untied head would be an attribute of, that
+# attribute, the embedding), or None when the model's head is untied.
+TIED_HEADS = {
+    "llada": lambda m: (m.model.config, "weight_tying", m.model.transformer, "ff_out", m.model.transformer.wte)
+    if getattr(m.model.config, "weight_tying", False) else None,
+}
+
+
+class TiedHead(torch.nn.Module):
+    """An input embedding used as the LM head, as a Linear without a module call: its ``weight`` is the
+    embedding's (the gradient reaches the one parameter from both uses), and the capture (capture.py)
+    unties the model for one forward, this module's stand-in in the untied head's place."""
+
+    def __init__(self, flag_owner, flag: str, parent: torch.nn.Module, attr: str, embedding: torch.nn.Embedding):
+        super().__init__()
+        self.__dict__.update(flag_owner=flag_owner, flag=flag, parent=parent, attr=attr, embedding=embedding)
+        self.out_features, self.in_features = embedding.weight.shape
+        self.bias = None
+
+    @property
+    def weight(self) -> torch.nn.Parameter:
+        return self.embedding.weight
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +88,13 @@ def head_math(model) -> HeadMath:
 
 
 def lm_head(model) -> torch.nn.Linear:
-    """The model's LM head: the module whose output is the logits (``get_output_embeddings()``)."""
+    """The model's LM head: the module whose output is the logits (``get_output_embeddings()``), or for a
+    model in ``TIED_HEADS`` with a tied head, its ``TiedHead``."""
+    for cfg in model_configs(model):
+        tied = TIED_HEADS.get(getattr(cfg, "model_type", None))
+        form = tied(model) if tied is not None else None
+        if form is not None:
+            return TiedHead(*form)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         head = getattr(model, "lm_head", None)

@@ -9,7 +9,12 @@ masked-diffusion model (``protocol="masked_diffusion"``) follows this seeded pro
 answer positions of an example are split at random (seed + example index) into ``rounds``
 disjoint groups; for each group, that group is replaced by the mask token and its positions
 are scored, no shift, with the rest visible. Every answer token is scored exactly once,
-with about 1/rounds of the answer masked alongside it.
+with about 1/rounds of the answer masked alongside it. The student is given the masks training gives it
+(a padded batch's as a 4-D mask: patching/attention.py). A block-diffusion student
+(``protocol="block_diffusion"``, its ``block_size``) is scored by the same protocol in its training
+layout: each round's noisy sequence beside the clean one, ``[x_t ; x_0]`` under the block mask, so a
+token is predicted from its own block's unmasked tokens and the clean blocks before it. The store's
+producer record names the protocol and its parameters.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from typing import Optional
 import torch
 
 from ..extras import require
-from ..patching import capture_head_inputs
+from ..patching import capture_diffusion_head_inputs, capture_head_inputs
 from ..validation import DTYPES
 from .data import IGNORE, Example
 from .store import ScoreStore, iter_batches, token_hash
 
-PROTOCOLS = ("causal", "masked_diffusion")
+PROTOCOLS = ("causal", "masked_diffusion", "block_diffusion")
 
 
 def _pad(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,7 +91,8 @@ def score_batch_causal(model, examples: list[Example], pad_id: int = 0) -> list[
 
 @torch.no_grad()
 def score_batch_masked_diffusion(model, examples: list[Example], indices: list[int], *, mask_token_id: int,
-                                 rounds: int = 2, seed: int = 0, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
+                                 rounds: int = 2, seed: int = 0, pad_id: int = 0,
+                                 block_size: Optional[int] = None) -> list[dict[str, torch.Tensor]]:
     device = next(model.parameters()).device
     ids, labels, attn = _pad(examples, pad_id, device)
     groups = torch.full(ids.shape, -1, dtype=torch.long)
@@ -99,7 +105,8 @@ def score_batch_masked_diffusion(model, examples: list[Example], indices: list[i
     for k in range(rounds):
         masked = groups == k
         noisy = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
-        head = capture_head_inputs(model, input_ids=noisy, attention_mask=attn)
+        head = capture_diffusion_head_inputs(model, input_ids=noisy, attention_mask=attn,
+                                             clean_ids=None if block_size is None else ids, block_size=block_size)
         st = head.token_stats(head.hidden, torch.where(masked, ids, torch.full_like(ids, IGNORE)))
         for r, e in enumerate(examples):
             n = len(e.input_ids)
@@ -159,7 +166,8 @@ def _check_fits(model, examples: list[Example], mask_token_id: Optional[int] = N
 def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, *, protocol: str = "causal",
                   max_tokens: int = 16384, max_batch: int = 64, mask_token_id: Optional[int] = None,
                   rounds: int = 2, seed: int = 0, pad_id: int = 0, rank: Optional[int] = None,
-                  world_size: Optional[int] = None, progress: bool = True, packed: bool = False) -> int:
+                  world_size: Optional[int] = None, progress: bool = True, packed: bool = False,
+                  block_size: Optional[int] = None) -> int:
     """Score every example not yet in score set ``name`` (this process's share under torchrun);
     returns the number scored now. Batches by length; one shard per batch. ``packed`` (causal
     protocol) runs each batch as one padding-free row (``score_batch_causal_packed``)."""
@@ -167,18 +175,23 @@ def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, 
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}; got {protocol!r}")
-    if protocol == "masked_diffusion" and mask_token_id is None:
-        raise ValueError("protocol='masked_diffusion' needs mask_token_id")
+    if protocol != "causal" and mask_token_id is None:
+        raise ValueError(f"protocol={protocol!r} needs mask_token_id")
+    if (protocol == "block_diffusion") != (block_size is not None):
+        raise ValueError("block_size goes with protocol='block_diffusion' (the student's training block size), "
+                         "and only with it")
     if rank is None or world_size is None:
         rank, world_size = dist_rank_world()
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1; got {rounds}")
     if packed and protocol != "causal":
         raise ValueError("packed scoring is for the causal protocol; score a masked-diffusion student padded")
-    _check_fits(model, examples, mask_token_id if protocol == "masked_diffusion" else None)
+    _check_fits(model, examples, mask_token_id if protocol != "causal" else None)
     store.bind([e.id for e in examples], [len(e.input_ids) for e in examples],
                [token_hash(e.input_ids) for e in examples])
-    params = dict(rounds=rounds, seed=seed, mask_token_id=mask_token_id) if protocol == "masked_diffusion" else {}
+    params = {} if protocol == "causal" else dict(rounds=rounds, seed=seed, mask_token_id=mask_token_id)
+    if block_size is not None:
+        params["block_size"] = block_size
     producer = scoring_producer(model, protocol, **params)
     with store.writing(name, rank, producer):
         done = store.done(name)
@@ -194,7 +207,7 @@ def score_dataset(model, examples: list[Example], store: ScoreStore, name: str, 
                     score_batch_causal(model, chunk, pad_id=pad_id)
             else:
                 stats = score_batch_masked_diffusion(model, chunk, batch, mask_token_id=mask_token_id, rounds=rounds,
-                                                     seed=seed, pad_id=pad_id)
+                                                     seed=seed, pad_id=pad_id, block_size=block_size)
             store.write_shard(name, rank, batch, stats)
             bar.update(len(batch))
         bar.close()

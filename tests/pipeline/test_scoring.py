@@ -67,6 +67,40 @@ def test_masked_diffusion_protocol_scores_each_answer_token_once(tmp_path):
         score_dataset(model, exs, store, "x", protocol="masked_diffusion")
 
 
+def test_block_diffusion_protocol_scores_in_the_training_layout(tmp_path):
+    """The same groups as the masked-diffusion protocol, each round's noisy sequence beside the clean one
+    under the block mask (the rule written out in tests/test_patching_diffusion.py); the producer record
+    names the block size."""
+    from tests.test_patching_diffusion import rule_mask
+
+    model = tiny_bidirectional_lm("llama", attn_implementation="sdpa").eval()
+    exs = examples(5)
+    store = ScoreStore(tmp_path)
+    score_dataset(model, exs, store, "self", protocol="block_diffusion", block_size=4, mask_token_id=MASK_ID,
+                  rounds=2, progress=False)
+    scores = store.load("self")
+    producer = store.producer("self")
+    assert producer["block_size"] == 4 and producer["protocol"] == "block_diffusion"
+    ex = exs[3]
+    answer = torch.tensor(ex.labels) != -100
+    assert torch.equal(scores.example(3, "scored"), answer)
+    g = torch.Generator().manual_seed(0 * 1_000_003 + 3)
+    groups = torch.full((len(ex.input_ids),), -1)
+    groups[answer.nonzero().squeeze(1)] = torch.randperm(int(answer.sum()), generator=g) % 2
+    ids = torch.tensor(ex.input_ids)
+    n = ids.numel()
+    masked = groups == 0
+    allowed = rule_mask(n, 4)
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([torch.where(masked, MASK_ID, ids), ids])[None],
+                       position_ids=torch.arange(n).repeat(2)[None], attention_mask=mask).logits[0, :n].float()
+    want = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)[masked]
+    assert_close(scores.example(3)[masked], want, 1e-5, "logprob")
+    with pytest.raises(ValueError, match="block_size goes with protocol='block_diffusion'"):
+        score_dataset(model, exs, store, "x", protocol="block_diffusion", mask_token_id=MASK_ID)
+
+
 def test_data_loading_refusals(tmp_path):
     bad = tmp_path / "bad.jsonl"
     for lines, pattern in [
