@@ -43,6 +43,16 @@ def test_causal_scores_equal_eager_log_softmax(tmp_path):
     assert score_dataset(model, exs, store, "base", progress=False) == 0  # complete: nothing to redo
 
 
+def protocol_groups(ex, index: int, rounds: int, seed: int = 0) -> torch.Tensor:
+    """The self-scoring protocol's groups of example ``index`` (pipeline/scoring.py), written out: its answer
+    positions in a random order (seed + index), dealt into ``rounds`` groups; -1 elsewhere."""
+    answer = torch.tensor(ex.labels) != -100
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    groups = torch.full((len(ex.input_ids),), -1)
+    groups[answer.nonzero().squeeze(1)] = torch.randperm(int(answer.sum()), generator=g) % rounds
+    return groups
+
+
 def test_masked_diffusion_protocol_scores_each_answer_token_once(tmp_path):
     model = tiny_bidirectional_lm("llama").eval()
     exs = examples(6)
@@ -51,14 +61,9 @@ def test_masked_diffusion_protocol_scores_each_answer_token_once(tmp_path):
                   progress=False)
     scores = store.load("self")
     ex = exs[2]
-    answer = torch.tensor(ex.labels) != -100
-    assert torch.equal(scores.example(2, "scored"), answer)
-    # the documented protocol, by hand, for one group of one example
-    g = torch.Generator().manual_seed(0 * 1_000_003 + 2)
-    groups = torch.full((len(ex.input_ids),), -1)
-    groups[answer.nonzero().squeeze(1)] = torch.randperm(int(answer.sum()), generator=g) % 3
+    assert torch.equal(scores.example(2, "scored"), torch.tensor(ex.labels) != -100)
+    masked = protocol_groups(ex, 2, rounds=3) == 1  # the documented protocol, by hand, for one group
     ids = torch.tensor(ex.input_ids)
-    masked = groups == 1
     with torch.no_grad():
         logits = model(input_ids=torch.where(masked, MASK_ID, ids)[None]).logits[0].float()
     want = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)[masked]
@@ -82,14 +87,10 @@ def test_block_diffusion_protocol_scores_in_the_training_layout(tmp_path):
     producer = store.producer("self")
     assert producer["block_size"] == 4 and producer["protocol"] == "block_diffusion"
     ex = exs[3]
-    answer = torch.tensor(ex.labels) != -100
-    assert torch.equal(scores.example(3, "scored"), answer)
-    g = torch.Generator().manual_seed(0 * 1_000_003 + 3)
-    groups = torch.full((len(ex.input_ids),), -1)
-    groups[answer.nonzero().squeeze(1)] = torch.randperm(int(answer.sum()), generator=g) % 2
+    assert torch.equal(scores.example(3, "scored"), torch.tensor(ex.labels) != -100)
+    masked = protocol_groups(ex, 3, rounds=2) == 0
     ids = torch.tensor(ex.input_ids)
     n = ids.numel()
-    masked = groups == 0
     allowed = rule_mask(n, 4)
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     with torch.no_grad():
