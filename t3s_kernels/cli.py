@@ -147,42 +147,80 @@ def _select(args: argparse.Namespace) -> int:
 def _accuracy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pipeline.accuracy import generation_accuracy
+    from .pipeline.accuracy import make_text_verifier
+    from .pipeline.answers import judge, read_answers, reference_text, reference_tokens, write_table
     from .pipeline.data import load_examples, load_tokenizer
-    from .pipeline.scoring import load_local_model
+    from .pipeline.sampling import SamplingSettings, cache_key, cached_answers, sample_answers, write_answers
+    from .pipeline.scoring import load_local_model, weights_fingerprint
     from .pipeline.store import atomic_write_bytes, natural_key, writable_folder
 
     if Path(args.out).is_dir():
         raise ValueError(f"--out {args.out!r} is a folder; it must be the CSV file to write")
     writable_folder(Path(args.out).resolve().parent, "the folder of --out")
+    if args.answers is None and not args.checkpoints:
+        raise ValueError("give --checkpoints (folders to generate answers with) or --answers (a file of answers "
+                         "generated elsewhere)")
     examples = load_examples(args.data, args.tokenizer, split=args.split)
-
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    check = make_text_verifier(args.verifier)
+    eos = tuple(args.eos_token_id or ())
+    names = sorted((Path(c).name for c in args.checkpoints or ()), key=natural_key)
     rows = []
-    for path in sorted(args.checkpoints, key=lambda p: natural_key(Path(p).name)):
-        model = load_local_model(path, args.dtype, _device(args.device), args.trust_remote_code)
-        eos = args.eos_token_id if args.eos_token_id is not None else model.config.eos_token_id
-        pad = _pad_id(model)
-        result = generation_accuracy(model, examples, verifier=args.verifier, tokenizer=tokenizer, eos_token_id=eos,
-                                     pad_token_id=pad, batch_size=args.batch_size, slack=args.slack,
-                                     progress=not args.quiet)
-        rows.append((Path(path).name, result.accuracy))
-        print(f"{Path(path).name}: accuracy {result.accuracy:.4f} ({sum(result.correct.values())}/{len(examples)})")
-        del model
-    text = "checkpoint,accuracy\n" + "".join(f"{name},{acc:.6f}\n" for name, acc in rows)
-    atomic_write_bytes(Path(args.out), text.encode())
+    if args.answers is not None:  # judged, not generated
+        if args.samples != 1 or args.temperature != 0.0:
+            raise ValueError("--answers judges answers generated elsewhere; --samples and --temperature are for "
+                             "answers generated here")
+        answers = read_answers(args.answers, examples, names or None)
+        references = {e.id: reference_text(e, tokenizer, eos) for e in examples}
+        for name in names or sorted(answers, key=natural_key):
+            rows.append(judge(answers[name], examples, check, references, name))
+    else:
+        cache = Path(str(args.out) + ".answers")
+        for path in sorted(args.checkpoints, key=lambda p: natural_key(Path(p).name)):
+            model = load_local_model(path, args.dtype, _device(args.device), args.trust_remote_code)
+            ids = eos or tuple(t for t in (model.config.eos_token_id if isinstance(model.config.eos_token_id, list)
+                                           else [model.config.eos_token_id]) if t is not None)
+            references = {e.id: reference_text(e, tokenizer, ids) for e in examples}
+            longest = max(len(reference_tokens(e, ids)) for e in examples)
+            settings = SamplingSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                                        seed=args.seed, max_new_tokens=args.max_new_tokens or longest + args.slack)
+            name, key = Path(path).name, cache_key(weights_fingerprint(model), settings, ids, examples)
+            answers = cached_answers(cache, name, key)
+            if answers is None:
+                answers = sample_answers(model, examples, settings, tokenizer=tokenizer, eos_ids=ids,
+                                         pad_id=_pad_id(model), max_batch=args.batch_size, progress=not args.quiet,
+                                         desc=f"answers of {name}")
+                write_answers(cache, name, key, answers)
+            else:
+                print(f"{name}: answers from {cache} (same weights, settings and data)")
+            rows.append(judge(answers, examples, check, references, name))
+            del model
+    for r in rows:
+        print(f"{r.checkpoint}: accuracy {r.accuracy:.4f} +- {r.stderr:.4f} ({len(examples)} problems x {r.samples})")
+    write_table(rows, args.out, atomic_write_bytes)
     print(f"wrote {args.out}; next: t3s bottleneck {args.out}")
     return 0
 
 
 def _bottleneck(args: argparse.Namespace) -> int:
-    from .pipeline.bottleneck import find_bottleneck, plot_accuracy, read_accuracy_table
+    from .pipeline.bottleneck import (
+        find_bottleneck,
+        plot_accuracy,
+        read_accuracy_errors,
+        read_accuracy_table,
+        trough_beyond_noise,
+    )
 
     table = read_accuracy_table(args.table)
+    errors = read_accuracy_errors(args.table)
     name, acc = find_bottleneck(table)
-    print(f"bottleneck: {name} (training accuracy {acc:.4f})")
+    declared, why = (True, "") if errors is None else trough_beyond_noise(table, errors)
     if args.plot:
-        print(f"wrote {plot_accuracy(table, args.plot, name)}")
+        print(f"wrote {plot_accuracy(table, args.plot, name if declared else None, errors)}")
+    if not declared:
+        print(why)
+        return 1
+    print(f"bottleneck: {name} (training accuracy {acc:.4f})" + (f"; {why}" if why else ""))
     return 0
 
 
@@ -270,16 +308,25 @@ def build_parser() -> argparse.ArgumentParser:
     sel.set_defaults(func=_select)
 
     acc = sub.add_parser("accuracy", help="training accuracy of the model's own answers at each checkpoint")
-    acc.add_argument("--checkpoints", nargs="+", required=True,
-                     help="local checkpoint folders (ordered naturally: checkpoint-20 before checkpoint-100)")
+    acc.add_argument("--checkpoints", nargs="+",
+                     help="local checkpoint folders to generate with (ordered naturally: checkpoint-20 before "
+                          "checkpoint-100); with --answers, the checkpoint names to judge (default: the file's)")
+    acc.add_argument("--answers", help="answers generated elsewhere (vLLM, SGLang): JSONL / Parquet records "
+                                       "{checkpoint, id, sample, text} (pipeline/answers.py, docs/answers.md)")
     acc.add_argument("--data", required=True, help="the training traces (prompt, then the reference answer)")
     acc.add_argument("--split", help="the split of a dataset folder with several")
     acc.add_argument("--tokenizer", help="local tokenizer folder (text examples; verifiers compare text)")
-    acc.add_argument("--verifier", default="exact", help="exact | regex:PATTERN | python:FILE.py:FUNCTION")
-    acc.add_argument("--out", required=True, help="the table to write: CSV 'checkpoint,accuracy'")
-    acc.add_argument("--batch-size", type=_positive_int, default=16)
+    acc.add_argument("--verifier", default="exact", help="exact | math | regex:PATTERN | python:FILE.py:FUNCTION")
+    acc.add_argument("--out", required=True, help="the table to write: CSV 'checkpoint,accuracy,stderr,samples'")
+    acc.add_argument("--samples", type=_positive_int, default=1, help="answers a prompt (K; > 1 needs --temperature)")
+    acc.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    acc.add_argument("--top-p", type=float, default=1.0)
+    acc.add_argument("--seed", type=int, default=0, help="of the sampling")
+    acc.add_argument("--max-new-tokens", type=_positive_int,
+                     help="default: the longest reference answer plus --slack")
+    acc.add_argument("--batch-size", type=_positive_int, default=16, help="prompts a batch at most")
     acc.add_argument("--slack", type=int, default=8, help="new tokens beyond the reference answer's length")
-    acc.add_argument("--eos-token-id", type=int, help="default: the model config's")
+    acc.add_argument("--eos-token-id", type=int, nargs="+", help="default: the model config's (one or several)")
     acc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     acc.add_argument("--device", default="cuda" if _cuda() else "cpu")
     acc.add_argument("--trust-remote-code", action="store_true")
@@ -287,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     acc.set_defaults(func=_accuracy)
 
     bott = sub.add_parser("bottleneck", help="the checkpoint of lowest training accuracy, from a table")
-    bott.add_argument("table", help="CSV 'checkpoint,accuracy' or JSON {checkpoint: accuracy}")
+    bott.add_argument("table", help="CSV 'checkpoint,accuracy[,stderr]' or JSON {checkpoint: accuracy}; with "
+                                    "standard errors a trough is declared only beyond the noise (exit 1 if none)")
     bott.add_argument("--plot", help="write the accuracy curve to this PNG")
     bott.set_defaults(func=_bottleneck)
 

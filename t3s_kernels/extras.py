@@ -9,7 +9,7 @@ import importlib
 # The top-level module -> the extra that installs it.
 EXTRA_OF = {"transformers": "hf", "datasets": "hf", "tokenizers": "hf", "pyarrow": "hf", "matplotlib": "plot",
             "triton": "triton", "flash_attn": "flash", "liger_kernel": "bench", "cut_cross_entropy": "bench",
-            "quack": "bench"}
+            "quack": "bench", "math_verify": "math"}
 
 
 def require(module: str, feature: str):

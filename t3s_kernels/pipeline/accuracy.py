@@ -9,6 +9,8 @@ Verifiers compare the generated answer with the reference answer (the example's 
 tokens, up to the end-of-sequence token):
 
 * ``"exact"``: the same tokens (with a tokenizer: the same text, stripped);
+* ``"math"``: the final answers, extracted and compared symbolically by math-verify (the ``math``
+  extra; ``_math_verifier`` states the extraction rule);
 * ``"regex:PATTERN"``: the last match of PATTERN (its first group, if it has one) in both texts
   is the same, and exists (without a tokenizer the text is the token ids, space-separated);
 * ``"python:FILE.py:FUNCTION"``: ``FUNCTION(prediction: str, reference: str, example_id: str) -> bool``.
@@ -27,6 +29,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..extras import require
 from .data import IGNORE, Example
 
 
@@ -56,12 +59,12 @@ def _load_python_verifier(spec: str) -> Callable[[str, str, str], bool]:
     return fn
 
 
-def make_verifier(spec: str, tokenizer=None) -> Callable[[list[int], list[int], str], bool]:
-    """A function (predicted tokens, reference tokens, example id) -> bool; see the module docstring."""
+def make_text_verifier(spec: str) -> Callable[[str, str, str], bool]:
+    """A function (predicted text, reference text, example id) -> bool; see the module docstring."""
     if spec == "exact":
-        if tokenizer is None:
-            return lambda pred, ref, _id: list(pred) == list(ref)
-        return lambda pred, ref, _id: _text(pred, tokenizer).strip() == _text(ref, tokenizer).strip()
+        return lambda pred, ref, _id: pred.strip() == ref.strip()
+    if spec == "math":
+        return _math_verifier()
     if spec.startswith("regex:"):
         try:
             pattern = re.compile(spec[len("regex:"):])
@@ -76,14 +79,44 @@ def make_verifier(spec: str, tokenizer=None) -> Callable[[list[int], list[int], 
             return last.group(1) if pattern.groups else last.group(0)
 
         def by_regex(pred, ref, _id):
-            want = extract(_text(ref, tokenizer))
-            return want is not None and extract(_text(pred, tokenizer)) == want
+            want = extract(ref)
+            return want is not None and extract(pred) == want
 
         return by_regex
     if spec.startswith("python:"):
         fn = _load_python_verifier(spec[len("python:"):])
-        return lambda pred, ref, ex_id: bool(fn(_text(pred, tokenizer), _text(ref, tokenizer), ex_id))
-    raise ValueError(f"verifier must be 'exact', 'regex:PATTERN' or 'python:FILE.py:FUNCTION'; got {spec!r}")
+        return lambda pred, ref, ex_id: bool(fn(pred, ref, ex_id))
+    raise ValueError(f"verifier must be 'exact', 'math', 'regex:PATTERN' or 'python:FILE.py:FUNCTION'; got {spec!r}")
+
+
+def _math_verifier() -> Callable[[str, str, str], bool]:
+    """Final answers extracted and compared symbolically by math-verify (the ``math`` extra): each text is
+    parsed with its default extraction (LaTeX, a \\boxed{} answer first, then plain expressions, with or
+    without an anchor such as "the answer is"), and the two are compared by ``verify(reference,
+    prediction)`` (sympy equivalence, numbers to 6 decimals, intervals and sets as such). A prediction
+    with nothing to extract is wrong; a reference with nothing to extract is refused, naming the example."""
+    math_verify = require("math_verify", "--verifier math")
+    cache: dict[str, object] = {}
+
+    def by_math(pred: str, ref: str, ex_id: str) -> bool:
+        if ref not in cache:
+            cache[ref] = math_verify.parse(ref)
+            if not cache[ref]:
+                raise ValueError(f"example '{ex_id}': math-verify finds no final answer in its reference answer "
+                                 f"({ref[-80:]!r}); give it one (e.g. \\boxed{{...}}) or use another verifier")
+        got = math_verify.parse(pred)
+        return bool(got) and bool(math_verify.verify(cache[ref], got))
+
+    return by_math
+
+
+def make_verifier(spec: str, tokenizer=None) -> Callable[[list[int], list[int], str], bool]:
+    """A function (predicted tokens, reference tokens, example id) -> bool: ``make_text_verifier`` on the
+    decoded texts ("exact" without a tokenizer compares the tokens themselves)."""
+    if spec == "exact" and tokenizer is None:
+        return lambda pred, ref, _id: list(pred) == list(ref)
+    check = make_text_verifier(spec)
+    return lambda pred, ref, ex_id: check(_text(pred, tokenizer), _text(ref, tokenizer), ex_id)
 
 
 def _split(ex: Example, eos_id: Optional[int]) -> tuple[list[int], list[int]]:

@@ -15,6 +15,12 @@ current minimum and ``verdict()`` says "no trough found". What the rule assumes 
 none): the accuracy curve dips once and recovers (the imitation shock); evaluation noise is
 smaller than both margins (set them from the spread of repeated evaluations); evaluations are
 frequent enough that the trough is sampled.
+
+Offline, with standard errors (a table from ``t3s accuracy`` with sampled or judged answers:
+``checkpoint,accuracy,stderr``), a trough is declared only where the dip exceeds the noise: the first
+row (the base) minus the minimum must exceed ``NOISE_Z`` times the standard error of that difference,
+``sqrt(se_base^2 + se_min^2)``; otherwise ``t3s bottleneck`` reports the minimum but declares none.
+The plot shows each accuracy with a band of ``NOISE_Z`` standard errors.
 """
 
 from __future__ import annotations
@@ -39,31 +45,69 @@ def find_bottleneck(table: Sequence[tuple[str, float]]) -> tuple[str, float]:
     return table[best][0], float(table[best][1])
 
 
+NOISE_Z = 2.0  # standard errors a dip must exceed to be a trough (about 95% one-sided, for a normal error)
+
+
 def read_accuracy_table(path: str) -> list[tuple[str, float]]:
-    """A CSV/TSV of ``checkpoint,accuracy`` lines (a header line is skipped) or a JSON object."""
+    """A CSV/TSV of ``checkpoint,accuracy`` lines (a header line is skipped; more columns are read by
+    ``read_accuracy_errors``) or a JSON object."""
     text = open(path).read()
     if path.endswith(".json"):
         data = json.loads(text)
         return [(str(k), float(v)) for k, v in data.items()]
+    return [(name, acc) for name, acc, _ in _csv_rows(path, text)]
+
+
+def read_accuracy_errors(path: str) -> Optional[dict[str, float]]:
+    """{checkpoint: standard error} from a table's third column, or None where it has none."""
+    if path.endswith(".json"):
+        return None
+    rows = _csv_rows(path, open(path).read())
+    if not rows or any(se is None for _, _, se in rows):
+        return None
+    return {name: se for name, _, se in rows}
+
+
+def _csv_rows(path: str, text: str) -> list:
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = [p.strip() for p in line.replace("\t", ",").split(",")]
         try:
-            rows.append((parts[0], float(parts[1])))
+            rows.append((parts[0], float(parts[1]), float(parts[2]) if len(parts) > 2 else None))
         except (IndexError, ValueError):
             if n == 1:
                 continue  # header
-            raise ValueError(f"{path}:{n}: expected 'checkpoint,accuracy'; got {line!r}")
+            raise ValueError(f"{path}:{n}: expected 'checkpoint,accuracy[,stderr]'; got {line!r}")
     return rows
 
 
-def plot_accuracy(table: Sequence[tuple[str, float]], path: str, bottleneck: Optional[str] = None) -> str:
+def trough_beyond_noise(table: Sequence[tuple[str, float]], errors: dict[str, float],
+                        z: float = NOISE_Z) -> tuple[bool, str]:
+    """(whether the minimum lies below the first row by more than ``z`` standard errors of the difference,
+    a sentence saying so)."""
+    (base, base_acc), (low, low_acc) = table[0], find_bottleneck(table)
+    se = math.sqrt(errors[base] ** 2 + errors[low] ** 2)
+    dip = base_acc - low_acc
+    if low == base or dip <= z * se:
+        return False, (f"no trough beyond the noise: the lowest checkpoint {low} ({low_acc:.4f}) is {dip:.4f} below "
+                       f"{base} ({base_acc:.4f}), within {z:g} standard errors ({z * se:.4f}); sample more answers "
+                       "(--samples) or evaluate more problems")
+    return True, f"the dip below {base} is {dip:.4f}, beyond {z:g} standard errors ({z * se:.4f})"
+
+
+def plot_accuracy(table: Sequence[tuple[str, float]], path: str, bottleneck: Optional[str] = None,
+                  errors: Optional[dict[str, float]] = None) -> str:
     plt = pyplot("plotting accuracy")
     names, accs = [t[0] for t in table], [t[1] for t in table]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(names, accs, "o-")
+    if errors is not None:
+        band = [NOISE_Z * errors[n] for n in names]
+        ax.fill_between(range(len(names)), [a - b for a, b in zip(accs, band)], [a + b for a, b in zip(accs, band)],
+                        alpha=0.25, label=f"{NOISE_Z:g} standard errors")
+        ax.legend(fontsize=8)
     if bottleneck is not None:
         i = names.index(bottleneck)
         ax.plot([names[i]], [accs[i]], "r*", ms=14, label=f"bottleneck: {bottleneck}")

@@ -88,3 +88,164 @@ def test_cli_writes_the_table_bottleneck_reads_in_natural_order(tmp_path, capsys
     assert [name for name, _ in table] == ["checkpoint-20", "checkpoint-100"]
     assert table[0][1] == pytest.approx(0.5)
     assert natural_key("checkpoint-20") < natural_key("checkpoint-100")
+
+
+@pytest.mark.parametrize("prediction,reference,right", [
+    (r"so the answer is \boxed{\frac{1}{2}}", r"\boxed{0.5}", True),  # a fraction and a decimal
+    (r"$\frac{3}{4}$", r"The answer is $0.75$.", True),
+    (r"\boxed{[1, 2)}", r"\boxed{[1,2)}", True),  # intervals
+    (r"\boxed{(1, 2)}", r"\boxed{[1,2)}", False),  # open is not half-open
+    (r"The final answer is \boxed{x^2 + 2x + 1}", r"\boxed{(x+1)^2}", True),  # symbolic equivalence
+    (r"\boxed{42}", r"\boxed{41}", False),
+    ("I cannot solve this.", r"\boxed{7}", False),  # nothing to extract: wrong
+    (r"\boxed{\sqrt{2}}", r"\boxed{1.41421356}", True),
+])
+def test_math_verifier(prediction, reference, right):
+    pytest.importorskip("math_verify")
+    from t3s_kernels.pipeline.accuracy import make_text_verifier
+
+    assert make_text_verifier("math")(prediction, reference, "p") is right
+
+
+def test_math_verifier_refuses_a_reference_without_an_answer():
+    pytest.importorskip("math_verify")
+    from t3s_kernels.pipeline.accuracy import make_text_verifier
+
+    with pytest.raises(ValueError, match="example 'p7': math-verify finds no final answer in its reference"):
+        make_text_verifier("math")(r"\boxed{1}", "no number at all here", "p7")
+
+
+def _answers_data(tmp_path):
+    """Three problems whose reference answers are boxed numbers, as text through the toy tokenizer's ids."""
+    refs = {"a": "\\boxed{1/2}", "b": "\\boxed{3}", "c": "\\boxed{[0,1)}"}
+    examples = [Example(k, [5, 6, 7], [IGNORE, IGNORE, 7]) for k in refs]
+    return examples, refs
+
+
+def test_answers_file_is_judged_with_standard_errors(tmp_path):
+    pytest.importorskip("math_verify")
+    from t3s_kernels.pipeline.accuracy import make_text_verifier
+    from t3s_kernels.pipeline.answers import judge, read_answers
+
+    examples, refs = _answers_data(tmp_path)
+    texts = {("base", "a"): ["\\boxed{0.5}", "\\boxed{2}"], ("base", "b"): ["\\boxed{3}", "\\boxed{3.0}"],
+             ("base", "c"): ["\\boxed{[0, 1)}", "wrong"], ("ck-10", "a"): ["no", "no"],
+             ("ck-10", "b"): ["\\boxed{3}", "x"], ("ck-10", "c"): ["y", "z"]}
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(dict(checkpoint=ck, id=i, sample=k, text=t)) + "\n"
+                            for (ck, i), ts in texts.items() for k, t in enumerate(ts)))
+    answers = read_answers(str(path), examples)
+    assert list(answers) == ["base", "ck-10"]
+    check = make_text_verifier("math")
+    base = judge(answers["base"], examples, check, refs, "base")
+    assert base.per_example == {"a": 0.5, "b": 1.0, "c": 0.5} and base.samples == 2
+    assert base.accuracy == pytest.approx(2 / 3)
+    assert base.stderr == pytest.approx((((0.5 - 2 / 3) ** 2 * 2 + (1 / 3) ** 2) / 2) ** 0.5 / 3 ** 0.5)
+
+
+@pytest.mark.parametrize("records,pattern", [
+    ([dict(checkpoint="b", id="a", sample=0, text="1")], r"checkpoint 'b' has no answers for 2 training example"),
+    ([dict(checkpoint="b", id=i, sample=0, text="1") for i in "abc"] + [dict(checkpoint="b", id="a", sample=0,
+                                                                              text="2")],
+     r"answers.jsonl:4: a second answer for checkpoint 'b', id 'a', sample 0"),
+    ([dict(checkpoint="b", id="zz", sample=0, text="1")], r"answers.jsonl:1: id 'zz' is not a training example"),
+    ([dict(checkpoint="b", id="a", sample="0", text="1")], r"answers.jsonl:1: 'sample' must be a int; got '0'"),
+    ([dict(checkpoint="b", id="a", text="1")], r"'sample' must be a int; got None"),
+    ([dict(checkpoint="b", id=i, sample=0, text="1") for i in "abc"] + [dict(checkpoint="b", id="c", sample=1,
+                                                                              text="2")],
+     r"id 'c' has 2 samples where others have 1"),
+    ([dict(checkpoint="b", id=i, sample=1, text="1") for i in "abc"], r"id 'a' has samples \[1\]; expected 0 \.\. 0"),
+    ([["a", "list"]], r"answers.jsonl:1: expected an object with checkpoint, id, sample, text; got list"),
+])
+def test_answers_file_refusals(tmp_path, records, pattern):
+    from t3s_kernels.pipeline.answers import read_answers
+
+    examples, _ = _answers_data(tmp_path)
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(ValueError, match=pattern):
+        read_answers(str(path), examples)
+
+
+def test_answers_file_must_cover_every_listed_checkpoint(tmp_path):
+    from t3s_kernels.pipeline.answers import read_answers
+
+    examples, _ = _answers_data(tmp_path)
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(dict(checkpoint="b", id=i, sample=0, text="1")) + "\n" for i in "abc"))
+    with pytest.raises(ValueError, match=r"no answers for checkpoint 'checkpoint-5' \(it has \['b'\]\)"):
+        read_answers(str(path), examples, ["b", "checkpoint-5"])
+
+
+def test_cli_judges_an_answers_file_and_bottleneck_reads_the_errors(tmp_path, capsys):
+    """Pre-tokenized traces (no tokenizer: a reference is its token ids, space-separated, as an engine run
+    on those ids would print them); the table holds the standard errors; the dip is beyond them."""
+    from t3s_kernels.cli import main
+    from t3s_kernels.pipeline.bottleneck import read_accuracy_errors
+
+    data = tmp_path / "traces.jsonl"
+    refs = {f"p{i}": [10 + i, 20 + i] for i in range(8)}
+    data.write_text("".join(json.dumps(dict(id=i, input_ids=[5, 6] + r, prompt_length=2)) + "\n"
+                            for i, r in refs.items()))
+    records = []
+    for ck, right in (("base", 8), ("checkpoint-10", 1), ("checkpoint-20", 6)):
+        for k, (i, r) in enumerate(refs.items()):
+            for sample in range(2):
+                text = " ".join(map(str, r)) if k < right else "9"
+                records.append(dict(checkpoint=ck, id=i, sample=sample, text=text))
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "acc.csv"
+    assert main(["accuracy", "--answers", str(answers), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    errors = read_accuracy_errors(str(out))
+    assert set(errors) == {"base", "checkpoint-10", "checkpoint-20"} and errors["base"] == 0.0
+    assert errors["checkpoint-10"] == pytest.approx((1 / 8 * 7 / 8 * 8 / 7) ** 0.5 / 8 ** 0.5)
+    capsys.readouterr()
+    assert main(["bottleneck", str(out), "--plot", str(tmp_path / "acc.png")]) == 0
+    said = capsys.readouterr().out
+    assert "bottleneck: checkpoint-10" in said and "beyond 2 standard errors" in said
+    assert (tmp_path / "acc.png").exists()
+
+
+def test_bottleneck_declares_no_trough_within_the_noise(tmp_path, capsys):
+    from t3s_kernels.cli import main
+
+    table = tmp_path / "acc.csv"
+    table.write_text("checkpoint,accuracy,stderr,samples\nbase,0.60,0.04,4\nck-10,0.55,0.04,4\nck-20,0.62,0.04,4\n")
+    assert main(["bottleneck", str(table)]) == 1
+    assert "no trough beyond the noise: the lowest checkpoint ck-10 (0.5500) is 0.0500 below base" in \
+        capsys.readouterr().out
+    table.write_text("checkpoint,accuracy\nbase,0.60\nck-10,0.55\nck-20,0.62\n")  # no errors: the argmin
+    assert main(["bottleneck", str(table)]) == 0
+
+
+def test_sampled_answers_are_seeded_batched_and_resumed(tmp_path, capsys):
+    """--samples 3 at temperature 1: the same seed gives the same answers; a second run reads the cached
+    answers of each checkpoint; a changed seed generates anew."""
+    from t3s_kernels.cli import main
+
+    model = tiny_causal_lm("qwen3", seed=3).eval()
+    folder = tmp_path / "checkpoint-5"
+    model.save_pretrained(folder)
+    data = tmp_path / "traces.jsonl"
+    data.write_text("".join(json.dumps(dict(id=e.id, input_ids=e.input_ids, labels=e.labels)) + "\n"
+                            for e in examples_for(model)))
+    args = ["accuracy", "--checkpoints", str(folder), "--data", str(data), "--samples", "3", "--temperature", "1.0",
+            "--slack", "0", "--batch-size", "2", "--eos-token-id", str(EOS_ID), "--quiet"]
+    out = tmp_path / "acc.csv"
+    assert main(args + ["--out", str(out)]) == 0
+    first = out.read_text()
+    cached = sorted((tmp_path / "acc.csv.answers").iterdir())
+    assert len(cached) == 1 and len(cached[0].read_text().splitlines()) == 6 * 3
+    capsys.readouterr()
+    assert main(args + ["--out", str(out)]) == 0
+    assert "answers from" in capsys.readouterr().out and out.read_text() == first
+    other = tmp_path / "other.csv"
+    assert main(args + ["--out", str(other)]) == 0  # another cache folder: generated again, the same draws
+    assert other.read_text() == first
+    assert main(args + ["--out", str(out), "--seed", "1"]) == 0
+    assert len(list((tmp_path / "acc.csv.answers").iterdir())) == 2
+    capsys.readouterr()
+    assert main(["accuracy", "--checkpoints", str(folder), "--data", str(data), "--samples", "2", "--out",
+                 str(out)]) != 0
+    assert "samples > 1 needs temperature > 0" in capsys.readouterr().err
