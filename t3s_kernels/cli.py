@@ -227,7 +227,8 @@ def _bottleneck(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, size="full" if args.full else "quick" if args.quick else "default", seeds=args.seeds)
+    run_demo(args.out, size="full" if args.full else "quick" if args.quick else "default", seeds=args.seeds,
+             task=args.task)
     return 0
 
 
@@ -346,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--full", action="store_true", help="10 seeds, longer pilot runs (several minutes)")
     size.add_argument("--quick", action="store_true", help="a smoke run: 2 seeds, few steps (seconds)")
     demo.add_argument("--seeds", type=_positive_int, help="the number of seeds (default: 5; 10 with --full)")
+    demo.add_argument("--task", choices=["style", "new_skill"], default="style",
+                      help="style: the traces add only a style; new_skill: half the problems are longer than any "
+                           "the base saw (t3s_kernels/demo.py)")
     demo.set_defaults(func=_demo)
 
     report = sub.add_parser("compile-report", help="compile every kernel for sm_90/sm_80; smem, registers, spills")

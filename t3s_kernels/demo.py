@@ -66,6 +66,11 @@ from .trainer_utils import T3SDataCollator
 
 PAD, EOS, Q, ANS, FILLER, DIGIT0 = 0, 1, 2, 3, 4, 10  # digit d is token DIGIT0 + d
 VOCAB, DIGITS = 24, 5
+# The tasks: "style", the traces add only the filler style to problems the base solves; "new_skill", half
+# of the training and held-out problems have HARD_DIGITS digits, which the base (trained on DIGITS) never
+# saw, so the traces also teach something it cannot yet do.
+TASKS = {"style": 0.0, "new_skill": 0.5}
+HARD_DIGITS = 7
 BASE_FILLER_RATE, TEACHER_FILLER_RATE = 0.05, 0.5
 FINAL_ANSWER = r"regex:\b(1\d)\b"  # the last digit token of the answer (token ids as text)
 BASE_TARGET = 0.95
@@ -153,7 +158,7 @@ def train(model, examples: list[Example], steps: int, *, lr: float, batch_size: 
 def answer_accuracy(model, examples: list[Example]) -> tuple[float, float]:
     """(share of greedy answers whose final digit is right, fillers emitted per answer)."""
     result = generation_accuracy(model, examples, verifier=FINAL_ANSWER, eos_token_id=EOS, pad_token_id=PAD,
-                                 batch_size=len(examples), slack=DIGITS, progress=False)
+                                 batch_size=len(examples), slack=HARD_DIGITS, progress=False)
     fillers = sum(p.count(FILLER) for p in result.predictions.values()) / len(examples)
     return result.accuracy, fillers
 
@@ -180,9 +185,16 @@ def _fresh(base, state):
     return model
 
 
-def run_seed(base, base_state, pool: list[tuple[int, ...]], seed: int, cfg: DemoConfig, out: Path) -> dict:
+def run_seed(base, base_state, pool: list[tuple[int, ...]], seed: int, cfg: DemoConfig, out: Path,
+             hard_pool: Optional[list[tuple[int, ...]]] = None, hard_share: float = 0.0) -> dict:
     rng = random.Random(seed)
-    problems = rng.sample(pool, cfg.prompts + cfg.heldout)
+    n_hard = [round(hard_share * n) for n in (cfg.prompts, cfg.heldout)]
+    easy = rng.sample(pool, cfg.prompts + cfg.heldout - sum(n_hard))
+    hard = rng.sample(hard_pool, sum(n_hard)) if sum(n_hard) else []
+    train_part = easy[:cfg.prompts - n_hard[0]] + hard[:n_hard[0]]
+    held_part = easy[cfg.prompts - n_hard[0]:] + hard[n_hard[0]:]
+    rng.shuffle(train_part)
+    problems = train_part + held_part
     traces = [trace(f"s{seed}-train-{i}", p, TEACHER_FILLER_RATE, rng)
               for i, p in enumerate(problems[:cfg.prompts])]
     heldout = [trace(f"s{seed}-heldout-{i}", p, 0.0, rng) for i, p in enumerate(problems[cfg.prompts:])]
@@ -345,14 +357,18 @@ def _verdict(seeds: list[dict]) -> list[str]:
     return lines
 
 
-def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optional[int] = None) -> dict:
-    """Run the demo at ``size`` ("quick", "default", "full"); write report.md / report.json / plots."""
+def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optional[int] = None,
+             task: str = "style") -> dict:
+    """Run the demo at ``size`` ("quick", "default", "full") on ``task`` (``TASKS``); write report.md /
+    report.json / plots."""
     from tqdm.auto import tqdm
 
     from .toy import tiny_causal_lm
 
     if size not in CONFIGS:
         raise ValueError(f"size must be one of {sorted(CONFIGS)}; got {size!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}; got {task!r}")
     cfg = CONFIGS[size]
     if seeds is not None:
         if seeds < 1:
@@ -364,6 +380,7 @@ def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optiona
     # Problems the base never sees: the pool every seed draws its training and held-out prompts from.
     pool_rng = random.Random(12345)
     pool = sorted({tuple(pool_rng.randrange(10) for _ in range(DIGITS)) for _ in range(4000)})
+    hard_pool = sorted({tuple(pool_rng.randrange(10) for _ in range(HARD_DIGITS)) for _ in range(4000)})
 
     print(f"[t3s demo] base student theta_0: its own style (fillers in {BASE_FILLER_RATE:.0%} of gaps), trained "
           f"until {BASE_TARGET:.0%} of its answers are right (at most {cfg.base_steps} steps)")
@@ -399,10 +416,10 @@ def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optiona
 
     seed_results = []
     for seed in tqdm(range(cfg.seeds), desc="seeds (pilot, scoring, 5 arms)"):
-        seed_results.append(run_seed(base, base_state, pool, seed, cfg, out))
+        seed_results.append(run_seed(base, base_state, pool, seed, cfg, out, hard_pool, TASKS[task]))
     plots = [p for s in seed_results for p in s.pop("plots", [])] + _plot_arms(seed_results, out)
     verdict = _verdict(seed_results)
-    result = {"config": {"size": size, **asdict(cfg)}, "base_training": base_log, "seeds": seed_results,
+    result = {"config": {"size": size, "task": task, **asdict(cfg)}, "base_training": base_log, "seeds": seed_results,
               "verdict": verdict, "plots": [Path(p).name for p in plots], "seconds": round(time.time() - t_start, 1)}
     atomic_write_bytes(out / "report.json", json.dumps(result, indent=2).encode())
     report = _report(result)
@@ -414,11 +431,15 @@ def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optiona
 
 def _report(result: dict) -> str:
     cfg, seeds = result["config"], result["seeds"]
+    hard_share = TASKS[cfg.get("task", "style")]
     base_steps, base_acc = result["base_training"][-1] if result["base_training"] else (cfg["base_steps"], "n/a")
     arms = ("base",) + ARMS
     lines = [
         "# t3s demo report", "",
-        f"Task: running sum mod 10 over {DIGITS} digits, final answer judged. Base style: fillers in "
+        f"Task: running sum mod 10 over {DIGITS} digits"
+        + (f" (and, in {hard_share:.0%} of the training and held-out problems, {HARD_DIGITS} digits, which the base "
+           "never saw)" if hard_share else "")
+        + ", final answer judged. Base style: fillers in "
         f"{BASE_FILLER_RATE:.0%} of gaps (one base, {base_steps} steps, {base_acc} of its answers right on "
         f"problems of its own distribution); teacher traces: fillers in "
         f"{TEACHER_FILLER_RATE:.0%} of gaps, {cfg['prompts']} training prompts per seed, {cfg['heldout']} held-out "

@@ -123,14 +123,15 @@ def format_report(report: Report) -> str:
              f"{'provider':<{width}}{'fwd ms':>10}{'x1mm':>7}{'fwd+bwd ms':>12}{'x3mm':>7}{'peak MiB':>11}"
              f"{'max rel err':>13}  note"]
 
-    def num(v, fmt):
-        return format(v, fmt) if v is not None else "-"
+    def num(v, fmt, width):
+        """A right-aligned cell with at least one space before it, however wide the number."""
+        return " " + format(format(v, fmt) if v is not None else "-", f">{width - 1}")
 
     for r in report.rows:
         x1 = r.fwd_ms / report.floor_1mm_ms if r.fwd_ms else None
         x3 = r.fwd_bwd_ms / report.floor_3mm_ms if r.fwd_bwd_ms else None
-        lines.append(f"{r.provider:<{width}}{num(r.fwd_ms, '.1f'):>10}{num(x1, '.2f'):>7}{num(r.fwd_bwd_ms, '.1f'):>12}"
-                     f"{num(x3, '.2f'):>7}{num(r.peak_mib, '.0f'):>11}{num(r.max_rel_err, '.1e'):>13}  {r.note}")
+        lines.append(f"{r.provider:<{width}}{num(r.fwd_ms, '.1f', 10)}{num(x1, '.2f', 7)}{num(r.fwd_bwd_ms, '.1f', 12)}"
+                     f"{num(x3, '.2f', 7)}{num(r.peak_mib, '.0f', 11)}{num(r.max_rel_err, '.1e', 13)}  {r.note}")
     ran = [f"{r.provider}: {r.backend}" for r in report.rows if r.backend and not r.provider.startswith("t3s")]
     if ran:
         lines.append("implementations: " + "; ".join(ran))

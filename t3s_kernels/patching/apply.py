@@ -138,7 +138,8 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = "auto", blo
         raise ValueError(f"{type(model).__name__} is already patched; call revert_t3s first")
     loss = T3SLoss(**loss_options)  # validates the option names and values now, not at the first step
     state = dict(mode=mode, shift=shift, anchors=anchors, tensor_parallel=tensor_parallel, block_size=block_size,
-                 attention_pending=mode == "masked_diffusion" and check)
+                 attention_pending=frozenset({"plain", "padded"}) if mode == "masked_diffusion" and check
+                 else frozenset())
     forward = make_forward(mode, shift, loss)
     if patch_class:
         cls = type(model)

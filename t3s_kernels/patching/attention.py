@@ -13,8 +13,9 @@ masks: on one row, it changes one token at a time and looks at which positions' 
   * padding: a change at a padded position reaches no other position (else the model ignores the mask).
 
 The check runs at ``apply_t3s`` on a random unpadded row (two to four forwards of one row), and again at
-the first training forward on the batch's most padded row, with the masks the trainer sent. A model
-that fails it is refused, naming what was seen and the fix.
+the first training batch and at the first padded one, on the batch's most padded row, with the masks
+the trainer sent. A model that fails it is refused, naming what was seen and the fix, at that batch and
+every later one of its kind until one passes.
 """
 
 from __future__ import annotations

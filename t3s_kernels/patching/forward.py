@@ -13,7 +13,7 @@ from ..adapters.masked_diffusion import dream_shift
 from ..adapters.packing import is_packed, prepare_packed_forward
 from ..api import TEACHER_ROW_INPUTS, T3SLoss
 from ..validation import is_dtensor
-from .attention import check_attention, diffusion_arguments
+from .attention import check_attention, diffusion_arguments, key_valid_of
 from .capture import HeadInputs, accepts, run_with_head_captured
 from .distributed import call_through_head, check_tensor_parallel_head, runs_through_module
 from .head import kept_vocabulary, lm_head, model_configs
@@ -137,10 +137,13 @@ def fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, k
     if mode == "masked_diffusion":
         if args:
             raise ValueError("a masked-diffusion training forward takes its inputs by name (input_ids=...)")
-        if state.get("attention_pending") and not packed:  # the first unpacked training batch, as sent
-            state["attention_pending"] = False
+        # The first unpacked training batch, as sent, and the first padded one: a check that fails leaves
+        # its kind pending, so a refused model stays refused.
+        kind = "padded" if key_valid_of(call) is not None else "plain"
+        if not packed and kind in state.get("attention_pending", ()):
             check_attention(model, original, call, clean_ids=clean_ids, block_size=block_size,
-                            where="the first training batch")
+                            where=f"the first {'padded ' if kind == 'padded' else ''}training batch")
+            state["attention_pending"] = state["attention_pending"] - {kind, "plain"}
         call = diffusion_arguments(model, call, clean_ids, block_size)
     head_in = run_with_head_captured(model, original, *args, labels=None, **call)
     hidden, options = head_in.hidden, _loss_options(model, head_in, loss, teacher)
