@@ -146,7 +146,7 @@ def _select(args: argparse.Namespace) -> int:
 def _accuracy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pipeline.accuracy import generation_accuracy
+    from .pipeline.accuracy import eos_token_ids, generation_accuracy
     from .pipeline.data import load_examples, load_tokenizer
     from .pipeline.scoring import load_local_model
     from .pipeline.store import atomic_write_bytes, natural_key, writable_folder
@@ -160,7 +160,7 @@ def _accuracy(args: argparse.Namespace) -> int:
     rows = []
     for path in sorted(args.checkpoints, key=lambda p: natural_key(Path(p).name)):
         model = load_local_model(path, args.dtype, _device(args.device), args.trust_remote_code)
-        eos = args.eos_token_id if args.eos_token_id is not None else model.config.eos_token_id
+        eos = args.eos_token_id if args.eos_token_id is not None else eos_token_ids(model)
         pad = _pad_id(model)
         result = generation_accuracy(model, examples, verifier=args.verifier, tokenizer=tokenizer, eos_token_id=eos,
                                      pad_token_id=pad, batch_size=args.batch_size, slack=args.slack,
@@ -276,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--out", required=True, help="the table to write: CSV 'checkpoint,accuracy'")
     acc.add_argument("--batch-size", type=_positive_int, default=16)
     acc.add_argument("--slack", type=int, default=8, help="new tokens beyond the reference answer's length")
-    acc.add_argument("--eos-token-id", type=int, help="default: the model config's")
+    acc.add_argument("--eos-token-id", type=int, nargs="+",
+                     help="one or more ids that end an answer; default: every one the model's config and "
+                          "generation config name")
     acc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     acc.add_argument("--device", default="cuda" if _cuda() else "cpu")
     acc.add_argument("--trust-remote-code", action="store_true")
