@@ -27,7 +27,7 @@ import torch
 from .adapters.masked_diffusion import NORMALIZATIONS, WEIGHTINGS, NoisedBatch, loss_weights, noise
 from .adapters.packing import is_packed, segment_ids
 from .extras import require
-from .patching import is_t3s_patched
+from .patching import patch_mode
 from .trainer_utils import FORCE_COLUMN, KEEP_COLUMN
 
 NOISED_KEYS = ("t3s_noisy_ids", "t3s_masked", "t3s_p_mask", "t3s_answer", "t3s_forced", "t3s_segments")
@@ -70,9 +70,9 @@ def masked_diffusion_compute_loss(model, inputs: dict[str, torch.Tensor], *, mas
     masked_tokens; see :func:`step_normalizer`). Only the latter is exact under gradient
     accumulation for every normalization; :class:`t3s_kernels.masked_diffusion_trainer.MaskedDiffusionTrainer`
     does it for HF Trainer."""
-    if not is_t3s_patched(model):
+    if patch_mode(model) != "masked_diffusion":  # a causal patch would shift the masked positions' labels
         raise ValueError("masked_diffusion_compute_loss needs a model patched with apply_t3s(model, "
-                         "mode='masked_diffusion')")
+                         f"mode='masked_diffusion'); this one is {patch_mode(model) or 'not patched'}")
     batch = noised if noised is not None else noise_inputs(inputs, mask_token_id=mask_token_id,
                                                            rate_range=rate_range, generator=generator)
     weights, normalizer = loss_weights(batch, weighting=weighting, normalization=normalization)
