@@ -174,3 +174,14 @@ def test_collator_refuses_a_missing_pad_id_and_packing_without_the_model():
         T3SDataCollator(pad_token_id="<pad>")
     with pytest.raises(ValueError, match=r"packed=True needs the model \(model=...\)"):
         T3SDataCollator(0, packed=True)
+
+
+def test_a_compiled_patched_model_is_patched_and_not_patched_twice():
+    model = t3s.apply_t3s(tiny_model("llama"), mode="causal")
+    compiled = torch.compile(model)  # lazy: nothing is compiled here
+    assert t3s.is_t3s_patched(compiled) and t3s.patching.patch_mode(compiled) == "causal"
+    assert T3SDataCollator(0, model=compiled)(FEATURES)["labels"].tolist() == [[5, -100, 7]]
+    with pytest.raises(ValueError, match="OptimizedModule wraps LlamaForCausalLM, which apply_t3s already patched"):
+        t3s.apply_t3s(compiled)
+    with pytest.raises(ValueError, match=r"revert_t3s\(model._orig_mod\)"):
+        t3s.revert_t3s(compiled)

@@ -70,11 +70,11 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = None, patch
         if reserved in loss_options:
             raise ValueError(f"{reserved} is set by the patch from the model and the batch; do not pass it "
                              "(ignore_index and teacher inputs go to each forward call)")
-    refuse_wrappers(model)
     if patched_model(model) is not None and not carries_patch(model):
         raise ValueError(f"{type(model).__name__} wraps {type(patched_model(model)).__name__}, which apply_t3s already "
                          "patched: nothing more to do, the wrapper's forward calls the patched one (give the wrapper "
                          "to T3SDataCollator and the trainer as it is)")
+    refuse_wrappers(model)
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: it patches HuggingFace models (an "
                         "nn.Module with a config and an LM head)")

@@ -220,7 +220,10 @@ class ScoreStore:
             raise StoreError(f"example '{ids[bad]}' has {lengths[bad]} tokens but the store recorded "
                              f"{current['lengths'][bad]}: the dataset (or its tokenization) changed")
         recorded = current.get("token_hashes")
-        if hashes is not None and recorded is not None and list(hashes) != recorded:
+        if hashes is not None and recorded is None:
+            raise StoreError(f"the manifest of {self.root} records no token hashes (an older version, or edited), so "
+                             "its scores cannot be checked against these tokens; score into a new store folder")
+        if hashes is not None and list(hashes) != recorded:
             bad = next(i for i, (a, b) in enumerate(zip(recorded, hashes)) if a != b)
             raise StoreError(f"example '{ids[bad]}' has other tokens than the store {self.root} recorded (same id and "
                              "length): another dataset, or another tokenization; use a new store folder")

@@ -325,3 +325,12 @@ def test_a_damaged_manifest_or_shard_metadata_is_named(tmp_path):
         (tmp_path / "manifest.json").write_text(text)
         with pytest.raises(StoreError, match=r"manifest.json is damaged \(.*\); restore it"):
             store.manifest()
+
+
+def test_token_hashes_cannot_be_checked_against_a_manifest_without_them(tmp_path):
+    from t3s_kernels.pipeline.store import token_hash
+
+    store = ScoreStore(tmp_path)
+    store.bind(["a", "b"], [3, 2])  # no hashes: an older store, or an edited manifest
+    with pytest.raises(StoreError, match="records no token hashes .*score into a new store folder"):
+        store.bind(["a", "b"], [3, 2], [token_hash((5, 6, 7)), token_hash((8, 9))])
