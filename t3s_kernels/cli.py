@@ -147,7 +147,7 @@ def _select(args: argparse.Namespace) -> int:
 def _accuracy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pipeline.accuracy import make_text_verifier
+    from .pipeline.accuracy import eos_token_ids, make_text_verifier
     from .pipeline.answers import judge, read_answers, reference_text, reference_tokens, write_table
     from .pipeline.data import load_examples, load_tokenizer
     from .pipeline.sampling import SamplingSettings, cache_key, cached_answers, sample_answers, write_answers
@@ -178,8 +178,7 @@ def _accuracy(args: argparse.Namespace) -> int:
         cache = Path(str(args.out) + ".answers")
         for path in sorted(args.checkpoints, key=lambda p: natural_key(Path(p).name)):
             model = load_local_model(path, args.dtype, _device(args.device), args.trust_remote_code)
-            ids = eos or tuple(t for t in (model.config.eos_token_id if isinstance(model.config.eos_token_id, list)
-                                           else [model.config.eos_token_id]) if t is not None)
+            ids = eos or eos_token_ids(model)
             references = {e.id: reference_text(e, tokenizer, ids) for e in examples}
             longest = max(len(reference_tokens(e, ids)) for e in examples)
             settings = SamplingSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
@@ -327,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="default: the longest reference answer plus --slack")
     acc.add_argument("--batch-size", type=_positive_int, default=16, help="prompts a batch at most")
     acc.add_argument("--slack", type=int, default=8, help="new tokens beyond the reference answer's length")
-    acc.add_argument("--eos-token-id", type=int, nargs="+", help="default: the model config's (one or several)")
+    acc.add_argument("--eos-token-id", type=int, nargs="+",
+                     help="one or more ids that end an answer; default: every one the model's config and "
+                          "generation config name")
     acc.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     acc.add_argument("--device", default="cuda" if _cuda() else "cpu")
     acc.add_argument("--trust-remote-code", action="store_true")

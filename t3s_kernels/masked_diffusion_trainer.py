@@ -39,7 +39,7 @@ import torch
 from .adapters.masked_diffusion import NORMALIZATIONS, WEIGHTINGS, NoisedBatch, loss_weights, noise
 from .adapters.packing import is_packed, segment_ids
 from .extras import require
-from .patching import is_t3s_patched, patch_block_size
+from .patching import patch_block_size, patch_mode
 from .trainer_utils import FORCE_COLUMN, KEEP_COLUMN
 
 NOISED_KEYS = ("t3s_noisy_ids", "t3s_masked", "t3s_p_mask", "t3s_answer", "t3s_forced", "t3s_segments")
@@ -117,9 +117,9 @@ def masked_diffusion_compute_loss(model, inputs: dict[str, torch.Tensor], *, mas
     masked_tokens; see :func:`step_normalizer`). Only the latter is exact under gradient
     accumulation for every normalization; :class:`t3s_kernels.masked_diffusion_trainer.MaskedDiffusionTrainer`
     does it for HF Trainer."""
-    if not is_t3s_patched(model):
+    if patch_mode(model) != "masked_diffusion":  # a causal patch would shift the masked positions' labels
         raise ValueError("masked_diffusion_compute_loss needs a model patched with apply_t3s(model, "
-                         "mode='masked_diffusion')")
+                         f"mode='masked_diffusion'); this one is {patch_mode(model) or 'not patched'}")
     block_size = patch_block_size(model)
     check_conventions(weighting=weighting, normalization=normalization, padding=padding, rate=rate,
                       block_size=block_size)
@@ -179,8 +179,7 @@ def _trainer_class():
                      padding: str = "dropped", rate: str = "sequence", **kwargs):
             model = kwargs.get("model", args[0] if args else None)
             check_conventions(weighting=weighting, normalization=normalization, padding=padding, rate=rate,
-                              block_size=None if model is None or not is_t3s_patched(model)
-                              else patch_block_size(model))
+                              block_size=None if model is None else patch_block_size(model))
             super().__init__(*args, **kwargs)
             self.mask_token_id, self.weighting, self.normalization = mask_token_id, weighting, normalization
             self.rate_range, self.eps, self.seed, self.padding, self.rate = rate_range, eps, seed, padding, rate

@@ -39,7 +39,8 @@ class T3SDataCollator:
     * ``t3s_force_mask``: a masked-diffusion force set (bool), padded with False.
 
     Give it the model: a batch with a mask column for a model that is not patched raises, since an
-    unpatched model (and HF Trainer's column pruning) would drop the column silently.
+    unpatched model (and HF Trainer's column pruning) would drop the column silently. A wrapper of a
+    patched model (a PEFT model whose base model is patched, DDP, torch.compile) is patched.
 
     ``packed=True`` flattens the batch into one row without padding (for flash-attn's varlen
     kernels, or transformers' packed masks on eager/SDPA): ``position_ids`` restart at 0 for each
@@ -53,6 +54,14 @@ class T3SDataCollator:
                  anchors: str = "ignore", packed: bool = False):
         if anchors not in ANCHORS:
             raise ValueError(f"anchors must be one of {ANCHORS}; got {anchors!r}")
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None (the tokenizer has no pad token): pass "
+                             "pad_token_id=tokenizer.eos_token_id, or set tokenizer.pad_token first")
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
+            raise TypeError(f"pad_token_id must be a token id (an int >= 0); got {pad_token_id!r}")
+        if packed and model is None:
+            raise ValueError("packed=True needs the model (model=...): a causal student's packed labels drop each "
+                             "example's first token, a masked-diffusion student's keep it, and the model says which")
         self.pad_token_id = pad_token_id
         self.model = model
         self.ignore_index = ignore_index
@@ -73,7 +82,7 @@ class T3SDataCollator:
         if self.model is None:
             raise ValueError(f"the batch has a '{column}' column: give T3SDataCollator the model (model=...) so that "
                              "it can check the model is patched; an unpatched model ignores the column")
-        if not is_t3s_patched(self.model):
+        if not is_t3s_patched(self.model):  # a wrapper (PEFT, DDP) of a patched model is patched
             raise ValueError(f"the batch has a '{column}' column but {type(self.model).__name__} is not "
                              "patched: call t3s_kernels.apply_t3s(model) first")
         return column

@@ -96,3 +96,14 @@ def test_patched_forward_refuses_anchors_counted_by_num_items(patched):
     model(input_ids=ids, labels=ids.masked_fill(~keep, -100), t3s_weights=keep, num_items_in_batch=9)
     counted = t3s.apply_t3s(tiny_model("qwen3"), anchors="count").train()
     counted(input_ids=ids, labels=ids, t3s_weights=keep, num_items_in_batch=10)
+
+
+def test_masked_diffusion_loss_refuses_a_causal_patch(patched):
+    # is_t3s_patched alone is not enough: a causal patch would shift the labels of the masked positions
+    from t3s_kernels.masked_diffusion_trainer import masked_diffusion_compute_loss
+    from t3s_kernels.toy import MASK_ID
+
+    ids = torch.randint(3, 200, (2, 6))
+    with pytest.raises(ValueError, match="needs a model patched with apply_t3s.*mode='masked_diffusion'.*this one is "
+                                         "causal"):
+        masked_diffusion_compute_loss(patched.train(), dict(input_ids=ids, labels=ids), mask_token_id=MASK_ID)

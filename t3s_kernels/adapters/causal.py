@@ -23,7 +23,12 @@ def as_token_weights(mask: Optional[torch.Tensor], like: torch.Tensor, name: str
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a tensor (bool mask or float weights); got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(like.shape):
-        raise ValueError(f"{name} must have the labels' shape {tuple(like.shape)}; got {tuple(mask.shape)}")
+        short = like.shape[-1] - mask.shape[-1] if mask.dim() == like.dim() and mask.shape[:-1] == like.shape[:-1] \
+            else 0
+        hint = (f": the labels have {short} more positions, as when a PEFT prompt-learning model (prompt tuning, "
+                f"p-tuning, prefix) prepends its {short} virtual tokens to the labels but not to {name}; prepend "
+                f"{short} zeros to {name} (torch.nn.functional.pad({name}, ({short}, 0)))") if short > 0 else ""
+        raise ValueError(f"{name} must have the labels' shape {tuple(like.shape)}; got {tuple(mask.shape)}{hint}")
     if mask.dtype == torch.bool:
         return mask.float()
     if not mask.is_floating_point():

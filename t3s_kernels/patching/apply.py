@@ -14,8 +14,17 @@ from .attention import check_attention
 from .equivalence import check_t3s_patch
 from .forward import make_forward, patched_signature
 from .head import head_math, lm_head, model_configs
-from .refusals import ANCHORS, refuse_unsupported, refuse_wrappers
-from .state import STATE, is_t3s_patched, original_forward, patch_state
+from .refusals import ANCHORS, refuse_bypass, refuse_unsupported, refuse_wrappers
+from .state import (
+    STATE,
+    carries_patch,
+    describe,
+    inner_model,
+    original_forward,
+    patch_state,
+    patched_model,
+    shadowing_forward,
+)
 
 MODES = ("causal", "masked_diffusion")
 # Model types whose own training fixes the masked-diffusion shift: Dream predicts token t from position
@@ -126,6 +135,10 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = "auto", blo
         if reserved in loss_options:
             raise ValueError(f"{reserved} is set by the patch from the model and the batch; do not pass it "
                              "(ignore_index and teacher inputs go to each forward call)")
+    if patched_model(model) is not None and not carries_patch(model):
+        raise ValueError(f"{type(model).__name__} wraps {type(patched_model(model)).__name__}, which apply_t3s already "
+                         "patched: nothing more to do, the wrapper's forward calls the patched one (give the wrapper "
+                         "to T3SDataCollator and the trainer as it is)")
     refuse_wrappers(model)
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: it patches HuggingFace models (an "
@@ -134,13 +147,20 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = "auto", blo
     head_math(model)
     shift = _resolve_shift(model, mode, shift)
     refuse_unsupported(model, mode)
-    if is_t3s_patched(model):
+    if carries_patch(model):
         raise ValueError(f"{type(model).__name__} is already patched; call revert_t3s first")
+    if patch_class and "forward" in vars(model):
+        raise ValueError(f"apply_t3s(patch_class=True): this {type(model).__name__} has a forward of its own on the "
+                         f"instance ({describe(vars(model)['forward'])}, e.g. an accelerate hook), which calls the "
+                         "class's old forward, so the patched class would never run; patch the instance: "
+                         "apply_t3s(model) without patch_class")
     loss = T3SLoss(**loss_options)  # validates the option names and values now, not at the first step
-    state = dict(mode=mode, shift=shift, anchors=anchors, tensor_parallel=tensor_parallel, block_size=block_size,
-                 attention_pending=frozenset({"plain", "padded"}) if mode == "masked_diffusion" and check
-                 else frozenset())
     forward = make_forward(mode, shift, loss)
+    # ``loss``: what the equivalence check swaps for the plain loss; ``patched``: how a forward installed
+    # over the patch is told from it; ``instance_forward``: a wrapper already on the instance, put back by revert.
+    state = dict(mode=mode, shift=shift, anchors=anchors, tensor_parallel=tensor_parallel, loss=loss, patched=forward,
+                 block_size=block_size, attention_pending=frozenset({"plain", "padded"})
+                 if mode == "masked_diffusion" and check else frozenset())
     if patch_class:
         cls = type(model)
         forward.__signature__ = patched_signature(cls.forward)
@@ -148,8 +168,12 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = "auto", blo
         cls.forward = forward
     else:
         forward.__signature__ = patched_signature(model.forward)
-        setattr(model, STATE, dict(state, original=model.forward))  # bound to model; deepcopy rebinds it
+        setattr(model, STATE, dict(state, original=model.forward,  # bound to model; deepcopy rebinds it
+                                   instance_forward=vars(model).get("forward")))
         model.forward = types.MethodType(forward, model)
+    backbone = getattr(model, "base_model", None)
+    if isinstance(backbone, torch.nn.Module) and backbone is not model:  # TRL's fused head calls it directly
+        backbone.register_forward_pre_hook(refuse_bypass, with_kwargs=True)
     if check:
         if _on_meta(model):
             patch_state(model)["deferred_check"] = check_t3s_patch  # at the first training forward
@@ -165,14 +189,44 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = "auto", blo
 
 
 def revert_t3s(model):
-    """Undo ``apply_t3s``; returns the model."""
+    """Undo ``apply_t3s``: the forward the model had before comes back (a wrapper that was on the
+    instance, such as an accelerate hook, included); returns the model. A forward installed over the
+    patch since is refused by name rather than dropped."""
+    if not carries_patch(model):
+        inner = patched_model(model)
+        if inner is not None:
+            raise ValueError(f"{type(model).__name__} is not patched itself; its {type(inner).__name__} is: "
+                             f"revert_t3s(model.{_inner_path(model)})")
+        raise ValueError(f"{type(model).__name__} is not patched by apply_t3s")
+    over = shadowing_forward(model)
+    if over is not None:
+        raise ValueError(f"{type(model).__name__}.forward was replaced after apply_t3s (by {describe(over)}); "
+                         "revert_t3s would drop that wrapper with the patch: remove it first (del model.forward)")
     if STATE in vars(model):
+        previous = vars(model)[STATE].get("instance_forward")
         del model.forward  # the instance attribute; the class's forward shows through again
+        if previous is not None:
+            model.forward = previous
         delattr(model, STATE)
-    elif STATE in vars(type(model)):
+    else:
         cls = type(model)
         cls.forward = getattr(cls, STATE)["original"]
         delattr(cls, STATE)
-    else:
-        raise ValueError(f"{type(model).__name__} is not patched by apply_t3s")
+    backbone = getattr(model, "base_model", None)
+    if isinstance(backbone, torch.nn.Module):
+        for key, hook in list(backbone._forward_pre_hooks.items()):  # by identity: a deep copy has its own dict
+            if hook is refuse_bypass:
+                del backbone._forward_pre_hooks[key]
+                backbone._forward_pre_hooks_with_kwargs.pop(key, None)
     return model
+
+
+def _inner_path(model) -> str:
+    """How to reach the patched model inside ``model``'s wrappers, for a message."""
+    steps, inner = [], model
+    while inner is not None and not carries_patch(inner):
+        nxt = inner_model(inner)
+        steps.append("get_base_model()" if nxt is not None and hasattr(inner, "peft_config") else
+                     next((n for n in ("module", "_orig_mod") if getattr(inner, n, None) is nxt), "?"))
+        inner = nxt
+    return ".".join(steps)

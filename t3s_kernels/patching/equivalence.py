@@ -57,7 +57,7 @@ def check_t3s_patch(model, *, seed: int = 0) -> None:
     if any(hasattr(cfg, "output_router_logits") for cfg in model_configs(model)) and accepts(original,
                                                                                             "output_router_logits"):
         kwargs["output_router_logits"] = True
-    plain = T3SLoss(**{k: v for k, v in model.forward._t3s_loss.options.items() if k in _RUN_OPTIONS})
+    plain = T3SLoss(**{k: v for k, v in state["loss"].options.items() if k in _RUN_OPTIONS})
     was_training = model.training
     devices = [ids.device] if ids.device.type == "cuda" else []
     model.train()

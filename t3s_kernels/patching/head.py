@@ -29,7 +29,7 @@ LOGIT_SCALES = {
 # attribute, the embedding), or None when the model's head is untied.
 TIED_HEADS = {
     "llada": lambda m: (m.model.config, "weight_tying", m.model.transformer, "ff_out", m.model.transformer.wte)
-    if getattr(m.model.config, "weight_tying", False) else None,
+    if getattr(getattr(getattr(m, "model", None), "config", None), "weight_tying", False) else None,
 }
 
 
@@ -102,9 +102,15 @@ def lm_head(model) -> torch.nn.Linear:
         raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: it has no LM head "
                         "(get_output_embeddings() / lm_head), as HuggingFace causal LMs have")
     if not is_plain_linear(head):
-        raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: its LM head is a {type(head).__name__}, "
-                        "not exactly torch.nn.Linear, so its forward may scale or transform the logits in ways the "
-                        "fused op does not reproduce")
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
+        if type(head).__module__.startswith("peft."):
+            raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: its LM head carries a PEFT adapter "
+                            f"({kind}), whose extra term the fused op does not compute; leave the head out of the "
+                            "adapter (target_modules without lm_head; modules_to_save trains it in full), or merge "
+                            "the adapter first (merge_and_unload)")
+        raise TypeError(f"apply_t3s cannot patch {type(model).__name__}: its LM head is a {kind}, not exactly "
+                        "torch.nn.Linear, so its forward may scale or transform the logits in ways the fused op does "
+                        "not reproduce; use a plain nn.Linear head")
     return head
 
 

@@ -3,6 +3,10 @@ reason and the fix."""
 
 from __future__ import annotations
 
+import sys
+
+import torch
+
 from .head import model_configs
 
 # Families whose causal-LM loss compares position t with label t (no shift).
@@ -54,8 +58,46 @@ def refuse_counted_anchors(labels, shift_labels, t3s_weights, ignore_index: int)
                          "label token on purpose")
 
 
+# TRL's SFTTrainer (>= 1.0) replaces ``model.forward`` with its fused LM head (trl's ``add_fused_lm_head``), and
+# its compute_loss calls ``model(..., fused_lm_head=True)``: the backbone, then TRL's own loss.
+_TRL_FUSED_HEAD = "_fused_forward"
+TRL_FIX = ("override SFTTrainer.compute_loss to return model(**inputs, num_items_in_batch=num_items_in_batch).loss, "
+           "which runs the patch (integrations/trl_sft_t3s.py), or train with transformers' Trainer")
+
+
+def _bypassed_by_trl(frame) -> bool:
+    """Walking up from ``frame``: TRL's fused head is met before the patched forward (which TRL's
+    wrapper calls when it does not take its fused path)."""
+    for _ in range(64):
+        if frame is None:
+            return False
+        code, module = frame.f_code, frame.f_globals.get("__name__", "")
+        if code.co_name == "forward" and module == f"{__package__}.forward":
+            return False
+        if code.co_name == _TRL_FUSED_HEAD and module.startswith("trl."):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def refuse_bypass(backbone, args, kwargs):
+    """A forward pre-hook on a patched model's backbone (``model.base_model``): a training forward that
+    reaches it through TRL's fused LM head, not through the patch, would ignore ``t3s_weights`` and the
+    patch's loss options while the model reads as patched; refused, with the fix."""
+    if not (backbone.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return None
+    if _bypassed_by_trl(sys._getframe(1)):
+        raise ValueError(f"TRL's fused LM head (fused_lm_head=True) runs {type(backbone).__name__} and TRL's own loss "
+                         "around the T3S patch, so t3s_weights and apply_t3s's loss options would be silently "
+                         f"ignored; {TRL_FIX}")
+    return None
+
+
 def refuse_generation_options(kwargs: dict) -> None:
-    """Forward options of generation that a training loss cannot honour."""
+    """Forward options of generation (or of another fused head) that a training loss cannot honour."""
+    if kwargs.get("fused_lm_head"):
+        raise ValueError("fused_lm_head=True asks TRL's fused LM head (installed under the patch) for its own loss "
+                         f"and outputs, which would bypass the T3S loss; {TRL_FIX}")
     keep = kwargs.get("logits_to_keep", 0)
     if not (isinstance(keep, int) and keep == 0):
         raise ValueError("logits_to_keep selects positions for generation; it cannot be combined with labels in "

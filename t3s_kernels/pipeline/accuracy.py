@@ -4,9 +4,11 @@ bottleneck (``t3s bottleneck`` reads the table written here). Teacher-forced tok
 not a substitute: it rises monotonically from the first step.
 
 Generation is greedy by default (``do_sample=False``), batched with left padding, up to the
-reference answer's length plus ``slack`` new tokens, stopping at the end-of-sequence token.
-Verifiers compare the generated answer with the reference answer (the example's labelled
-tokens, up to the end-of-sequence token):
+reference answer's length plus ``slack`` new tokens, stopping at an end-of-sequence token.
+``eos_token_id`` is one id or several (Llama 3.x and Gemma 3 configs list several: the answer
+ends at the first of any of them); ``eos_token_ids(model)`` gathers the model's config and
+generation config's. Verifiers compare the generated answer with the reference answer (the
+example's labelled tokens, up to the first end-of-sequence token):
 
 * ``"exact"``: the same tokens (with a tokenizer: the same text, stripped);
 * ``"math"``: the final answers, extracted and compared symbolically by math-verify (the ``math``
@@ -25,7 +27,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -119,12 +121,39 @@ def make_verifier(spec: str, tokenizer=None) -> Callable[[list[int], list[int], 
     return lambda pred, ref, ex_id: check(_text(pred, tokenizer), _text(ref, tokenizer), ex_id)
 
 
-def _split(ex: Example, eos_id: Optional[int]) -> tuple[list[int], list[int]]:
-    """(prompt tokens, reference answer tokens without the end-of-sequence token)."""
+EosIds = Union[None, int, Sequence[int]]
+
+
+def as_eos_ids(eos_token_id: EosIds, what: str = "eos_token_id") -> tuple[int, ...]:
+    """``eos_token_id`` (None, one id, or a list of ids, as HF configs hold it) as a tuple of ints."""
+    if eos_token_id is None:
+        return ()
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    if not isinstance(ids, (list, tuple)) or not ids or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ValueError(f"{what} must be a token id or a list of token ids; got {eos_token_id!r}")
+    return tuple(ids)
+
+
+def eos_token_ids(model) -> tuple[int, ...]:
+    """Every end-of-sequence id the model's config and generation config name (each may be a list)."""
+    ids: list[int] = []
+    for owner in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        for t in as_eos_ids(getattr(owner, "eos_token_id", None), f"{type(model).__name__}'s eos_token_id"):
+            if t not in ids:
+                ids.append(t)
+    return tuple(ids)
+
+
+def cut_at_eos(tokens: list[int], eos_ids: Sequence[int]) -> list[int]:
+    """``tokens`` up to (without) the first of any of ``eos_ids``."""
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in eos_ids), tokens)
+
+
+def _split(ex: Example, eos_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(prompt tokens, reference answer tokens up to the first end-of-sequence token)."""
     k = ex.prompt_length
-    answer = [t for t, y in zip(ex.input_ids[k:], ex.labels[k:]) if y != IGNORE]
-    if eos_id is not None and eos_id in answer:
-        answer = answer[:answer.index(eos_id)]
+    answer = cut_at_eos([t for t, y in zip(ex.input_ids[k:], ex.labels[k:]) if y != IGNORE], eos_ids)
     if k == 0:
         raise ValueError(f"example '{ex.id}' has no prompt (its first token is labelled); nothing to answer")
     return ex.input_ids[:k], answer
@@ -132,7 +161,7 @@ def _split(ex: Example, eos_id: Optional[int]) -> tuple[list[int], list[int]]:
 
 @torch.no_grad()
 def generation_accuracy(model, examples: Sequence[Example], *, verifier: str = "exact", tokenizer=None,
-                        eos_token_id: Optional[int] = None, pad_token_id: int = 0, batch_size: int = 16,
+                        eos_token_id: EosIds = None, pad_token_id: int = 0, batch_size: int = 16,
                         slack: int = 8, do_sample: bool = False, progress: bool = True) -> AccuracyResult:
     """The fraction of ``examples`` whose generated answer the verifier accepts."""
     if not examples:
@@ -142,6 +171,7 @@ def generation_accuracy(model, examples: Sequence[Example], *, verifier: str = "
     from tqdm import tqdm
 
     check = make_verifier(verifier, tokenizer)
+    eos_ids = as_eos_ids(eos_token_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -150,7 +180,7 @@ def generation_accuracy(model, examples: Sequence[Example], *, verifier: str = "
         bar = tqdm(total=len(examples), desc="answers", disable=not progress)
         for start in range(0, len(examples), batch_size):
             chunk = list(examples[start:start + batch_size])
-            pairs = [_split(ex, eos_token_id) for ex in chunk]
+            pairs = [_split(ex, eos_ids) for ex in chunk]
             longest = max(len(p) for p, _ in pairs)
             ids = torch.full((len(chunk), longest), pad_token_id, dtype=torch.long)
             attn = torch.zeros_like(ids)
@@ -159,11 +189,10 @@ def generation_accuracy(model, examples: Sequence[Example], *, verifier: str = "
                 attn[r, longest - len(prompt):] = 1
             new = max(len(ref) for _, ref in pairs) + slack
             out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=new,
-                                 do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                                 do_sample=do_sample, eos_token_id=list(eos_ids) or None,
+                                 pad_token_id=pad_token_id)
             for r, (ex, (_, ref)) in enumerate(zip(chunk, pairs)):
-                pred = out[r, longest:].tolist()
-                if eos_token_id is not None and eos_token_id in pred:
-                    pred = pred[:pred.index(eos_token_id)]
+                pred = cut_at_eos(out[r, longest:].tolist(), eos_ids)
                 predictions[ex.id] = pred
                 correct[ex.id] = bool(check(pred, ref, ex.id))
             bar.update(len(chunk))

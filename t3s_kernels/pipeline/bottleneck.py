@@ -45,16 +45,36 @@ def find_bottleneck(table: Sequence[tuple[str, float]]) -> tuple[str, float]:
     return table[best][0], float(table[best][1])
 
 
+def _accuracy_value(value, where: str) -> float:
+    """A table's accuracy entry as a float, or a refusal naming the entry."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: the accuracy must be a number; got {json.dumps(value)[:60]}")
+    return float(value)
+
+
 NOISE_Z = 2.0  # standard errors a dip must exceed to be a trough (about 95% one-sided, for a normal error)
 
 
 def read_accuracy_table(path: str) -> list[tuple[str, float]]:
-    """A CSV/TSV of ``checkpoint,accuracy`` lines (a header line is skipped; more columns are read by
-    ``read_accuracy_errors``) or a JSON object."""
-    text = open(path).read()
+    """A CSV/TSV of ``checkpoint,accuracy`` lines (a header line is skipped; a third column of standard
+    errors is read by ``read_accuracy_errors``), or a JSON file: an object ``{checkpoint: accuracy}`` or an
+    array of ``{"checkpoint": ..., "accuracy": ...}`` objects (in order)."""
+    try:
+        text = open(path).read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"accuracy table {path}: cannot be read ({e})") from None
     if path.endswith(".json"):
-        data = json.loads(text)
-        return [(str(k), float(v)) for k, v in data.items()]
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if isinstance(data, dict):
+            return [(str(k), _accuracy_value(v, f"{path}: checkpoint {k!r}")) for k, v in data.items()]
+        if isinstance(data, list) and all(isinstance(r, dict) and {"checkpoint", "accuracy"} <= set(r) for r in data):
+            return [(str(r["checkpoint"]), _accuracy_value(r["accuracy"], f"{path}[{i}] ({r['checkpoint']})"))
+                    for i, r in enumerate(data)]
+        raise ValueError(f"{path}: expected a JSON object {{checkpoint: accuracy}} or an array of "
+                         f"{{\"checkpoint\", \"accuracy\"}} objects; got {json.dumps(data)[:60]}")
     return [(name, acc) for name, acc, _ in _csv_rows(path, text)]
 
 
@@ -79,7 +99,7 @@ def _csv_rows(path: str, text: str) -> list:
         except (IndexError, ValueError):
             if n == 1:
                 continue  # header
-            raise ValueError(f"{path}:{n}: expected 'checkpoint,accuracy[,stderr]'; got {line!r}")
+            raise ValueError(f"{path}:{n}: expected 'checkpoint,accuracy[,stderr]'; got {line!r}") from None
     return rows
 
 

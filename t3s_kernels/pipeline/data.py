@@ -1,6 +1,7 @@
 """Reading a dataset of traces, pre-tokenized or text.
 
-Where: a JSONL file, a Parquet file, a ``datasets.save_to_disk`` folder (a ``DatasetDict`` needs
+Where: a JSONL file (``.jsonl``; ``.json`` holds JSON lines or one array of objects; either
+compressed as ``.gz``), a Parquet file, a ``datasets.save_to_disk`` folder (a ``DatasetDict`` needs
 ``split`` unless it has one split), or a hub-style folder of Parquet / JSONL files (read by
 ``datasets.load_dataset``; the same ``split`` rule).
 
@@ -16,6 +17,7 @@ Each example has an ``id`` (without an ``id`` column, the row index, said on std
 
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 from dataclasses import dataclass
@@ -140,7 +142,40 @@ def _one_split(dataset, path: str, split: Optional[str]):
     return dataset[split]
 
 
-DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# How a data file's name ends -> the loader ``datasets.load_dataset`` reads a folder of them with.
+DATA_FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".jsonl.gz": "json", ".json.gz": "json"}
+
+
+def data_file_type(path: Path) -> Optional[str]:
+    """The ending of ``DATA_FILE_TYPES`` that ``path``'s name has (the longest), or None."""
+    return max((end for end in DATA_FILE_TYPES if path.name.endswith(end)), key=len, default=None)
+
+
+def _json_records(p: Path, path: str) -> list[tuple[str, object]]:
+    """(where, value) of a JSON-lines file, or of a JSON file holding one array (``.json``), gzipped or not."""
+    try:
+        with (gzip.open(p, "rt") if p.name.endswith(".gz") else open(p)) as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot be read as {'gzipped ' if p.name.endswith('.gz') else ''}text ({e})") \
+            from None
+    if data_file_type(p) in (".json", ".json.gz"):
+        try:  # one JSON value: an array of examples (or a single one); else JSON lines, as to_json writes them
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, list):
+            return [(f"{path}[{i}]", v) for i, v in enumerate(whole)]
+        if whole is not None:
+            return [(path, whole)]
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+    return records
 
 
 def _records(path: str, split: Optional[str]) -> list[tuple[str, dict]]:
@@ -153,7 +188,7 @@ def _records(path: str, split: Optional[str]) -> list[tuple[str, dict]]:
             load_from_disk = require("datasets", f"reading the saved dataset {path}").load_from_disk
             rows = _one_split(load_from_disk(str(p)), path, split)
         else:
-            files = [f for f in sorted(p.rglob("*")) if f.suffix in DATA_FILE_TYPES and f.is_file()]
+            files = [f for f in sorted(p.rglob("*")) if data_file_type(f) and f.is_file()]
             if not files:
                 raise ValueError(f"{path}: a folder with neither a saved dataset (save_to_disk) nor "
                                  f"{'/'.join(DATA_FILE_TYPES)} files")
@@ -162,17 +197,18 @@ def _records(path: str, split: Optional[str]) -> list[tuple[str, dict]]:
         return [(f"{path}[{i}]", dict(r)) for i, r in enumerate(rows)]
     if split is not None:
         raise ValueError(f"--split {split}: {path} is a single file without splits")
-    if p.suffix == ".parquet":
+    kind = data_file_type(p)
+    if kind is None:
+        raise ValueError(f"{path}: not a data file this reads; give a {', '.join(DATA_FILE_TYPES)} file, a "
+                         "save_to_disk folder or a folder of such files")
+    if kind == ".parquet":
         pq = require("pyarrow.parquet", f"reading the Parquet file {path}")
         return [(f"{path}[{i}]", r) for i, r in enumerate(pq.read_table(str(p)).to_pylist())]
-    records = []
-    with open(p) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+    records = _json_records(p, path)
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object (one example with its fields); got "
+                             f"{json.dumps(record)[:60]}")
     return records
 
 

@@ -155,9 +155,10 @@ def _check_fits(model, examples: list[Example], mask_token_id: Optional[int] = N
         raise ValueError(f"mask_token_id {mask_token_id} is outside the model's vocabulary [0, {vocab})")
     positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     for e in examples:
-        bad = next((t for t in e.input_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"example '{e.id}' has token id {bad}, outside the model's vocabulary [0, {vocab})")
+        for what, tokens in (("token id", e.input_ids), ("label id", [y for y in e.labels if y != IGNORE])):
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:  # labels too: a target outside the vocabulary would fail mid-run, shards written
+                raise ValueError(f"example '{e.id}' has {what} {bad}, outside the model's vocabulary [0, {vocab})")
         if positions is not None and len(e.input_ids) > positions:
             raise ValueError(f"example '{e.id}' has {len(e.input_ids)} tokens, more than the model's "
                              f"max_position_embeddings = {positions}; shorten it or leave it out")

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..extras import pyplot
-from .store import ScoreSet, StoreError, atomic_write_bytes
+from .store import ScoreSet, StoreError, atomic_write_bytes, token_hash
 
 RULES = ("ar", "dllm", "inverse", "confidence_high", "confidence_low", "entropy", "random")
 TRAJECTORY_RULES = ("ar", "dllm", "inverse")
@@ -46,6 +46,7 @@ class Selection:
     ids: list[str]
     params: dict
     use: str = "keep"  # "keep" (AR keep-mask) or "force_mask" (masked-diffusion force set)
+    token_hashes: Optional[list[str]] = None  # the scored examples' token hashes: attach_mask checks them
 
     def example(self, i: int) -> torch.Tensor:
         return self.mask[self.offsets[i]:self.offsets[i + 1]]
@@ -64,10 +65,31 @@ class Selection:
                 "fraction_selected": selected / max(total_scored, 1), "per_example": per_example}
 
 
+# What two score sets compared token by token must share of their producers (producer.json): dc between
+# two checkpoints means nothing across scoring protocols, their parameters, model families or dtypes.
+SAME_PRODUCER = ("model_type", "dtype", "protocol", "rounds", "seed", "mask_token_id")
+
+
 def check_aligned(a: ScoreSet, b: ScoreSet) -> None:
+    """Refuse two score sets that are not of the same dataset: ids, token counts and, where recorded,
+    the tokens themselves (the dataset hash)."""
     if a.ids != b.ids or not torch.equal(a.offsets, b.offsets):
         raise StoreError(f"score sets '{a.name}' and '{b.name}' are not of the same dataset "
                          "(their ids or token counts differ)")
+    if a.dataset_hash is not None and b.dataset_hash is not None and a.dataset_hash != b.dataset_hash:
+        raise StoreError(f"score sets '{a.name}' and '{b.name}' were scored on other tokens (dataset hashes "
+                         f"{a.dataset_hash} and {b.dataset_hash}, same ids and lengths); score both on one dataset")
+
+
+def check_comparable(a: ScoreSet, b: ScoreSet) -> None:
+    """``check_aligned``, and producers that agree on ``SAME_PRODUCER`` where both are recorded."""
+    check_aligned(a, b)
+    if a.producer is not None and b.producer is not None:
+        differ = [k for k in SAME_PRODUCER if a.producer.get(k) != b.producer.get(k)]
+        if differ:
+            raise StoreError(f"score sets '{a.name}' and '{b.name}' were scored otherwise (they differ in {differ}: "
+                             + ", ".join(f"{k} {a.producer.get(k)!r} vs {b.producer.get(k)!r}" for k in differ)
+                             + "); score both checkpoints with the same settings")
 
 
 def _top_fraction(values: torch.Tensor, scored: torch.Tensor, budget: float, largest: bool) -> torch.Tensor:
@@ -101,7 +123,7 @@ def select(rule: str, base: ScoreSet, bottleneck: Optional[ScoreSet] = None, *, 
     if rule in TRAJECTORY_RULES:
         if bottleneck is None:
             raise ValueError(f"rule '{rule}' needs the bottleneck checkpoint's score set")
-        check_aligned(base, bottleneck)
+        check_comparable(base, bottleneck)
         if bottleneck.name == base.name or torch.equal(base.values["logprob"], bottleneck.values["logprob"]):
             raise ValueError(f"the bottleneck '{bottleneck.name}' is the base checkpoint '{base.name}' itself (dc = 0 "
                              "for every token: the AR rule would keep everything and the dLLM rule select nothing); "
@@ -131,14 +153,15 @@ def select(rule: str, base: ScoreSet, bottleneck: Optional[ScoreSet] = None, *, 
             mask = _top_fraction(base.values["entropy"], scored, budget, largest=True)
         else:
             mask = _top_fraction(base.values["logprob"], scored, budget, largest=rule == "confidence_high")
-    return Selection(rule=rule, mask=mask, offsets=base.offsets, ids=base.ids, params=params, use=use)
+    return Selection(rule=rule, mask=mask, offsets=base.offsets, ids=base.ids, params=params, use=use,
+                     token_hashes=base.token_hashes)
 
 
 def trajectory(sets: Sequence[ScoreSet], anchors: torch.Tensor) -> dict:
     """Mean confidence of the anchors and of the other scored tokens under each checkpoint."""
     out = {"checkpoints": [], "anchors": [], "others": []}
     for s in sets:
-        check_aligned(sets[0], s)
+        check_comparable(sets[0], s)
         scored = s.values["scored"]
         lp = s.values["logprob"]
         out["checkpoints"].append(s.name)
@@ -152,7 +175,8 @@ def save_selection(sel: Selection, out_dir: str, scored: torch.Tensor) -> dict:
     from safetensors.torch import save
 
     out = Path(out_dir)
-    meta = {"rule": sel.rule, "use": sel.use, "params": json.dumps(sel.params), "ids": json.dumps(sel.ids)}
+    meta = {"rule": sel.rule, "use": sel.use, "params": json.dumps(sel.params), "ids": json.dumps(sel.ids),
+            "token_hashes": json.dumps(sel.token_hashes)}
     atomic_write_bytes(out / "mask.safetensors", save({"mask": sel.mask, "offsets": sel.offsets}, metadata=meta))
     summary = sel.summary(scored)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
@@ -160,33 +184,43 @@ def save_selection(sel: Selection, out_dir: str, scored: torch.Tensor) -> dict:
 
 
 def load_selection(path: str) -> Selection:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     file = Path(path) / "mask.safetensors" if Path(path).is_dir() else Path(path)
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata()
-        mask, offsets = f.get_tensor("mask"), f.get_tensor("offsets")
-    use = meta.get("use") or _USE_OF_RULE.get(meta["rule"])  # files from before "use" was recorded
+    redo = "select it again (t3s select)"
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            mask, offsets = f.get_tensor("mask"), f.get_tensor("offsets")
+        rule, ids, params = meta["rule"], json.loads(meta["ids"]), json.loads(meta["params"])
+        hashes = json.loads(meta.get("token_hashes", "null"))
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
+        raise StoreError(f"{file}: not a selection this library wrote, or damaged ({type(e).__name__}: {e}); "
+                         f"{redo}") from None
+    use = meta.get("use") or _USE_OF_RULE.get(rule)  # files from before "use" was recorded
     if use not in USES:
-        raise StoreError(f"{file}: a {meta['rule']!r} mask that does not record its use (keep or force_mask); "
-                         "select it again")
-    return Selection(rule=meta["rule"], mask=mask, offsets=offsets, ids=json.loads(meta["ids"]),
-                     params=json.loads(meta["params"]), use=use)
+        raise StoreError(f"{file}: a {rule!r} mask that does not record its use (keep or force_mask); {redo}")
+    return Selection(rule=rule, mask=mask, offsets=offsets, ids=ids, params=params, use=use, token_hashes=hashes)
 
 
 def attach_mask(examples: list[dict], selection: Selection) -> list[dict]:
     """Examples (dicts with ``id`` and ``input_ids``) with the selection as a per-token column, matched
     by id: ``t3s_weights`` for a keep-mask, ``t3s_force_mask`` for a force set (``COLUMNS``); refuses
-    examples the selection does not know or whose length differs."""
+    examples the selection does not know, whose length differs or (where the selection records token
+    hashes) whose tokens differ."""
     column = COLUMNS[selection.use]
     index = {ex_id: i for i, ex_id in enumerate(selection.ids)}
     out = []
     for ex in examples:
         if str(ex["id"]) not in index:
             raise StoreError(f"example '{ex['id']}' is not in the selection (made for another dataset?)")
-        m = selection.example(index[str(ex["id"])])
+        i = index[str(ex["id"])]
+        m = selection.example(i)
         if m.numel() != len(ex["input_ids"]):
             raise StoreError(f"example '{ex['id']}' has {len(ex['input_ids'])} tokens but its mask {m.numel()}")
+        if selection.token_hashes is not None and token_hash(ex["input_ids"]) != selection.token_hashes[i]:
+            raise StoreError(f"example '{ex['id']}' has other tokens than the selection was scored on (same id and "
+                             "length): another dataset or tokenization; attach the mask to the dataset it was made on")
         out.append({**ex, column: m.tolist()})
     return out
 

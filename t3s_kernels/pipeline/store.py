@@ -19,9 +19,14 @@ What is checked, so that nothing stored is mixed or silently wrong:
   * each shard records its score set, its examples' ids and a SHA-256 per tensor; a read
     checks all three and the ranges (log-probabilities <= 0, entropies >= 0, finite): a
     corrupt, misplaced or foreign shard is reported, never skipped or used;
+  * each shard also carries the identity it was scored on: its examples' token hashes, the
+    dataset hash and a hash of its producer; a read checks them against the manifest and the
+    set's ``producer.json``, so a shard scored on other tokens (a manifest deleted and rebound
+    to another dataset of the same ids and lengths, a score-set folder copied from another
+    store) or by another producer is refused, not compared;
   * a score set records what produced it (``producer.json``: model, weights fingerprint,
     dtype, protocol and its parameters, library version); resuming it with another producer
-    is refused.
+    is refused, and ``select`` refuses to compare two sets of other datasets or protocols.
 """
 
 from __future__ import annotations
@@ -55,6 +60,34 @@ def token_hash(tokens: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps([int(t) for t in tokens]).encode()).hexdigest()[:32]
 
 
+def dataset_hash(hashes: Sequence[str]) -> str:
+    """A hash of a whole dataset: its examples' token hashes, in order."""
+    return hashlib.sha256("".join(hashes).encode()).hexdigest()[:32]
+
+
+def producer_hash(producer: Optional[dict]) -> Optional[str]:
+    """A hash of a producer record (as ``producer.json`` holds it), or None."""
+    return None if producer is None else hashlib.sha256(json.dumps(producer, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def read_json(path: Path, what: str, fix: str, kind: type = dict):
+    """The JSON value of ``path`` (a ``kind``), or a StoreError naming the file, what it is and the fix."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path} is damaged (not valid JSON: {e}); it holds {what}: {fix}") from None
+    if not isinstance(value, kind):
+        raise StoreError(f"{path} is damaged (a JSON {type(value).__name__}, not the {kind.__name__} that {what} is); "
+                         f"{fix}")
+    return value
+
+
+def _meta_hash(meta: dict) -> str:
+    """A shard's checksum of its own metadata (every entry but this one)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"},
+                                     sort_keys=True).encode()).hexdigest()
+
+
 def _tensor_hash(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -67,6 +100,25 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _create_lock(lock: Path, holder: dict) -> bool:
+    """Create ``lock`` holding ``holder``, whole or not at all; False if it exists. The record is
+    written to a temporary file and hard-linked into place (the link fails if the lock exists), so
+    a disk that fills mid-write leaves no lock, and a lock is never seen half written."""
+    fd, tmp = tempfile.mkstemp(dir=lock.parent, prefix=f"{lock.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(holder, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, lock)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -114,6 +166,9 @@ class ScoreSet:
     ids: list[str]
     offsets: torch.Tensor  # (n + 1,) int64
     values: dict[str, torch.Tensor]  # logprob, entropy: float32; correct, scored: bool
+    dataset_hash: Optional[str] = None  # the tokens it was scored on (store.dataset_hash), when recorded
+    token_hashes: Optional[list[str]] = None  # each example's token_hash, when recorded
+    producer: Optional[dict] = None  # what scored it (producer.json), when recorded
 
     def example(self, i: int, key: str = "logprob") -> torch.Tensor:
         return self.values[key][self.offsets[i]:self.offsets[i + 1]]
@@ -131,11 +186,14 @@ class ScoreStore:
     def manifest(self) -> Optional[dict]:
         if not self.manifest_path.exists():
             return None
-        try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as e:  # written atomically, so damaged after the fact
-            raise StoreError(f"{self.manifest_path} is damaged (not valid JSON: {e}); restore it from a backup, or "
-                             "score into a new store") from None
+        fix = "restore it from a backup, or score into a new store"
+        manifest = read_json(self.manifest_path, "the store's manifest", fix)  # written atomically: damaged after
+        ids, lengths = manifest.get("ids"), manifest.get("lengths")
+        if not isinstance(ids, list) or not isinstance(lengths, list) or len(ids) != len(lengths) or (
+                "token_hashes" in manifest and len(manifest["token_hashes"]) != len(ids)):
+            raise StoreError(f"{self.manifest_path} is damaged (its ids, lengths and token hashes do not line up); "
+                             f"{fix}")
+        return manifest
 
     def bind(self, ids: Sequence[str], lengths: Sequence[int], hashes: Optional[Sequence[str]] = None) -> None:
         """Record the dataset (first use) or check that it is the recorded one: ids, lengths and, when
@@ -151,7 +209,7 @@ class ScoreStore:
             record = {"ids": ids, "lengths": lengths}
             if hashes is not None:
                 record["token_hashes"] = list(hashes)
-                record["dataset_hash"] = hashlib.sha256("".join(hashes).encode()).hexdigest()[:32]
+                record["dataset_hash"] = dataset_hash(hashes)
             atomic_write_bytes(self.manifest_path, json.dumps(record).encode())
             return
         if current["ids"] != ids:
@@ -162,7 +220,10 @@ class ScoreStore:
             raise StoreError(f"example '{ids[bad]}' has {lengths[bad]} tokens but the store recorded "
                              f"{current['lengths'][bad]}: the dataset (or its tokenization) changed")
         recorded = current.get("token_hashes")
-        if hashes is not None and recorded is not None and list(hashes) != recorded:
+        if hashes is not None and recorded is None:
+            raise StoreError(f"the manifest of {self.root} records no token hashes (an older version, or edited), so "
+                             "its scores cannot be checked against these tokens; score into a new store folder")
+        if hashes is not None and list(hashes) != recorded:
             bad = next(i for i, (a, b) in enumerate(zip(recorded, hashes)) if a != b)
             raise StoreError(f"example '{ids[bad]}' has other tokens than the store {self.root} recorded (same id and "
                              "length): another dataset, or another tokenization; use a new store folder")
@@ -187,27 +248,29 @@ class ScoreStore:
         folder.mkdir(parents=True, exist_ok=True)
         lock = folder / f".lock-r{rank}"
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+        if not _create_lock(lock, me):
             try:
                 holder = json.loads(lock.read_text())
             except (OSError, ValueError):
-                holder = {}
-            stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) \
-                and not _pid_alive(holder["pid"])
-            where = f"{lock} names pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
+                holder = None
+            if not isinstance(holder, dict):
+                holder = None
+            # A lock is written whole, then linked into place, so an unreadable one is damaged, not in the
+            # middle of being written: it names no writer, and is stale. So is one of a dead process of this host.
+            stale = holder is None or (holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
+                                       and not _pid_alive(holder["pid"]))
+            where = f"{lock} is unreadable" if holder is None else \
+                f"{lock} names pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
             if not stale:
                 raise StoreError(f"score set '{name}' (rank {rank}) is being written: {where}. Wait for that writer, "
                                  "or score into another --name (a lock from another host is never taken over; "
                                  "remove the file if you know its writer is gone)") from None
-            # The holder ran on this host and its process is gone (a killed run): said, then taken over.
-            print(f"[t3s] taking over a stale lock of score set '{name}' (rank {rank}): {where}, not running",
-                  file=sys.stderr)
-            lock.unlink()
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+            print(f"[t3s] taking over a stale lock of score set '{name}' (rank {rank}): {where}"
+                  + ("" if holder is None else ", not running"), file=sys.stderr)
+            lock.unlink(missing_ok=True)
+            if not _create_lock(lock, me):
+                raise StoreError(f"score set '{name}' (rank {rank}): another writer took over the stale lock {lock} "
+                                 "first; wait for it, or score into another --name")
         try:
             for tmp in folder.glob(f".shard-r{rank}-*.tmp"):
                 tmp.unlink()
@@ -221,7 +284,7 @@ class ScoreStore:
         path = self._set_dir(name) / "producer.json"
         producer = json.loads(json.dumps(producer))  # as it will read back
         if path.exists():
-            recorded = json.loads(path.read_text())
+            recorded = self.producer(name)
             if recorded != producer:
                 diff = sorted(k for k in set(recorded) | set(producer) if recorded.get(k) != producer.get(k))
                 raise StoreError(f"score set '{name}' was produced by another model or setting (differs in {diff}); "
@@ -234,7 +297,9 @@ class ScoreStore:
 
     def producer(self, name: str) -> Optional[dict]:
         path = self._set_dir(name) / "producer.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        return read_json(path, f"what produced score set '{name}'", "delete the score set to redo it")
 
     def write_shard(self, name: str, rank: int, indices: Sequence[int], stats: Sequence[dict]) -> Path:
         """One shard: examples ``indices`` (dataset positions) with their per-token ``stats``."""
@@ -259,13 +324,20 @@ class ScoreStore:
                     if int(_SHARD.search(p.name).group(1)) == rank]
         path = self._set_dir(name) / f"shard-r{rank}-{max(existing, default=-1) + 1:06d}.safetensors"
         meta = {"score_set": name, "ids": json.dumps([manifest["ids"][i] for i in indices]),
-                "sha256": json.dumps({k: _tensor_hash(v) for k, v in tensors.items()})}
+                "sha256": json.dumps({k: _tensor_hash(v) for k, v in tensors.items()}),
+                # the identity it is scored on: checked on every read (the module docstring)
+                "token_hashes": json.dumps([manifest["token_hashes"][i] for i in indices]
+                                           if "token_hashes" in manifest else None),
+                "dataset_hash": json.dumps(manifest.get("dataset_hash")),
+                "producer": json.dumps(producer_hash(self.producer(name)))}
+        meta["meta_sha256"] = _meta_hash(meta)
         atomic_write_bytes(path, save(tensors, metadata=meta))
         return path
 
     # -- reading ---------------------------------------------------------------------------
-    def _read_shard(self, path: Path, name: str, ids: Sequence[str]) -> dict[str, torch.Tensor]:
-        """A shard's tensors, after every check in the module docstring (``ids``: the manifest's)."""
+    def _read_shard(self, path: Path, name: str, manifest: dict) -> dict[str, torch.Tensor]:
+        """A shard's tensors, after every check in the module docstring (against ``manifest``, and the
+        set's producer.json)."""
         from safetensors import SafetensorError
         from safetensors.torch import safe_open
 
@@ -278,9 +350,13 @@ class ScoreStore:
             raise StoreError(f"corrupt shard {path}: {e}. {redo}") from e
         if meta.get("score_set") != name:
             raise StoreError(f"shard {path} belongs to score set {meta.get('score_set')!r}, not '{name}'. {redo}")
-        sums = json.loads(meta.get("sha256", "null"))
-        if sums is None:
-            raise StoreError(f"shard {path} has no checksums (written by an older version). {redo}")
+        if "sha256" not in meta or "meta_sha256" not in meta:
+            raise StoreError(f"shard {path} has no checksums or no record of what it was scored on (written by an "
+                             f"older version). {redo}")
+        if meta["meta_sha256"] != _meta_hash(meta):
+            raise StoreError(f"corrupt shard {path}: checksum mismatch in its metadata. {redo}")
+        sums, shard_ids, hashes, shard_dataset, shard_producer = (json.loads(meta.get(k, "null")) for k in (
+            "sha256", "ids", "token_hashes", "dataset_hash", "producer"))
         bad = sorted(k for k, v in data.items() if sums.get(k) != _tensor_hash(v)) or sorted(set(sums) ^ set(data))
         if bad:
             raise StoreError(f"corrupt shard {path}: checksum mismatch in {bad}. {redo}")
@@ -291,18 +367,33 @@ class ScoreStore:
                 or bool((ent < -1e-4).any()):
             raise StoreError(f"shard {path} holds values out of range (log-probabilities must be <= 0, entropies >= 0, "
                              f"all finite). {redo}")
-        shard_ids = json.loads(meta.get("ids", "[]"))
-        if shard_ids != [ids[i] if 0 <= i < len(ids) else None for i in data["indices"].tolist()]:
+        ids, indices = manifest["ids"], data["indices"].tolist()
+        if shard_ids != [ids[i] if 0 <= i < len(ids) else None for i in indices]:
             raise StoreError(f"shard {path} holds examples whose ids do not match the manifest's at its positions: "
                              f"it was written for another dataset. {redo}")
+        recorded = manifest.get("token_hashes")
+        if recorded is not None and hashes is not None:
+            bad = next((j for j, i in enumerate(indices) if hashes[j] != recorded[i]), None)
+            if bad is not None:
+                raise StoreError(f"shard {path} scored example '{ids[indices[bad]]}' on other tokens than the store's "
+                                 f"manifest records (same id and length): another dataset or tokenization (the "
+                                 f"manifest was replaced, or the score set copied from another store). {redo}")
+        if (hashes is None) != (recorded is None) or shard_dataset != manifest.get("dataset_hash"):
+            raise StoreError(f"shard {path} was scored on another dataset than the store's manifest records (its "
+                             f"dataset hash {shard_dataset} is not {manifest.get('dataset_hash')}: the manifest was "
+                             f"replaced, or the score set copied from another store). {redo}")
+        expected = producer_hash(self.producer(name))
+        if shard_producer != expected:
+            raise StoreError(f"shard {path} was scored by another producer than score set '{name}' records in "
+                             f"producer.json ({'none' if expected is None else 'another model or setting'}). {redo}")
         return data
 
     def done(self, name: str) -> set[int]:
         """Dataset positions already scored under ``name`` (reads every shard, so corruption surfaces)."""
         seen: set[int] = set()
-        ids = (self.manifest() or {}).get("ids", [])
+        manifest = self.manifest() or {"ids": [], "lengths": []}
         for path in self.shards(name):
-            for i in self._read_shard(path, name, ids)["indices"].tolist():
+            for i in self._read_shard(path, name, manifest)["indices"].tolist():
                 if i in seen:
                     raise StoreError(f"example {i} is in two shards of score set '{name}' ({path})")
                 seen.add(i)
@@ -322,7 +413,7 @@ class ScoreStore:
         ids, lengths = manifest["ids"], manifest["lengths"]
         per_example: dict[int, dict[str, torch.Tensor]] = {}
         for path in self.shards(name):
-            data = self._read_shard(path, name, ids)
+            data = self._read_shard(path, name, manifest)
             starts = torch.cumsum(data["lengths"], 0) - data["lengths"]
             for j, (i, n) in enumerate(zip(data["indices"].tolist(), data["lengths"].tolist())):
                 if i in per_example:
@@ -340,7 +431,9 @@ class ScoreStore:
                              f"(first: {missing[:3]}); run scoring again to finish it")
         offsets = torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0)
         values = {k: torch.cat([per_example[i][k] for i in range(len(ids))]) for k in (*STAT_KEYS, "scored")}
-        return ScoreSet(name=name, ids=list(ids), offsets=offsets, values=values)
+        return ScoreSet(name=name, ids=list(ids), offsets=offsets, values=values,
+                        dataset_hash=manifest.get("dataset_hash"), token_hashes=manifest.get("token_hashes"),
+                        producer=self.producer(name))
 
 
 def iter_batches(order: Iterable[int], lengths: Sequence[int], max_tokens: int, max_batch: int) -> Iterable[list[int]]:

@@ -249,3 +249,40 @@ def test_sampled_answers_are_seeded_batched_and_resumed(tmp_path, capsys):
     assert main(["accuracy", "--checkpoints", str(folder), "--data", str(data), "--samples", "2", "--out",
                  str(out)]) != 0
     assert "samples > 1 needs temperature > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("eos", [[EOS_ID], [EOS_ID, 511], (511, EOS_ID)])
+def test_a_list_of_eos_ids_cuts_answers_as_one_id_does(eos):
+    # Llama 3.x / Gemma 3 configs list several eos ids: each ends an answer, and padding is no answer
+    model = tiny_causal_lm("qwen3", seed=3).eval()
+    examples = examples_for(model)
+    one = generation_accuracy(model, examples, eos_token_id=EOS_ID, batch_size=4, slack=0, progress=False)
+    many = generation_accuracy(model, examples, eos_token_id=eos, batch_size=4, slack=0, progress=False)
+    assert many.correct == one.correct and many.predictions == one.predictions
+    assert many.accuracy == pytest.approx(0.5)
+
+
+def test_eos_ids_come_from_the_config_and_the_generation_config():
+    from t3s_kernels.pipeline.accuracy import as_eos_ids, eos_token_ids
+
+    model = tiny_causal_lm("qwen3", seed=3, eos_token_id=[EOS_ID, 7])
+    model.generation_config.eos_token_id = [7, 9]
+    assert eos_token_ids(model) == (EOS_ID, 7, 9)
+    with pytest.raises(ValueError, match="eos_token_id must be a token id or a list"):
+        as_eos_ids("</s>")
+
+
+def test_cli_cuts_at_a_config_that_lists_its_eos_ids(tmp_path, capsys):
+    from t3s_kernels.cli import main
+
+    model = tiny_causal_lm("qwen3", seed=3, eos_token_id=[EOS_ID, 511])
+    model.generation_config.eos_token_id = [EOS_ID, 511]
+    folder = tmp_path / "checkpoint-1"
+    model.save_pretrained(folder)
+    data = tmp_path / "traces.jsonl"
+    data.write_text("".join(json.dumps(dict(id=e.id, input_ids=e.input_ids, labels=e.labels)) + "\n"
+                            for e in examples_for(model.eval(), right=range(6))))
+    out = tmp_path / "acc.csv"
+    assert main(["accuracy", "--checkpoints", str(folder), "--data", str(data), "--out", str(out), "--slack", "0",
+                 "--quiet"]) == 0
+    assert read_accuracy_table(str(out)) == [("checkpoint-1", 1.0)]

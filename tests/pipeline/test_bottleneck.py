@@ -86,3 +86,26 @@ def test_detector_margins_are_stated_and_positive():
         TroughDetector(min_rise=0.0)
     d = TroughDetector(patience=1, min_rise=0.05, base_accuracy=0.9)  # the base evaluated elsewhere
     assert [d.update(s, a) for s, a in [(10, 0.5), (20, 0.6)]] == [False, True] and d.bottleneck == (10, 0.5)
+
+
+def test_json_accuracy_tables_and_their_refusals(tmp_path):
+    import json
+
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps({"base": 0.7, "step-10": 0.4, "step-20": 1}))
+    assert read_accuracy_table(str(path)) == [("base", 0.7), ("step-10", 0.4), ("step-20", 1.0)]
+    path.write_text(json.dumps([{"checkpoint": "base", "accuracy": 0.7}, {"checkpoint": "step-10", "accuracy": 0.4}]))
+    assert read_accuracy_table(str(path)) == [("base", 0.7), ("step-10", 0.4)]
+    for data, message in [({"base": None}, r"acc.json: checkpoint 'base': the accuracy must be a number; "
+                                           "got null"),
+                          ({"base": [0.5]}, r"checkpoint 'base': the accuracy must be .*got \[0.5\]"),
+                          ({"base": "0.5"}, r"checkpoint 'base': the accuracy must be .*got \"0.5\""),
+                          ([0.5, 0.4], r"acc.json: expected a JSON object \{checkpoint: accuracy\} or an array"),
+                          ([{"checkpoint": "a", "accuracy": None}], r"acc.json\[0\] \(a\): the accuracy must be"),
+                          (None, "expected a JSON object")]:
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=message):
+            read_accuracy_table(str(path))
+    path.write_text("{broken")
+    with pytest.raises(ValueError, match="acc.json: not valid JSON"):
+        read_accuracy_table(str(path))

@@ -146,3 +146,46 @@ def test_read_only_store_is_refused_up_front(tmp_path, capsys, monkeypatch):
         assert f"--store '{store}' is not writable by this user" in capsys.readouterr().err
     finally:
         store.chmod(0o755)
+
+
+def test_json_arrays_and_gzipped_json_lines_are_read(tmp_path):
+    import gzip
+
+    lines = "".join(json.dumps(r) + "\n" for r in ROWS)
+    expected = [(e.id, e.input_ids, e.labels) for e in load_examples(_write(tmp_path / "d.jsonl", lines))]
+    for name, text in [("array.json", json.dumps(ROWS)), ("pretty.json", json.dumps(ROWS, indent=2)),
+                       ("lines.json", lines)]:
+        got = load_examples(_write(tmp_path / name, text))
+        assert [(e.id, e.input_ids, e.labels) for e in got] == expected, name
+    for name, text in [("d.jsonl.gz", lines), ("a.json.gz", json.dumps(ROWS))]:
+        with gzip.open(tmp_path / name, "wt") as f:
+            f.write(text)
+        assert [(e.id, e.input_ids, e.labels) for e in load_examples(str(tmp_path / name))] == expected, name
+    (tmp_path / "hub").mkdir()
+    os.replace(tmp_path / "d.jsonl.gz", tmp_path / "hub" / "train.jsonl.gz")  # a folder of gzipped JSON lines
+    assert [e.id for e in load_examples(str(tmp_path / "hub"))] == ["a", "b"]
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, where, got", [
+    ('{"id": "a", "input_ids": [1, 2], "prompt_length": 1}\nnull\n', "bad.jsonl:2", "null"),
+    ('[1, 2]\n', "bad.jsonl:1", r"\[1, 2\]"),
+    ('"text"\n', "bad.jsonl:1", '"text"'),
+])
+def test_a_json_line_that_is_no_object_is_named(tmp_path, text, where, got):
+    with pytest.raises(ValueError, match=f"{where}: expected a JSON object .*; got {got}"):
+        load_examples(_write(tmp_path / "bad.jsonl", text))
+
+
+def test_a_json_array_of_non_objects_and_other_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"bad.json\[1\]: expected a JSON object .*; got \[3\]"):
+        load_examples(_write(tmp_path / "bad.json", json.dumps([ROWS[0], [3]])))
+    with pytest.raises(ValueError, match=r"data.csv: not a data file this reads; give a .jsonl, .json, .parquet"):
+        load_examples(_write(tmp_path / "data.csv", "id,input_ids\n"))
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=r"broken.jsonl.gz: cannot be read as gzipped text"):
+        load_examples(str(tmp_path / "broken.jsonl.gz"))

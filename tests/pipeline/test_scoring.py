@@ -201,3 +201,13 @@ def test_pre_tokenized_data_needs_no_tokenizer_even_when_a_folder_is_named(tmp_p
     data.write_text(json.dumps({"id": "a", "input_ids": [5, 6, 7], "prompt_length": 1}) + "\n")
     (ex,) = load_examples(str(data), str(tmp_path / "no-tokenizer-here"))  # never loaded: no text example
     assert ex.labels == [-100, 6, 7]
+
+
+def test_a_label_outside_the_vocabulary_is_refused_before_any_shard(tmp_path):
+    model = tiny_causal_lm("qwen3")
+    store = ScoreStore(tmp_path / "store")
+    exs = [Example("ok", [5, 6, 7], [-100, 6, 7]), Example("bad-label", [5, 6, 7], [-100, 6, 700])]
+    with pytest.raises(ValueError, match=r"example 'bad-label' has label id 700, outside the model's vocabulary "
+                                         r"\[0, 512\)"):
+        score_dataset(model, exs, store, "base", max_batch=1, progress=False)
+    assert store.shards("base") == [] and store.manifest() is None  # refused up front, nothing written

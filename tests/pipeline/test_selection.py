@@ -97,3 +97,29 @@ def test_a_selection_records_its_use_and_attaches_to_its_own_column(tmp_path):
     assert select("random", BASE_SET, budget=0.5).use == "keep"
     with pytest.raises(ValueError, match="rule 'ar' makes a 'keep' mask"):
         select("ar", BASE_SET, BOTT_SET, use="force_mask")
+
+
+def test_a_mask_attaches_only_to_the_tokens_it_was_scored_on(tmp_path):
+    from dataclasses import replace
+
+    from t3s_kernels.pipeline.store import token_hash
+
+    tokens = {"x": [1, 2, 3, 4, 5], "y": [1, 2, 3]}
+    hashes = [token_hash(tokens["x"]), token_hash(tokens["y"])]
+    sel = select("ar", replace(BASE_SET, token_hashes=hashes), replace(BOTT_SET, token_hashes=hashes))
+    save_selection(sel, str(tmp_path), SCORED)
+    back = load_selection(str(tmp_path))
+    assert back.token_hashes == hashes
+    assert attach_mask([{"id": "y", "input_ids": tokens["y"]}], back)[0]["t3s_weights"] == [True, True, True]
+    with pytest.raises(StoreError, match="example 'y' has other tokens than the selection was scored on"):
+        attach_mask([{"id": "y", "input_ids": [1, 2, 9]}], back)
+
+
+def test_a_file_that_is_no_selection_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"mask": torch.zeros(2, dtype=torch.bool)}, str(tmp_path / "mask.safetensors"))
+    with pytest.raises(StoreError, match=r"mask.safetensors: not a selection this library wrote, or damaged"):
+        load_selection(str(tmp_path))
+    with pytest.raises(StoreError, match="not a selection this library wrote"):
+        load_selection(str(tmp_path / "absent"))

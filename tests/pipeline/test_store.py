@@ -211,3 +211,126 @@ def test_damaged_manifest_is_named(tmp_path):
     (tmp_path / "manifest.json").write_text('{"ids": ["a", "b"], "len')
     with pytest.raises(StoreError, match=r"manifest.json is damaged \(not valid JSON"):
         store.load("base")
+
+
+def test_a_manifest_rebound_to_other_tokens_does_not_pass_old_shards(tmp_path):
+    from t3s_kernels.pipeline.store import token_hash
+
+    store = _bound(tmp_path)
+    store.write_shard("base", 0, [0, 1], [stats(3), stats(2)])
+    (tmp_path / "manifest.json").unlink()  # lost manifest, then a dataset of the same ids and lengths
+    store.bind(["a", "b"], [3, 2], [token_hash((5, 6, 7)), token_hash((8, 10))])
+    with pytest.raises(StoreError, match=r"shard .*shard-r0-000000.safetensors scored example 'b' on other tokens "
+                                         "than the store's manifest records"):
+        store.load("base")
+    with pytest.raises(StoreError, match="on other tokens"):
+        store.done("base")
+
+
+def test_a_score_set_copied_from_another_store_is_refused(tmp_path):
+    import shutil
+
+    from t3s_kernels.pipeline.selection import select
+
+    here = _bound(tmp_path / "here")
+    there = _bound(tmp_path / "there", tokens=((5, 6, 7), (8, 10)))  # same ids and lengths, other tokens
+    for store in (here, there):
+        with store.writing("base", 0, {"model": "m", "weights": "w0"}):
+            store.write_shard("base", 0, [0, 1], [stats(3), stats(2)])
+    with there.writing("step", 0, {"model": "m", "weights": "w1"}):
+        there.write_shard("step", 0, [0, 1], [stats(3, 1), stats(2, 1)])
+    shutil.copytree(tmp_path / "there" / "scores" / "step", tmp_path / "here" / "scores" / "step")
+    with pytest.raises(StoreError, match=r"scored example 'b' on other tokens than the store's manifest records"):
+        here.load("step")
+    # select, given sets of two stores, compares what they were scored on
+    with pytest.raises(StoreError, match="were scored on other tokens"):
+        select("ar", here.load("base"), there.load("step"))
+    assert select("ar", there.load("base"), there.load("step")).mask.numel() == 5
+
+
+def test_a_shard_of_another_producer_or_without_one_is_refused(tmp_path):
+    store = _bound(tmp_path)
+    with store.writing("base", 0, {"model": "m", "weights": "abc"}):
+        store.write_shard("base", 0, [0, 1], [stats(3), stats(2)])
+    producer = tmp_path / "scores" / "base" / "producer.json"
+    producer.write_text('{"model": "m", "weights": "xyz"}')  # a folder's producer.json swapped
+    with pytest.raises(StoreError, match="was scored by another producer than score set 'base' records"):
+        store.load("base")
+    producer.unlink()
+    with pytest.raises(StoreError, match=r"another producer .* records in producer.json \(none\)"):
+        store.load("base")
+    producer.write_text("[1, 2]")
+    with pytest.raises(StoreError, match=r"producer.json is damaged \(a JSON list, not the dict that what produced "
+                                         "score set 'base' is"):
+        store.load("base")
+
+
+def test_select_refuses_sets_scored_with_other_settings():
+    from t3s_kernels.pipeline.selection import select
+    from t3s_kernels.pipeline.store import ScoreSet
+
+    def scored(name, lp, **producer):
+        values = {"logprob": torch.tensor(lp), "entropy": torch.zeros(3), "correct": torch.zeros(3, dtype=torch.bool),
+                  "scored": torch.ones(3, dtype=torch.bool)}
+        return ScoreSet(name, ["x"], torch.tensor([0, 3]), values, dataset_hash="d",
+                        producer={"model_type": "qwen3", "dtype": "torch.float32", "protocol": "causal", **producer})
+
+    base = scored("base", [-1.0, -2.0, -3.0])
+    with pytest.raises(StoreError, match=r"differ in \['protocol', 'rounds'\]: protocol 'causal' vs"):
+        select("ar", base, scored("step", [-0.5, -2.5, -3.0], protocol="masked_diffusion", rounds=2))
+    with pytest.raises(StoreError, match=r"differ in \['dtype'\]"):
+        select("ar", base, scored("step", [-0.5, -2.5, -3.0], dtype="torch.bfloat16"))
+    assert select("ar", base, scored("step", [-0.5, -2.5, -3.0])).mask.tolist() == [False, True, True]
+
+
+def test_a_lock_left_empty_by_a_full_disk_is_stale_and_a_failed_lock_write_leaves_none(tmp_path, monkeypatch,
+                                                                                       capsys):
+    import json
+
+    store = _bound(tmp_path)
+    folder = tmp_path / "scores" / "base"
+    folder.mkdir(parents=True)
+    (folder / ".lock-r0").write_text("")  # what a disk that filled mid-write left
+    with store.writing("base", 0):
+        assert json.loads((folder / ".lock-r0").read_text())["pid"] > 0
+    assert "taking over a stale lock of score set 'base' (rank 0): " in capsys.readouterr().err
+    assert not (folder / ".lock-r0").exists()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("json.dump", full)
+    with pytest.raises(OSError, match="No space left"):
+        with store.writing("base", 0):
+            pass
+    monkeypatch.undo()
+    assert not list(folder.iterdir())  # neither a lock nor its temporary file
+    with store.writing("base", 0):
+        pass
+
+
+def test_a_damaged_manifest_or_shard_metadata_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    store = _bound(tmp_path)
+    path = store.write_shard("base", 0, [0, 1], [stats(3), stats(2)])
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**meta, "ids": '["a", "c"]'})
+    with pytest.raises(StoreError, match="checksum mismatch in its metadata"):
+        store.load("base")
+    for text in ('["a", "b"]', '{"ids": ["a", "b"], "lengths": [3]}'):
+        (tmp_path / "manifest.json").write_text(text)
+        with pytest.raises(StoreError, match=r"manifest.json is damaged \(.*\); restore it"):
+            store.manifest()
+
+
+def test_token_hashes_cannot_be_checked_against_a_manifest_without_them(tmp_path):
+    from t3s_kernels.pipeline.store import token_hash
+
+    store = ScoreStore(tmp_path)
+    store.bind(["a", "b"], [3, 2])  # no hashes: an older store, or an edited manifest
+    with pytest.raises(StoreError, match="records no token hashes .*score into a new store folder"):
+        store.bind(["a", "b"], [3, 2], [token_hash((5, 6, 7)), token_hash((8, 9))])
