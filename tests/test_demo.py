@@ -34,3 +34,20 @@ def test_demo_traces_are_running_sums_with_fillers_and_heldout_is_disjoint():
     assert ex.input_ids[5:] == [DIGIT0 + 3, FILLER, DIGIT0 + 2, FILLER, DIGIT0 + 6, EOS]
     assert ex.labels[:5] == [IGNORE] * 5 and ex.input_ids[4] == ANS
     assert FILLER not in trace("y", (3, 9, 4), 0.0, random.Random(0)).input_ids
+
+
+def test_the_new_skill_task_trains_and_holds_out_problems_longer_than_the_base_saw(tmp_path, monkeypatch):
+    """--task new_skill: half of each seed's training and held-out problems have HARD_DIGITS digits (the
+    base trains on DIGITS only); the report says so."""
+    from t3s_kernels import demo
+
+    seen = []
+    real = demo.trace
+    monkeypatch.setattr(demo, "trace", lambda ex_id, digits, *a: seen.append((ex_id, len(digits))) or
+                        real(ex_id, digits, *a))
+    assert main(["demo", "--quick", "--seeds", "1", "--task", "new_skill", "--out", str(tmp_path)]) == 0
+    lengths = {kind: [n for ex_id, n in seen if f"-{kind}-" in ex_id] for kind in ("train", "heldout")}
+    for kind, ns in lengths.items():
+        assert ns.count(demo.HARD_DIGITS) == len(ns) // 2 and set(ns) == {demo.DIGITS, demo.HARD_DIGITS}, kind
+    assert all(n == demo.DIGITS for ex_id, n in seen if ex_id.startswith("base-"))
+    assert f"{demo.HARD_DIGITS} digits, which the base never saw" in (tmp_path / "report.md").read_text()
