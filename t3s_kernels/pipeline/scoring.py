@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from ..adapters.block_diffusion import bidirectional_padding_mask
+from ..adapters.packing import VARLEN_ATTENTION
 from ..extras import require
 from ..patching import capture_head_inputs
 from ..validation import DTYPES
@@ -84,6 +86,17 @@ def score_batch_causal(model, examples: list[Example], pad_id: int = 0) -> list[
             for r, e in enumerate(examples)]
 
 
+def _full_attention_padding(model, attn: torch.Tensor):
+    """A padded batch's 2-D mask as a full-attention student must take it (as the patch sends it in
+    training): a 4-D (or flex) mask, since a model's own builder may make a padded 2-D mask causal
+    (transformers 4.x's does, and LLaDA 2.0's code); flash attention's varlen path takes the 2-D one."""
+    attention = getattr(model.config, "_attn_implementation", None)
+    if bool(attn.bool().all()) or attention in VARLEN_ATTENTION:
+        return attn
+    return bidirectional_padding_mask(attn.bool(), attention=attention, dtype=next(model.parameters()).dtype,
+                                      model_name=type(model).__name__)
+
+
 @torch.no_grad()
 def score_batch_masked_diffusion(model, examples: list[Example], indices: list[int], *, mask_token_id: int,
                                  rounds: int = 2, seed: int = 0, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -96,6 +109,7 @@ def score_batch_masked_diffusion(model, examples: list[Example], indices: list[i
         groups[r, answer] = torch.randperm(answer.numel(), generator=g) % rounds
     groups = groups.to(device)
     out = [_stats_dict(len(e.input_ids), device) for e in examples]
+    attn = _full_attention_padding(model, attn)
     for k in range(rounds):
         masked = groups == k
         noisy = torch.where(masked, torch.full_like(ids, mask_token_id), ids)
