@@ -52,12 +52,14 @@ def _full_attention_under_transformers4(decoder, args, kwargs):
     from .adapters.block_diffusion import bidirectional_padding_mask
 
     mask = kwargs.get("attention_mask")
-    if mask is not None and mask.dim() != 2:
-        return None  # already in the form the attention takes
+    if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+        return None  # already in the form the attention takes (4-D, or a flex BlockMask)
     cache = kwargs.get("past_key_values")
     if args or (cache is not None and cache.get_seq_length() > 0):
-        raise NotImplementedError("tiny_bidirectional_lm under transformers 4.x takes keyword arguments and no "
-                                  "filled cache (it is a training stand-in); use transformers >= 5 to generate")
+        version = require("transformers", "the toy models").__version__
+        raise NotImplementedError(f"tiny_bidirectional_lm under transformers {version} takes keyword arguments and "
+                                  "no filled cache (its full-attention mask covers one forward's tokens): call it "
+                                  "without past_key_values, or use transformers >= 5 to decode with a cache")
     ids = kwargs.get("input_ids")
     shape = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
     key_valid = torch.ones(shape, dtype=torch.bool, device=decoder.device) if mask is None else mask.bool()

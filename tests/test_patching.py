@@ -129,6 +129,36 @@ def test_bad_inputs():
         t3s.apply_t3s(tiny_model("llama"), mode="diffusion")
 
 
+def test_the_bidirectional_stand_in_attends_fully_under_either_transformers():
+    """tiny_bidirectional_lm, eager and SDPA, with and without a padding mask: a change at a later real token
+    reaches the first, a change at a padded one reaches no real token. transformers 4.x's mask builder ignores
+    config.is_causal, so there the toy gives its decoder a 4-D mask, and refuses a filled cache by name."""
+    import transformers
+
+    from t3s_kernels.toy import tiny_bidirectional_lm
+
+    ids = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    for attention in ("eager", "sdpa"):
+        model = tiny_bidirectional_lm("llama", attn_implementation=attention).eval()
+        with torch.no_grad():
+            for m in (None, mask):
+                base = model(input_ids=ids, attention_mask=m).logits
+                for pos in (6, 8):
+                    changed = ids.clone()
+                    changed[:, pos] = changed[:, pos] % 400 + 3
+                    moved = (model(input_ids=changed, attention_mask=m).logits - base).abs().amax(-1) > 1e-4
+                    assert bool(moved[0, 0]), (attention, m is None, pos)
+                    if m is not None and pos == 8:
+                        assert not bool(moved[1, :7].any()), attention
+            if int(transformers.__version__.split(".")[0]) < 5:
+                cache = model(input_ids=ids, use_cache=True).past_key_values
+                with pytest.raises(NotImplementedError, match=rf"transformers {transformers.__version__} .*"
+                                   "without past_key_values, or use transformers >= 5"):
+                    model(input_ids=ids[:, :1], past_key_values=cache)
+
+
 def test_masked_diffusion_mode_equals_the_adapter_on_a_bidirectional_student():
     """A bidirectional stand-in (causal mask off), patched in masked-diffusion mode: the loss of
     the patched forward equals the adapter's loss on the same hidden states, and only masked
