@@ -5,7 +5,7 @@
 # held as a constraint, so pip never swaps in a CUDA build), the package with its test extra, and
 # transformers with its companions pinned in requirements-transformers4.txt. The environment is made
 # again when that file changes. Arguments pass through to pytest; an argument that names a path under
-# the tests folder runs that in place of the default set. About 3 minutes with its setup (2 CPU cores).
+# the tests folder runs that in place of the default set. 2.5 to 4.5 minutes with its setup (2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-tf4
