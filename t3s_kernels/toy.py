@@ -31,12 +31,41 @@ def tiny_causal_lm(family: str = "qwen3", seed: int = 0, **overrides):
 def tiny_bidirectional_lm(family: str = "llama", seed: int = 0, **overrides):
     """A masked-diffusion student stand-in: a tiny *ForCausalLM with the causal mask off
     (``config.is_causal = False``, honoured by transformers' mask builder and the attention
-    modules), so every position sees the whole sequence, as in LLaDA."""
+    modules), so every position sees the whole sequence, as in LLaDA.
+
+    transformers 4.x's mask builder has no such flag: it builds a causal mask from a 2-D (or no)
+    attention mask, and takes a 4-D one as given. There the decoder is given a 4-D full-attention
+    mask over the 2-D one's real tokens instead (``_full_attention_under_transformers4``), so the
+    stand-in attends the same under either major version."""
     model = tiny_causal_lm(family, seed=seed, is_causal=False, **overrides)
     for module in model.modules():
         if hasattr(module, "is_causal"):
             module.is_causal = False
+    if int(require("transformers", "the toy models").__version__.split(".")[0]) < 5:
+        model.base_model.register_forward_pre_hook(_full_attention_under_transformers4, with_kwargs=True)
     return model
+
+
+def _full_attention_under_transformers4(decoder, args, kwargs):
+    """The decoder's forward arguments with a 2-D (or no) attention mask replaced by the 4-D (or flex)
+    full-attention mask over the same real tokens (adapters/block_diffusion.py builds it)."""
+    from .adapters.block_diffusion import bidirectional_padding_mask
+
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+        return None  # already in the form the attention takes (4-D, or a flex BlockMask)
+    cache = kwargs.get("past_key_values")
+    if args or (cache is not None and cache.get_seq_length() > 0):
+        version = require("transformers", "the toy models").__version__
+        raise NotImplementedError(f"tiny_bidirectional_lm under transformers {version} takes keyword arguments and "
+                                  "no filled cache (its full-attention mask covers one forward's tokens): call it "
+                                  "without past_key_values, or use transformers >= 5 to decode with a cache")
+    ids = kwargs.get("input_ids")
+    shape = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
+    key_valid = torch.ones(shape, dtype=torch.bool, device=decoder.device) if mask is None else mask.bool()
+    kwargs["attention_mask"] = bidirectional_padding_mask(key_valid, attention=decoder.config._attn_implementation,
+                                                          dtype=decoder.dtype, model_name=type(decoder).__name__)
+    return args, kwargs
 
 
 def tiny_tokenizer(vocab_size: int = TINY_CONFIG["vocab_size"]):

@@ -70,6 +70,39 @@ TINY_IF_NONE = {"head_dim", "num_key_value_heads", "n_group", "topk_group"}
 TINY_BY_TYPE = {"mamba2": {"num_heads": 8}}
 
 
+# Under transformers 4.x (the declared floor; scripts/test_transformers4.sh) these families' own code fails
+# the unpatched training step on the tiny batch, so there is nothing to compare: transformers' failure, the
+# same with or without the patch. Each with what it raises.
+UNBUILT_UNDER_TRANSFORMERS4 = {
+    "jetmoe": "'JetMoeForCausalLM' object has no attribute 'num_experts'",  # with router logits on
+    "recurrent_gemma": "Trying to backward through the graph a second time",  # its second training step
+    "xlstm": "is invalid for input of size",  # its 4.x config derives sizes the tiny ones do not fit
+}
+
+
+def transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def require_family(model_type: str) -> None:
+    """Skip the calling test where the installed transformers has no ``model_type`` (a family added later)."""
+    import pytest
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r} models")
+
+
+def own_failure_under_transformers4(model_type: str, status: str, detail: str) -> bool:
+    """Whether an outcome is the known failure of the family's own 4.x code (UNBUILT_UNDER_TRANSFORMERS4)."""
+    reason = UNBUILT_UNDER_TRANSFORMERS4.get(model_type)
+    return (transformers_major() < 5 and reason is not None and status == "unbuilt"
+            and detail.startswith("unpatched forward failed") and reason in detail)
+
+
 @dataclass
 class Outcome:
     arch: str

@@ -1,6 +1,7 @@
 """The prepared GPU check (benchmarks/gpu_check.sh) fits its 8 minutes, names files that exist and
 passes `t3s bench` arguments it accepts: a lent GPU is scarce, so the script must not fail there
-on a moved test file or a renamed flag."""
+on a moved test file or a renamed flag. The transformers 4.x run (scripts/test_transformers4.sh)
+names tests that exist, is run by CI, and installs the very floor pyproject.toml declares."""
 
 import pathlib
 import re
@@ -33,3 +34,20 @@ def test_bench_arguments_parse():
         args = parser.parse_args(words[words.index("t3s_kernels.cli") + 1:])
         assert args.command == "bench", command
         assert set(args.providers or []) <= set(PROVIDERS), command
+
+
+def test_transformers4_run_names_its_tests_runs_in_ci_and_tests_the_declared_floor():
+    import tomllib
+
+    script = (ROOT / "scripts" / "test_transformers4.sh").read_text()
+    paths = re.findall(r"\btests/[\w/.-]+", script)
+    assert len(paths) >= 7, paths
+    for path in paths:
+        assert (ROOT / path).exists(), path
+    assert "bash scripts/test_transformers4.sh" in (ROOT / ".ci" / "run").read_text()
+    pins = dict(line.split("==") for line in (ROOT / "requirements-transformers4.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in ("hf", "test"):
+        declared = [d for d in extras[extra] if d.startswith("transformers")]
+        assert declared == [f"transformers>={pins['transformers'].rsplit('.', 1)[0]}"], (extra, declared)

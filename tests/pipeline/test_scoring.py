@@ -102,6 +102,24 @@ def test_block_diffusion_protocol_scores_in_the_training_layout(tmp_path):
         score_dataset(model, exs, store, "x", protocol="block_diffusion", mask_token_id=MASK_ID)
 
 
+def test_masked_diffusion_protocol_gives_a_padded_batch_the_full_attention_mask():
+    """A student whose own mask builder makes a padded 2-D mask causal (LLaDA 2.0's code under
+    transformers 4.x; tests/standins.py) scores each example in a padded batch as it scores it alone:
+    the protocol sends the padding as a 4-D mask, which such a model takes as given."""
+    from t3s_kernels.pipeline.scoring import score_batch_masked_diffusion
+    from tests.standins import StandInLM
+
+    model = StandInLM("causal_under_2d", vocab_size=512).eval()
+    exs = examples(3)
+    assert len({len(e.input_ids) for e in exs}) > 1  # a padded batch
+    batch = score_batch_masked_diffusion(model, exs, [0, 1, 2], mask_token_id=MASK_ID, rounds=2)
+    for i, e in enumerate(exs):
+        alone = score_batch_masked_diffusion(model, [e], [i], mask_token_id=MASK_ID, rounds=2)[0]
+        assert torch.equal(batch[i]["scored"], alone["scored"]) and alone["scored"].any()
+        assert_close(batch[i]["logprob"], alone["logprob"], 1e-5, "logprob")
+        assert_close(batch[i]["entropy"], alone["entropy"], 1e-5, "entropy")
+
+
 def test_data_loading_refusals(tmp_path):
     bad = tmp_path / "bad.jsonl"
     for lines, pattern in [
