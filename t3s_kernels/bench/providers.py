@@ -129,7 +129,7 @@ def provider_t3s(backend: str, grad_accum_dtype: str = "float32", logits_dtype: 
 
 
 def provider_t3s_pytorch_epilogue(inputs: Inputs, grad: bool):
-    """The torch backend on a CPU with its PyTorch epilogue instead of the native one (csrc/)."""
+    """The torch backend on a CPU with its PyTorch epilogue instead of the native one (backends/cpu_epilogue.cpp)."""
     if inputs.hidden.is_cuda:
         raise RuntimeError("CPU only")
     run = provider_t3s("torch")(inputs, grad)
