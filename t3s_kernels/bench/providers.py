@@ -101,6 +101,17 @@ def provider_compile(inputs: Inputs, grad: bool):
     return _runner(lambda x, w: fn(x, w, inputs.masked_labels), inputs, grad, "torch.compile (inductor)")
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    """The environment variable ``name`` set to ``value`` for the block, then as it was."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name) if saved is None else os.environ.update({name: saved})
+
+
 def _cpu_epilogue_name() -> str:
     return "native" if native_module() is not None else "PyTorch"
 
@@ -135,12 +146,8 @@ def provider_t3s_pytorch_epilogue(inputs: Inputs, grad: bool):
     run = provider_t3s("torch")(inputs, grad)
 
     def with_pytorch_epilogue():
-        saved = os.environ.get("T3S_CPU_EPILOGUE")
-        os.environ["T3S_CPU_EPILOGUE"] = "torch"
-        try:
+        with _env("T3S_CPU_EPILOGUE", "torch"):
             return run()
-        finally:
-            os.environ.pop("T3S_CPU_EPILOGUE") if saved is None else os.environ.update(T3S_CPU_EPILOGUE=saved)
 
     with_pytorch_epilogue.backend = "t3s torch/auto, PyTorch epilogue"
     return with_pytorch_epilogue
@@ -170,16 +177,6 @@ def provider_liger(inputs: Inputs, grad: bool):
     return _runner(lambda x, w: liger_fused_linear_cross_entropy(x, w, inputs.masked_labels, ignore_index=IGNORE),
                    inputs, grad, f"liger-kernel {package_version('liger-kernel')}, LIGER_KERNEL_IMPL={impl}, "
                    f"cutlass {_cutlass_importable()}")
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str):
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name) if saved is None else os.environ.update({name: saved})
 
 
 def provider_liger_cute(inputs: Inputs, grad: bool):
@@ -286,8 +283,9 @@ PROVIDERS: dict[str, Provider] = {
     "torch-lce-chunked": provider_torch_lce({}, "LinearCrossEntropyOptions()"),
     # The fastest policy measured on the project's CPU machine at the bench shape (benchmarks/RESULTS.md,
     # "PyTorch's linear_cross_entropy"): its "auto" resolves to 4-row chunks there.
-    "torch-lce-chunked-256": provider_torch_lce(dict(acc_policy="compact", batch_chunk_size=256, chunking_method=None),
-                                                "LinearCrossEntropyOptions(acc_policy='compact', batch_chunk_size=256)"),
+    "torch-lce-chunked-256": provider_torch_lce(
+        dict(acc_policy="compact", batch_chunk_size=256, chunking_method=None),
+        "LinearCrossEntropyOptions(acc_policy='compact', batch_chunk_size=256)"),
     "liger": provider_liger,
     "liger-cute": provider_liger_cute,
     "liger-stats": provider_liger_stats,
