@@ -245,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--select", type=float, default=1.0,
                        help="fraction of tokens in the loss (the rest get weight 0 / an ignored label)")
     bench.add_argument("--providers", nargs="+", metavar="NAME",
-                       help="subset of: eager compile liger cce quack t3s-torch t3s-torch-pytorch-epilogue "
+                       help="subset of: eager compile torch-lce torch-lce-chunked torch-lce-chunked-256 liger "
+                            "liger-cute liger-stats cce quack t3s-torch t3s-torch-stats t3s-torch-pytorch-epilogue "
                             "t3s-triton-chunked t3s-triton-chunked-weight-accum "
-                            "t3s-triton-chunked-float32-logits t3s-triton-chunked-lean t3s-token-stats")
+                            "t3s-triton-chunked-float32-logits t3s-triton-chunked-lean t3s-triton-stats "
+                            "t3s-token-stats")
     bench.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
     bench.add_argument("--repeat", type=_positive_int, default=3, help="timed runs per measurement (median)")
     bench.add_argument("--no-error", action="store_true", help="skip the float64 reference")

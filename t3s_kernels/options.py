@@ -42,8 +42,10 @@ LOGITS_DTYPES = ("auto", "float32", "input")
 
 # Memory the chunked engine may spend on one token chunk's [rows x vocab] buffers. On a GPU 1 GiB
 # keeps the matmuls large (>= 1152 rows at V = 152K); on a CPU a smaller chunk is as fast (the
-# matmuls are compute-bound at any size) and stays in cache longer.
-DEFAULT_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+# matmuls are compute-bound at any size) and stays in cache longer: 96 MiB, 256 rows at V = 65536,
+# holds the peak below PyTorch's own chunked linear_cross_entropy at about 2% of the time of 256 MiB
+# (benchmarks/RESULTS.md, "PyTorch's linear_cross_entropy").
+DEFAULT_CHUNK_BUDGET_BYTES = {"cuda": 1 << 30, "cpu": 96 << 20}
 
 # Options that existed, and what a caller who still passes one is told.
 REMOVED_OPTIONS = {
@@ -144,7 +146,7 @@ class CallOptions:
     backend: str = _option("auto", doc="'auto' (Triton on CUDA, PyTorch elsewhere), 'triton' or 'torch'",
                            check=_choice(BACKENDS), api=("loss", "stats"))
     chunk_budget_bytes: Optional[int] = _option(
-        None, doc="memory one token chunk's [rows x vocab] buffers may use (None: 1 GiB on a GPU, 256 MiB on a CPU)",
+        None, doc="memory one token chunk's [rows x vocab] buffers may use (None: 1 GiB on a GPU, 96 MiB on a CPU)",
         check=check_positive_int, api=("loss", "stats"))
     grad_accum_dtype: str = _option(
         "float32", doc="what dW and db add up in across token chunks: 'float32' (rounded once, at the end) or "

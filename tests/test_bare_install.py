@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ("torch", "numpy", "tqdm", "safetensors", "filelock")  # pyproject.toml's dependencies
+CORE = ("torch", "numpy", "tqdm", "safetensors", "filelock", "ninja")  # pyproject.toml's dependencies
 OPTIONAL = ("transformers", "datasets", "matplotlib", "triton", "accelerate", "trl", "deepspeed", "tokenizers")
 
 
@@ -45,8 +45,9 @@ def _closure(roots) -> set[str]:
     return seen
 
 
-def _bare_python(tmp_path: Path, with_triton: bool) -> Path:
-    """A venv whose only packages are the closure of CORE (+ triton) and t3s_kernels, as links."""
+def _bare_python(tmp_path: Path, with_triton: bool, link_package: bool = True) -> Path:
+    """A venv whose only packages are the closure of CORE (+ triton) and t3s_kernels (unless
+    ``link_package`` is False: a wheel is installed there instead), as links."""
     env = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env)
     site = tmp_path / "site"
@@ -57,8 +58,8 @@ def _bare_python(tmp_path: Path, with_triton: bool) -> Path:
         for top in {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
             if (base / top).exists() and not (site / top).exists():
                 (site / top).symlink_to(base / top)
-    (site / "t3s_kernels").symlink_to(ROOT / "t3s_kernels")
-    (site / "csrc").symlink_to(ROOT / "csrc")  # as a source checkout has it beside the package
+    if link_package:
+        (site / "t3s_kernels").symlink_to(ROOT / "t3s_kernels")
     where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     purelib = subprocess.run([str(env / "bin" / "python"), "-c", where], capture_output=True, text=True,
                              check=True).stdout.strip()

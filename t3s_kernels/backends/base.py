@@ -54,7 +54,8 @@ def per_token_loss(stats: RowStats, opts: HeadOptions) -> torch.Tensor:
 
 
 def head_scalars(opts: HeadOptions) -> dict:
-    """The head's transform as the native kernels take it, by their parameters' names (Triton's and csrc/'s)."""
+    """The head's transform as the native kernels take it, by their parameters' names (Triton's and
+    cpu_epilogue.cpp's)."""
     return dict(softcap=float(opts.softcap or 1.0), logit_scale=float(opts.logit_scale))
 
 

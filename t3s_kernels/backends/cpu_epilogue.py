@@ -1,8 +1,9 @@
-"""The chunked driver's epilogue as native CPU code (csrc/cpu_epilogue.cpp): vectorized with ATen's
+"""The chunked driver's epilogue as native CPU code (cpu_epilogue.cpp beside this module, shipped in
+the package: a wheel, an sdist and a source checkout build the same file): vectorized with ATen's
 ``Vectorized`` for the machine's instruction set, rows over ATen's threads. Built with
-``torch.utils.cpp_extension`` on first use (a C++ compiler and about a minute, then cached under
+``torch.utils.cpp_extension`` on first use (a C++ compiler, ninja and about a minute, then cached under
 ``TORCH_EXTENSIONS_DIR``, by default PyTorch's ``~/.cache/torch_extensions``); where it cannot be built,
-``native_module()`` is None and the torch backend keeps the PyTorch epilogue.
+``native_module()`` is None, one warning says why, and the torch backend keeps the PyTorch epilogue.
 
 The build is guarded by an operating-system lock (``flock``), which dies with its holder:
 ``cpp_extension``'s own marker of a build in progress is a plain file that a process killed while
@@ -14,6 +15,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import shutil
 import sys
 import warnings
 
@@ -23,7 +25,7 @@ import torch
 from .base import grad_scalars, head_scalars
 from .torch_epilogue import TorchEpilogue
 
-SOURCE = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cpu_epilogue.cpp"
+SOURCE = pathlib.Path(__file__).resolve().with_name("cpu_epilogue.cpp")  # package data (pyproject.toml)
 # ATen's vector types follow CPU_CAPABILITY: the flags for each instruction set it knows.
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
@@ -36,8 +38,8 @@ BUILD_WAIT_S = float(os.environ.get("T3S_CPU_EPILOGUE_BUILD_WAIT_S", 900))
 
 
 def native_module():
-    """The built extension, or None: asked not to (``T3S_CPU_EPILOGUE=torch``), no source beside the
-    package, no compiler, a failed build (said once, in a warning)."""
+    """The built extension, or None: asked not to (``T3S_CPU_EPILOGUE=torch``), or, said once in a one-line
+    warning, no source beside the module, no compiler or ninja, a failed build."""
     if os.environ.get("T3S_CPU_EPILOGUE", "native") == "torch":
         return None
     return _build()
@@ -65,9 +67,38 @@ def build_target() -> tuple[str, pathlib.Path, list[str]]:
     return name, pathlib.Path(root) / name, cflags
 
 
+def _fallback(reason: str) -> None:
+    warnings.warn(f"t3s-kernels: the native CPU epilogue did not build ({reason}); using the PyTorch epilogue",
+                  stacklevel=3)
+
+
+def _missing_tool() -> str:
+    """Why the build cannot start here ('' where it can): the C++ compiler cpp_extension runs (``CXX``, else
+    ``c++``) is not found, or ninja is not. The ninja of the ``ninja`` package (a dependency) is put on
+    ``PATH`` where its script is not, as when a virtual environment's Python runs unactivated."""
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} not found; install one (g++) or point CXX at it"
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+    if shutil.which("ninja") is None:
+        return "ninja not found; pip install ninja"
+    return ""
+
+
 @functools.lru_cache(maxsize=None)
 def _build():
     if not SOURCE.exists():
+        _fallback(f"its source {SOURCE} is not installed")
+        return None
+    missing = _missing_tool()
+    if missing:
+        _fallback(missing)
         return None
     try:
         from torch.utils.cpp_extension import load
@@ -80,16 +111,15 @@ def _build():
             (folder / "lock").unlink(missing_ok=True)
             return load(name=name, sources=[str(SOURCE)], build_directory=str(folder), extra_cflags=cflags,
                         extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # no compiler, headers that do not match, another build past BUILD_WAIT_S
-        warnings.warn(f"t3s-kernels: the native CPU epilogue did not build ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the PyTorch epilogue", stacklevel=2)
+    except Exception as e:  # a compiler that fails, headers that do not match, another build past BUILD_WAIT_S
+        _fallback(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         return None
 
 
 class NativeCpuEpilogue(TorchEpilogue):
     """The epilogue in native code for CPU tensors (with a teacher: the PyTorch chunk function).
 
-    Every scalar crosses into C++ by name (the ``py::arg`` list of csrc/cpu_epilogue.cpp), never by
+    Every scalar crosses into C++ by name (the ``py::arg`` list of cpu_epilogue.cpp), never by
     position: a parameter renamed or added on one side fails the call with pybind11's TypeError
     naming the arguments, instead of shifting a value into another's place."""
 

@@ -1,4 +1,4 @@
-"""The native CPU epilogue (csrc/cpu_epilogue.cpp) against the fp64 reference through the whole op,
+"""The native CPU epilogue (t3s_kernels/backends/cpu_epilogue.cpp) against the fp64 reference through the whole op,
 every option and dtype, whole vocabulary rows and vocabulary chunks; and the PyTorch epilogue it
 falls back to, by request or when it cannot be built; and the build's lock (a build killed midway,
 another process's build in progress)."""

@@ -4,6 +4,7 @@ is reported rather than fatal, and the sweep writes JSON and plots that read bac
 these check the harness, not speed."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -64,9 +65,42 @@ def test_peak_memory_sees_an_allocation():
     assert (1 << 20) <= peak < (1 << 20) + (64 << 10)
 
 
-def test_missing_peer_and_unknown_provider():
-    report = run_bench(**SHAPE, providers=["liger", "cce", "quack"], device="cpu", repeat=1, check_error=False,
+def test_pytorch_linear_cross_entropy_rows_are_exact_and_name_their_policy():
+    names = ["torch-lce", "torch-lce-chunked", "torch-lce-chunked-256"]
+    report = run_bench(**SHAPE, select=0.6, providers=names, device="cpu", repeat=1, progress=False)
+    rows = {r.provider: r for r in report.rows}
+    for name in names:
+        assert rows[name].max_rel_err < 1e-5 and rows[name].fwd_bwd_ms > 0, rows[name]
+    assert rows["torch-lce"].backend.endswith("linear_cross_entropy, options=None (reference path)")
+    # the policy as PyTorch resolves it at this shape: "auto" is not what ran
+    assert "acc_policy=compact, batch_chunk_size=" in rows["torch-lce-chunked"].backend
+    assert "acc_policy=compact, batch_chunk_size=48," in rows["torch-lce-chunked-256"].backend  # 256, at most N
+    assert "implementations: " in format_report(report)
+
+
+def test_pytorch_falling_back_to_its_reference_path_is_refused(monkeypatch):
+    def falls_back(*args, **kwargs):
+        warnings.warn("linear_cross_entropy: ``options`` ignored; chunked path needs ...")
+        return torch.zeros((), requires_grad=True)
+
+    monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy", falls_back)
+    report = run_bench(**SHAPE, providers=["torch-lce-chunked"], device="cpu", repeat=1, check_error=False,
                        progress=False)
+    assert report.rows[0].fwd_bwd_ms is None and "options`` ignored" in report.rows[0].note, report.rows[0]
+
+
+def test_statistics_rows():
+    report = run_bench(**SHAPE, select=0.6, providers=["t3s-torch-stats", "liger-stats"], device="cpu", repeat=1,
+                       progress=False)
+    ours, liger = report.rows
+    assert ours.max_rel_err < 1e-5 and ours.backend.endswith("return_stats=True, native epilogue") or \
+        ours.backend.endswith("return_stats=True, PyTorch epilogue"), ours
+    assert liger.fwd_ms is None and (liger.note.startswith("not installed") or "needs CUDA" in liger.note), liger
+
+
+def test_missing_peer_and_unknown_provider():
+    report = run_bench(**SHAPE, providers=["liger", "liger-cute", "liger-stats", "cce", "quack"], device="cpu",
+                       repeat=1, check_error=False, progress=False)
     for row in report.rows:  # not installed in the test environment, or no CUDA: said, not raised
         assert row.fwd_ms is None and (row.note.startswith("not installed") or "needs CUDA" in row.note), row
     with pytest.raises(ValueError, match=r"unknown provider\(s\) \['nope'\]"):
