@@ -95,16 +95,24 @@ def _rowwise_noise(real):
     dict(weighting="inverse_p", normalization="llada_pretrain", rate_range=None),
 ])
 def test_masked_diffusion_accumulation_equals_one_large_batch(monkeypatch, convention):
+    equal = convention["normalization"] == "llada_pretrain"  # counts padded positions: one length for all
+    _masked_diffusion_accumulation_equals_one_batch(monkeypatch, convention, equal_lengths=equal)
+
+
+def _masked_diffusion_accumulation_equals_one_batch(monkeypatch, convention, *, equal_lengths, attention=None,
+                                                    **patch):
+    """MaskedDiffusionTrainer under accumulation 4 (batch 2) against one batch of 8, the student (of the
+    ``attention`` implementation, None: transformers' default) patched with ``apply_t3s(..., **patch)``."""
     from t3s_kernels.masked_diffusion_trainer import MaskedDiffusionTrainer
 
     monkeypatch.setattr(mdt, "noise", _rowwise_noise(mdt.noise))
-    equal = convention["normalization"] == "llada_pretrain"  # counts padded positions: one length for all
     traces = synthetic_traces(8, select_fraction=0.1, use="force_mask", seed=5,
-                              **(dict(min_len=24, max_len=24) if equal else {}))
+                              **(dict(min_len=24, max_len=24) if equal_lengths else {}))
     rows = [{k: r[k] for k in ("input_ids", "labels", "t3s_force_mask")} for r in traces]
 
     def make_model():
-        return t3s.apply_t3s(tiny_bidirectional_lm("llama"), mode="masked_diffusion", backend="torch")
+        model = tiny_bidirectional_lm("llama", **({} if attention is None else dict(attn_implementation=attention)))
+        return t3s.apply_t3s(model, mode="masked_diffusion", backend="torch", **patch)
 
     def make_trainer(model, args, data):
         return MaskedDiffusionTrainer(model=model, args=args, train_dataset=data, mask_token_id=MASK_ID,
@@ -152,23 +160,6 @@ def test_block_diffusion_accumulation_equals_one_large_batch(monkeypatch, conven
     """A block-diffusion student (block size 8) under accumulation 4 equals one batch 4x as large, for
     LLaDA 2.0's and BD3-LM's conventions. Labelled padding trains the pad tokens a batch pads to, so
     there the examples are of one length (as LLaDA 2.0 pads to a fixed multiple of the block size)."""
-    from t3s_kernels.masked_diffusion_trainer import MaskedDiffusionTrainer
-
-    monkeypatch.setattr(mdt, "noise", _rowwise_noise(mdt.noise))
-    equal = convention.get("padding") == "labelled"
-    traces = synthetic_traces(8, select_fraction=0.1, use="force_mask", seed=5,
-                              **(dict(min_len=24, max_len=24) if equal else {}))
-    rows = [{k: r[k] for k in ("input_ids", "labels", "t3s_force_mask")} for r in traces]
-
-    def make_model():
-        return t3s.apply_t3s(tiny_bidirectional_lm("llama", attn_implementation="sdpa"), mode="masked_diffusion",
-                             block_size=8, backend="torch")
-
-    def make_trainer(model, args, data):
-        return MaskedDiffusionTrainer(model=model, args=args, train_dataset=data, mask_token_id=MASK_ID,
-                                      data_collator=tu.T3SDataCollator(pad_token_id=PAD_ID, model=model),
-                                      **convention)
-
-    accumulated = one_step(make_model, make_trainer, rows, batch_size=2, accumulation=4)
-    large = one_step(make_model, make_trainer, rows, batch_size=8, accumulation=1)
-    assert_same_step(accumulated, large)
+    _masked_diffusion_accumulation_equals_one_batch(monkeypatch, convention,
+                                                    equal_lengths=convention.get("padding") == "labelled",
+                                                    attention="sdpa", block_size=8)
