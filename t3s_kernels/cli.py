@@ -147,8 +147,8 @@ def _select(args: argparse.Namespace) -> int:
 def _accuracy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .pipeline.accuracy import eos_token_ids, make_text_verifier
-    from .pipeline.answers import judge, read_answers, reference_text, reference_tokens, write_table
+    from .pipeline.accuracy import eos_token_ids, make_text_verifier, reference_answer
+    from .pipeline.answers import judge, read_answers, reference_text, write_table
     from .pipeline.data import load_examples, load_tokenizer
     from .pipeline.sampling import SamplingSettings, cache_key, cached_answers, sample_answers, write_answers
     from .pipeline.scoring import load_local_model, weights_fingerprint
@@ -180,7 +180,7 @@ def _accuracy(args: argparse.Namespace) -> int:
             model = load_local_model(path, args.dtype, _device(args.device), args.trust_remote_code)
             ids = eos or eos_token_ids(model)
             references = {e.id: reference_text(e, tokenizer, ids) for e in examples}
-            longest = max(len(reference_tokens(e, ids)) for e in examples)
+            longest = max(len(reference_answer(e, ids)) for e in examples)
             settings = SamplingSettings(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                                         seed=args.seed, max_new_tokens=args.max_new_tokens or longest + args.slack)
             name, key = Path(path).name, cache_key(weights_fingerprint(model), settings, ids, examples)

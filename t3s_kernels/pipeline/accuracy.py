@@ -42,7 +42,8 @@ class AccuracyResult:
     predictions: dict[str, list[int]]  # generated answer tokens per example id
 
 
-def _text(tokens: Sequence[int], tokenizer) -> str:
+def tokens_text(tokens: Sequence[int], tokenizer) -> str:
+    """Tokens as the verifiers read them: decoded, or without a tokenizer the ids, space-separated."""
     if tokenizer is None:
         return " ".join(map(str, tokens))
     return tokenizer.decode(list(tokens), skip_special_tokens=True)
@@ -118,7 +119,7 @@ def make_verifier(spec: str, tokenizer=None) -> Callable[[list[int], list[int], 
     if spec == "exact" and tokenizer is None:
         return lambda pred, ref, _id: list(pred) == list(ref)
     check = make_text_verifier(spec)
-    return lambda pred, ref, ex_id: check(_text(pred, tokenizer), _text(ref, tokenizer), ex_id)
+    return lambda pred, ref, ex_id: check(tokens_text(pred, tokenizer), tokens_text(ref, tokenizer), ex_id)
 
 
 EosIds = Union[None, int, Sequence[int]]
@@ -150,10 +151,17 @@ def cut_at_eos(tokens: list[int], eos_ids: Sequence[int]) -> list[int]:
     return next((tokens[:i] for i, t in enumerate(tokens) if t in eos_ids), tokens)
 
 
+def reference_answer(ex: Example, eos_ids: Sequence[int] = ()) -> list[int]:
+    """The example's reference answer: its labelled tokens after the prompt, up to the first end-of-sequence
+    token."""
+    k = ex.prompt_length
+    return cut_at_eos([t for t, y in zip(ex.input_ids[k:], ex.labels[k:]) if y != IGNORE], eos_ids)
+
+
 def _split(ex: Example, eos_ids: Sequence[int]) -> tuple[list[int], list[int]]:
     """(prompt tokens, reference answer tokens up to the first end-of-sequence token)."""
     k = ex.prompt_length
-    answer = cut_at_eos([t for t, y in zip(ex.input_ids[k:], ex.labels[k:]) if y != IGNORE], eos_ids)
+    answer = reference_answer(ex, eos_ids)
     if k == 0:
         raise ValueError(f"example '{ex.id}' has no prompt (its first token is labelled); nothing to answer")
     return ex.input_ids[:k], answer

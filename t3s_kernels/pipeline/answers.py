@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ..extras import require
-from .data import IGNORE, Example
+from .accuracy import reference_answer, tokens_text
+from .data import Example
 
 FIELDS = {"checkpoint": str, "id": str, "sample": int, "text": str}
 
@@ -120,17 +121,10 @@ def read_answers(path: str, examples: Sequence[Example],
     return out
 
 
-def reference_tokens(ex: Example, eos_ids: Sequence[int] = ()) -> list[int]:
-    """The example's reference answer: its labelled tokens after the prompt, up to the first end-of-sequence
-    token."""
-    tokens = [t for t, y in zip(ex.input_ids[ex.prompt_length:], ex.labels[ex.prompt_length:]) if y != IGNORE]
-    return next((tokens[:i] for i, t in enumerate(tokens) if t in eos_ids), tokens)
-
-
 def reference_text(ex: Example, tokenizer, eos_ids: Sequence[int] = ()) -> str:
-    """``reference_tokens`` decoded (without a tokenizer: the ids, space-separated, as generated answers are)."""
-    tokens = reference_tokens(ex, eos_ids)
-    return tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, tokens))
+    """The example's reference answer (``accuracy.reference_answer``) as the verifiers read it, as generated
+    answers are (decoded, or the ids space-separated)."""
+    return tokens_text(reference_answer(ex, eos_ids), tokenizer)
 
 
 def judge(answers: dict[str, list[str]], examples: Sequence[Example], check: Callable[[str, str, str], bool],

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..validation import check_number
+from .accuracy import cut_at_eos, tokens_text
 from .data import Example
 from .store import atomic_write_bytes, token_hash
 
@@ -45,11 +46,6 @@ class SamplingSettings:
             raise ValueError("samples > 1 needs temperature > 0: greedy decoding gives every sample the same answer")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
-
-
-def _decode(tokens: list[int], tokenizer, eos_ids: Sequence[int]) -> str:
-    tokens = next((tokens[:i] for i, t in enumerate(tokens) if t in eos_ids), tokens)
-    return tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else " ".join(map(str, tokens))
 
 
 def cache_key(fingerprint: str, settings: SamplingSettings, eos_ids: Sequence[int], examples: Sequence[Example]) -> str:
@@ -106,7 +102,7 @@ def sample_answers(model, examples: Sequence[Example], settings: SamplingSetting
             new = gen[:, longest:].tolist()
             for r, i in enumerate(batch):
                 rows = new[r * settings.samples:(r + 1) * settings.samples]
-                out[examples[i].id] = [_decode(t, tokenizer, eos_ids) for t in rows]
+                out[examples[i].id] = [tokens_text(cut_at_eos(t, eos_ids), tokenizer) for t in rows]
             bar.update(len(batch))
     finally:
         bar.close()
