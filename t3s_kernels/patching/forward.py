@@ -139,8 +139,9 @@ def fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, k
             raise ValueError("a masked-diffusion training forward takes its inputs by name (input_ids=...)")
         # The first unpacked training batch, as sent, and the first padded one: a check that fails leaves
         # its kind pending, so a refused model stays refused.
-        kind = "padded" if key_valid_of(call) is not None else "plain"
-        if not packed and kind in state.get("attention_pending", ()):
+        pending = state.get("attention_pending", ())
+        kind = ("padded" if key_valid_of(call) is not None else "plain") if pending and not packed else None
+        if kind in pending:  # reading the mask costs a host sync: only while a check is pending
             check_attention(model, original, call, clean_ids=clean_ids, block_size=block_size,
                             where=f"the first {'padded ' if kind == 'padded' else ''}training batch")
             state["attention_pending"] = state["attention_pending"] - {kind, "plain"}
