@@ -13,7 +13,8 @@
 //   accumulate_and_gradient (whole vocabulary rows): both, row by row while the row is in cache;
 //     without a softcap the fold leaves e^(s - block max) in the buffer, so the gradient sweep is
 //     p_j = e_j e^(block max - lse): no second exponential.
-// Vectorized with ATen's Vectorized<float> (Sleef's exp and tanh, 1 ulp), rows over ATen's threads.
+// Vectorized with ATen's Vectorized<float> (Sleef's tanh, 1 ulp; the exponential of `exp_vec` below),
+// rows over ATen's threads.
 
 #include <torch/extension.h>
 
@@ -64,6 +65,31 @@ inline float reduce_sum(Vec v) {
   return s;
 }
 
+// e^x of each lane, the one exponential of every logit. With AVX-512: x = n ln 2 + r (n = round(x log2 e),
+// ln 2 in two parts, so r is exact to float rounding, |r| <= ln 2 / 2), e^r by its Taylor series to
+// degree 7 (remainder below 0.35^8 / 8! < 6e-9, under a tenth of an ulp), times 2^n by vscalefps, which
+// rounds into the subnormals and to 0 or infinity as the true value does. Within 0.92 ulp of e^x on
+// [-104, 89] (tests/backends/test_cpu_epilogue.py measures it), at 12 instructions a vector where
+// Sleef's 1-ulp exp takes about twice the time: the epilogue's exponentials are most of its arithmetic
+// (benchmarks/RESULTS.md, 'Where the CPU fwd+bwd goes'). NaN stays NaN, e^-inf = 0, e^inf = inf (the
+// clamps keep NaN: vmaxps and vminps return their second operand when one is NaN). Other instruction
+// sets take Sleef's exp.
+inline Vec exp_vec(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 x = _mm512_min_ps(_mm512_set1_ps(89.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), __m512(v)));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2's leading 16 bits: n ln2_hi exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return Vec(_mm512_scalef_ps(p, n));
+#else
+  return v.exp();
+#endif
+}
+
 void check_logits(const torch::Tensor& logits) {
   TORCH_CHECK(logits.device().is_cpu() && logits.scalar_type() == torch::kFloat32 && logits.dim() == 2 &&
                   logits.stride(1) == 1,
@@ -76,9 +102,10 @@ void check_state(const torch::Tensor& state, int64_t rows) {
               "cpu_epilogue: state must be a contiguous float32 [5, rows] tensor");
 }
 
-// Columns per block: a block's logits stay in L1 between its maximum and its exponentials, so
-// each row is read from memory once.
-constexpr int64_t kBlock = 512;
+// Columns per block: a block's logits (8 KiB) stay in L1 between its maximum and its exponentials, so
+// each row is read from memory once; 2048 rather than 512 makes the per-block reductions and merge a
+// quarter as frequent (benchmarks/RESULTS.md, 'Where the CPU fwd+bwd goes').
+constexpr int64_t kBlock = 2048;
 
 // The state (m, d, u) of one block of a row, its logit sum, the label's s (0 without the label at
 // `label_j`, -1) and, with `keep_exp`, e^(s - m) written over it (the block's maximum returned in
@@ -91,36 +118,62 @@ struct BlockState {
 
 inline BlockState fold_block(float* s, int64_t width, int64_t label_j, const Head& h, bool has_smoothing,
                              bool keep_exp) {
+  // Two passes over the block, each with independent accumulators (a single one would wait on its own
+  // previous add every vector): its maximum (transforming s in place where the head does), then its
+  // exponentials and their sums.
   const bool store = transforms(h);
-  Vec vmax(-std::numeric_limits<float>::infinity()), vsum(0.0f);
+  const Vec ninf(-std::numeric_limits<float>::infinity());
+  Vec mx0(ninf), mx1(ninf), mx2(ninf), mx3(ninf), vsum(0.0f);
   int64_t j = 0;
-  for (; j + kWidth <= width; j += kWidth) {
-    Vec v = Vec::loadu(s + j);
-    if (store) {
-      v = transform(v, h);
-      v.store(s + j);
+  if (store || has_smoothing) {
+    for (; j + kWidth <= width; j += kWidth) {
+      Vec v = Vec::loadu(s + j);
+      if (store) {
+        v = transform(v, h);
+        v.store(s + j);
+      }
+      mx0 = at::vec::maximum(mx0, v);
+      if (has_smoothing) vsum = vsum + v;
     }
-    vmax = at::vec::maximum(vmax, v);
-    if (has_smoothing) vsum = vsum + v;
+  } else {
+    for (; j + 4 * kWidth <= width; j += 4 * kWidth) {
+      mx0 = at::vec::maximum(mx0, Vec::loadu(s + j));
+      mx1 = at::vec::maximum(mx1, Vec::loadu(s + j + kWidth));
+      mx2 = at::vec::maximum(mx2, Vec::loadu(s + j + 2 * kWidth));
+      mx3 = at::vec::maximum(mx3, Vec::loadu(s + j + 3 * kWidth));
+    }
+    for (; j + kWidth <= width; j += kWidth) mx0 = at::vec::maximum(mx0, Vec::loadu(s + j));
   }
-  float m = reduce_max(vmax), sum = has_smoothing ? reduce_sum(vsum) : 0.0f;
+  float m = reduce_max(at::vec::maximum(at::vec::maximum(mx0, mx1), at::vec::maximum(mx2, mx3)));
+  float sum = has_smoothing ? reduce_sum(vsum) : 0.0f;
   for (; j < width; ++j) {
     if (store) s[j] = transform(s[j], h);
     m = std::max(m, s[j]);
     sum += has_smoothing ? s[j] : 0.0f;
   }
   const float label = label_j >= 0 ? s[label_j] : 0.0f;
-  Vec vd(0.0f), vu(0.0f);
+  Vec d0(0.0f), d1(0.0f), u0(0.0f), u1(0.0f);
   const Vec vm(m);
   j = 0;
-  for (; j + kWidth <= width; j += kWidth) {
-    const Vec shifted = Vec::loadu(s + j) - vm;
-    const Vec e = shifted.exp();
-    if (keep_exp) e.store(s + j);
-    vd = vd + e;
-    vu = at::vec::fmadd(e, shifted, vu);
+  for (; j + 2 * kWidth <= width; j += 2 * kWidth) {
+    const Vec a = Vec::loadu(s + j) - vm, b = Vec::loadu(s + j + kWidth) - vm;
+    const Vec ea = exp_vec(a), eb = exp_vec(b);
+    if (keep_exp) {
+      ea.store(s + j);
+      eb.store(s + j + kWidth);
+    }
+    d0 = d0 + ea;
+    d1 = d1 + eb;
+    u0 = at::vec::fmadd(ea, a, u0);
+    u1 = at::vec::fmadd(eb, b, u1);
   }
-  float d = reduce_sum(vd), u = reduce_sum(vu);
+  for (; j + kWidth <= width; j += kWidth) {
+    const Vec a = Vec::loadu(s + j) - vm, ea = exp_vec(a);
+    if (keep_exp) ea.store(s + j);
+    d0 = d0 + ea;
+    u0 = at::vec::fmadd(ea, a, u0);
+  }
+  float d = reduce_sum(d0 + d1), u = reduce_sum(u0 + u1);
   for (; j < width; ++j) {
     const float shifted = s[j] - m, e = std::exp(shifted);
     if (keep_exp) s[j] = e;
@@ -197,7 +250,7 @@ struct RowGradient {
         inv_cap(h.has_softcap ? 1.0f / (h.logit_scale * h.softcap) : 0.0f), has_softcap(h.has_softcap) {}
 
   Vec of_s(Vec s) const {
-    Vec ds = ((s - Vec(lse)).exp() * Vec(a) - Vec(eps_term)) * Vec(scale);
+    Vec ds = (exp_vec(s - Vec(lse)) * Vec(a) - Vec(eps_term)) * Vec(scale);
     if (has_softcap) {
       const Vec t = s * Vec(inv_cap);
       ds = ds * (Vec(1.0f) - t * t);
@@ -322,12 +375,27 @@ torch::Tensor accumulate_and_gradient(torch::Tensor logits, torch::Tensor labels
   return output.out;
 }
 
+// The epilogue's vector exponential of each element of a float32 tensor (tests measure its error).
+torch::Tensor vector_exp(torch::Tensor x) {
+  auto in = x.contiguous();
+  TORCH_CHECK(in.device().is_cpu() && in.scalar_type() == torch::kFloat32, "vector_exp: a CPU float32 tensor");
+  auto out = torch::empty_like(in);
+  const float* src = in.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t n = in.numel();
+  int64_t j = 0;
+  for (; j + kWidth <= n; j += kWidth) exp_vec(Vec::loadu(src + j)).store(dst + j);
+  if (j < n) exp_vec(Vec::loadu(src + j, n - j)).store(dst + j, n - j);
+  return out;
+}
+
 }  // namespace
 
 // Every argument is named: Python passes the scalars by these names (backends/cpu_epilogue.py), so a
 // renamed, added or reordered parameter fails the call instead of shifting a value into another's place.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using pybind11::arg;
+  m.def("vector_exp", &vector_exp, "the epilogue's vector exponential, element by element", arg("x"));
   m.def("accumulate", &accumulate, "fold a chunk's logits into the rows' online softmax state", arg("logits"),
         arg("labels"), arg("col0"), arg("state"), arg("has_softcap"), arg("softcap"), arg("logit_scale"),
         arg("has_smoothing"));
