@@ -128,15 +128,21 @@ def _batches(model, examples: list[Example], keep: Optional[list[list[bool]]], b
     """Shuffled epochs of full batches (the last one wraps into the next epoch), padded by the
     library's collator: a dropped token (keep False) gets label -100, as the method's loss means."""
     collate = T3SDataCollator(PAD, model=model)
-    order = list(range(len(examples)))
+    for idx in batch_indices(len(examples), batch_size, rng):
+        yield collate([{"input_ids": examples[i].input_ids, "labels": examples[i].labels,
+                        **({} if keep is None else {"t3s_weights": keep[i]})} for i in idx])
+
+
+def batch_indices(n: int, batch_size: int, rng: random.Random):
+    """Shuffled epochs of ``n`` examples' indices in full batches (the last one wraps into the next epoch)."""
+    order = list(range(n))
     while True:
         rng.shuffle(order)
         for k in range(0, len(order), batch_size):
             idx = order[k:k + batch_size]
             if len(idx) < batch_size:
                 idx += order[:batch_size - len(idx)]
-            yield collate([{"input_ids": examples[i].input_ids, "labels": examples[i].labels,
-                            **({} if keep is None else {"t3s_weights": keep[i]})} for i in idx])
+            yield idx
 
 
 def train(model, examples: list[Example], steps: int, *, lr: float, batch_size: int, seed: int,
