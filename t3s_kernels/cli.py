@@ -231,8 +231,11 @@ def _demo(args: argparse.Namespace) -> int:
         if args.task != "style":
             raise ValueError("--student masked_diffusion runs the style task only (its answer canvas is sized for "
                              "the base's problems); drop --task or use --student causal")
-        run_diffusion_demo(args.out, size=size, seeds=args.seeds)
+        run_diffusion_demo(args.out, size=size, seeds=args.seeds, tau=args.tau)
         return 0
+    if args.tau is not None:
+        raise ValueError("--tau is the dLLM rule's threshold: it goes with --student masked_diffusion (the causal "
+                         "student's AR rule is the sign of dc)")
     from .demo import run_demo
 
     run_demo(args.out, size=size, seeds=args.seeds, task=args.task)
@@ -365,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="causal: the AR rule, five arms; masked_diffusion: a dLLM student, the dLLM rule (an AR "
                            "selector's dc < -tau forced into the mask) against plain masked-diffusion training and "
                            "random forcing (t3s_kernels/demo_diffusion.py; under two minutes)")
+    demo.add_argument("--tau", type=float, help="with --student masked_diffusion: the dLLM rule's threshold, "
+                                                "dc < -tau forced into the mask (default 0.2)")
     demo.set_defaults(func=_demo)
 
     report = sub.add_parser("compile-report", help="compile every kernel for sm_90/sm_80; smem, registers, spills")

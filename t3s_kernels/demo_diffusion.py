@@ -404,9 +404,10 @@ def _plot(seeds: list[dict], out: Path) -> list[str]:
     return [str(path)]
 
 
-def run_diffusion_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optional[int] = None) -> dict:
-    """The masked-diffusion demo at ``size`` ("quick", "default", "full"); writes report.md / report.json /
-    a plot into ``out_dir``."""
+def run_diffusion_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optional[int] = None,
+                       tau: Optional[float] = None) -> dict:
+    """The masked-diffusion demo at ``size`` ("quick", "default", "full"), the dLLM rule's ``tau`` (default
+    0.2); writes report.md / report.json / a plot into ``out_dir``."""
     from tqdm.auto import tqdm
 
     if size not in DIFFUSION_CONFIGS:
@@ -416,6 +417,10 @@ def run_diffusion_demo(out_dir: str = "t3s-demo", *, size: str = "default", seed
         if seeds < 1:
             raise ValueError(f"seeds must be >= 1; got {seeds}")
         cfg = DiffusionConfig(**{**asdict(cfg), "seeds": seeds})
+    if tau is not None:
+        if not tau >= 0:
+            raise ValueError(f"tau must be >= 0; got {tau}")
+        cfg = DiffusionConfig(**{**asdict(cfg), "tau": tau})
     t_start = time.time()
     out = writable_folder(out_dir, "--out")
     pool, _ = problem_pools()

@@ -95,3 +95,5 @@ def test_the_dllm_canvas_pads_answers_with_a_labelled_eos_and_random_forcing_mat
 def test_the_masked_diffusion_student_refuses_the_new_skill_task(tmp_path, capsys):
     assert main(["demo", "--student", "masked_diffusion", "--task", "new_skill", "--out", str(tmp_path)]) == 2
     assert "style task only" in capsys.readouterr().err
+    assert main(["demo", "--tau", "0.5", "--out", str(tmp_path)]) == 2  # the AR rule has no threshold
+    assert "--student masked_diffusion" in capsys.readouterr().err
