@@ -224,10 +224,21 @@ def _bottleneck(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    size = "full" if args.full else "quick" if args.quick else "default"
+    if args.student == "masked_diffusion":
+        from .demo_diffusion import run_diffusion_demo
+
+        if args.task != "style":
+            raise ValueError("--student masked_diffusion runs the style task only (its answer canvas is sized for "
+                             "the base's problems); drop --task or use --student causal")
+        run_diffusion_demo(args.out, size=size, seeds=args.seeds, tau=args.tau)
+        return 0
+    if args.tau is not None:
+        raise ValueError("--tau is the dLLM rule's threshold: it goes with --student masked_diffusion (the causal "
+                         "student's AR rule is the sign of dc)")
     from .demo import run_demo
 
-    run_demo(args.out, size="full" if args.full else "quick" if args.quick else "default", seeds=args.seeds,
-             task=args.task)
+    run_demo(args.out, size=size, seeds=args.seeds, task=args.task)
     return 0
 
 
@@ -353,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", choices=["style", "new_skill"], default="style",
                       help="style: the traces add only a style; new_skill: half the problems are longer than any "
                            "the base saw (t3s_kernels/demo.py)")
+    demo.add_argument("--student", choices=["causal", "masked_diffusion"], default="causal",
+                      help="causal: the AR rule, five arms; masked_diffusion: a dLLM student, the dLLM rule (an AR "
+                           "selector's dc < -tau forced into the mask) against plain masked-diffusion training and "
+                           "random forcing (t3s_kernels/demo_diffusion.py; under two minutes)")
+    demo.add_argument("--tau", type=float, help="with --student masked_diffusion: the dLLM rule's threshold, "
+                                                "dc < -tau forced into the mask (default 0.2)")
     demo.set_defaults(func=_demo)
 
     report = sub.add_parser("compile-report", help="compile every kernel for sm_90/sm_80; smem, registers, spills")

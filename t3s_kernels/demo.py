@@ -128,15 +128,21 @@ def _batches(model, examples: list[Example], keep: Optional[list[list[bool]]], b
     """Shuffled epochs of full batches (the last one wraps into the next epoch), padded by the
     library's collator: a dropped token (keep False) gets label -100, as the method's loss means."""
     collate = T3SDataCollator(PAD, model=model)
-    order = list(range(len(examples)))
+    for idx in batch_indices(len(examples), batch_size, rng):
+        yield collate([{"input_ids": examples[i].input_ids, "labels": examples[i].labels,
+                        **({} if keep is None else {"t3s_weights": keep[i]})} for i in idx])
+
+
+def batch_indices(n: int, batch_size: int, rng: random.Random):
+    """Shuffled epochs of ``n`` examples' indices in full batches (the last one wraps into the next epoch)."""
+    order = list(range(n))
     while True:
         rng.shuffle(order)
         for k in range(0, len(order), batch_size):
             idx = order[k:k + batch_size]
             if len(idx) < batch_size:
                 idx += order[:batch_size - len(idx)]
-            yield collate([{"input_ids": examples[i].input_ids, "labels": examples[i].labels,
-                            **({} if keep is None else {"t3s_weights": keep[i]})} for i in idx])
+            yield idx
 
 
 def train(model, examples: list[Example], steps: int, *, lr: float, batch_size: int, seed: int,
@@ -185,8 +191,12 @@ def _fresh(base, state):
     return model
 
 
-def run_seed(base, base_state, pool: list[tuple[int, ...]], seed: int, cfg: DemoConfig, out: Path,
-             hard_pool: Optional[list[tuple[int, ...]]] = None, hard_share: float = 0.0) -> dict:
+def seed_traces(pool: list[tuple[int, ...]], seed: int, cfg: DemoConfig,
+                hard_pool: Optional[list[tuple[int, ...]]] = None,
+                hard_share: float = 0.0) -> tuple[list[Example], list[Example]]:
+    """A seed's teacher traces (``cfg.prompts``, fillers in TEACHER_FILLER_RATE of gaps) and held-out
+    problems (``cfg.heldout``, no fillers), disjoint, drawn from ``pool`` (and ``hard_pool``, for
+    ``hard_share`` of each)."""
     rng = random.Random(seed)
     n_hard = [round(hard_share * n) for n in (cfg.prompts, cfg.heldout)]
     easy = rng.sample(pool, cfg.prompts + cfg.heldout - sum(n_hard))
@@ -198,10 +208,26 @@ def run_seed(base, base_state, pool: list[tuple[int, ...]], seed: int, cfg: Demo
     traces = [trace(f"s{seed}-train-{i}", p, TEACHER_FILLER_RATE, rng)
               for i, p in enumerate(problems[:cfg.prompts])]
     heldout = [trace(f"s{seed}-heldout-{i}", p, 0.0, rng) for i, p in enumerate(problems[cfg.prompts:])]
-    base_model = _fresh(base, base_state)
-    base_acc, base_fillers = answer_accuracy(base_model, traces)
+    return traces, heldout
 
-    # Pilot: plain SFT on the traces, a checkpoint (and the model's own training accuracy) every `every` steps.
+
+@dataclass
+class Pilot:
+    """Plain SFT on the traces from theta_0, with its checkpoints and training accuracy at each."""
+
+    model: torch.nn.Module
+    checkpoints: dict  # name -> state dict, "base" first
+    table: list  # (name, training accuracy)
+    fillers: list  # fillers per answer at each checkpoint
+    trough: str  # the trough detector's verdict
+    bottleneck: str
+    bottleneck_accuracy: float
+
+
+def run_pilot(base, base_state, traces: list[Example], seed: int, cfg: DemoConfig) -> Pilot:
+    """The pilot: plain SFT on the traces, a checkpoint (and the model's own training accuracy) every
+    ``cfg.every`` steps; the bottleneck is the argmin."""
+    base_acc, base_fillers = answer_accuracy(_fresh(base, base_state), traces)
     checkpoints = {"base": base_state}
     table = [("base", base_acc)]
     fillers = [base_fillers]
@@ -216,24 +242,44 @@ def run_seed(base, base_state, pool: list[tuple[int, ...]], seed: int, cfg: Demo
             fillers.append(n_fill)
             detector.update(step, acc)
 
-    pilot = train(_fresh(base, base_state), traces, cfg.pilot_steps, lr=cfg.lr, batch_size=cfg.batch_size,
+    model = train(_fresh(base, base_state), traces, cfg.pilot_steps, lr=cfg.lr, batch_size=cfg.batch_size,
                   seed=seed, on_step=checkpoint)
     bottleneck, bottleneck_acc = find_bottleneck(table)
-    result = {"seed": seed, "training_accuracy": table, "fillers_per_answer": fillers, "bottleneck": bottleneck,
-              "trough": detector.verdict()}
-    heldout_acc = {"base": answer_accuracy(base_model, heldout)[0], "plain_sft": answer_accuracy(pilot, heldout)[0]}
-    result["heldout_accuracy"] = heldout_acc
-    if bottleneck == "base":
-        result["no_selection"] = ("training accuracy never fell below the base's: there is no bottleneck, so "
-                                  "T3S and its controls do not apply to this seed")
-        return result
+    return Pilot(model, checkpoints, table, fillers, detector.verdict(), bottleneck, bottleneck_acc)
 
-    # Score every checkpoint (the fused forward: one log-probability per token, no logits).
-    store = ScoreStore(out / f"store-seed{seed}")
+
+NO_BOTTLENECK = ("training accuracy never fell below the base's: there is no bottleneck, so T3S and its controls "
+                 "do not apply to this seed")
+
+
+def score_checkpoints(base, base_state, traces: list[Example], checkpoints: dict, folder: Path) -> ScoreStore:
+    """Every checkpoint's traces scored into ``folder`` (the fused forward: one log-probability per token,
+    no logits), each under its name."""
+    store = ScoreStore(folder)
     scorer = _fresh(base, base_state)
     for name, state in checkpoints.items():
         scorer.load_state_dict(state)
         score_dataset(scorer, traces, store, name, progress=False)
+    return store
+
+
+def run_seed(base, base_state, pool: list[tuple[int, ...]], seed: int, cfg: DemoConfig, out: Path,
+             hard_pool: Optional[list[tuple[int, ...]]] = None, hard_share: float = 0.0) -> dict:
+    traces, heldout = seed_traces(pool, seed, cfg, hard_pool, hard_share)
+    base_model = _fresh(base, base_state)
+    pilot = run_pilot(base, base_state, traces, seed, cfg)
+    table, bottleneck, checkpoints = pilot.table, pilot.bottleneck, pilot.checkpoints
+    base_acc = table[0][1]
+    result = {"seed": seed, "training_accuracy": table, "fillers_per_answer": pilot.fillers, "bottleneck": bottleneck,
+              "trough": pilot.trough}
+    heldout_acc = {"base": answer_accuracy(base_model, heldout)[0],
+                   "plain_sft": answer_accuracy(pilot.model, heldout)[0]}
+    result["heldout_accuracy"] = heldout_acc
+    if bottleneck == "base":
+        result["no_selection"] = NO_BOTTLENECK
+        return result
+
+    store = score_checkpoints(base, base_state, traces, checkpoints, out / f"store-seed{seed}")
     base_set, bottleneck_set = store.load("base"), store.load(bottleneck)
     t3s_sel = select("ar", base_set, bottleneck_set)
     keep_fraction = t3s_sel.summary(base_set.values["scored"])["fraction_selected"]
@@ -347,55 +393,61 @@ def _verdict(seeds: list[dict]) -> list[str]:
                  + ("(larger and opposed, as the paper reports)." if ratio > 1 and cosine < 0 else
                     "(not the paper's picture of larger, opposed anchor gradients)."))
     for other in ("plain_sft", "base", "random", "inverse", "static_confidence"):
-        diffs = [s["heldout_accuracy"]["t3s"] - s["heldout_accuracy"][other] for s in with_sel]
-        wins = sum(d > 0 for d in diffs)
-        losses = sum(d < 0 for d in diffs)
-        word = ("beats" if wins == len(diffs) and statistics.mean(diffs) > 0 else
-                "loses to" if losses == len(diffs) and statistics.mean(diffs) < 0 else "does not reliably beat")
-        lines.append(f"- T3S {word} {other} on held-out prompts: better in {wins}, worse in {losses} of "
-                     f"{len(diffs)} seeds, mean difference {statistics.mean(diffs):+.3f}.")
+        lines.append(compare("T3S", other, [s["heldout_accuracy"]["t3s"] - s["heldout_accuracy"][other]
+                                            for s in with_sel]))
     return lines
 
 
-def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optional[int] = None,
-             task: str = "style") -> dict:
-    """Run the demo at ``size`` ("quick", "default", "full") on ``task`` (``TASKS``); write report.md /
-    report.json / plots."""
+def compare(arm: str, other: str, diffs: list[float], sd: bool = False) -> str:
+    """One verdict line from the per-seed held-out differences ``arm - other``: "beats" / "loses to" only
+    when every seed agrees, the wins and losses, the mean difference (± its sd over seeds, with ``sd``)."""
+    wins = sum(d > 0 for d in diffs)
+    losses = sum(d < 0 for d in diffs)
+    mean = statistics.mean(diffs)
+    word = ("beats" if wins == len(diffs) and mean > 0 else
+            "loses to" if losses == len(diffs) and mean < 0 else "does not reliably beat")
+    spread = f" ± {statistics.stdev(diffs):.3f}" if sd and len(diffs) > 1 else ""
+    return (f"- {arm} {word} {other} on held-out prompts: better in {wins}, worse in {losses} of "
+            f"{len(diffs)} seeds, mean difference {mean:+.3f}{spread}.")
+
+
+def problem_pools() -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """The problems no base ever sees, that every seed draws its training and held-out prompts from:
+    DIGITS-digit ones and HARD_DIGITS-digit ones."""
+    pool_rng = random.Random(12345)
+    pool = sorted({tuple(pool_rng.randrange(10) for _ in range(DIGITS)) for _ in range(4000)})
+    hard_pool = sorted({tuple(pool_rng.randrange(10) for _ in range(HARD_DIGITS)) for _ in range(4000)})
+    return pool, hard_pool
+
+
+def base_style_data(n: int, reserved: set, *, check: int = 200) -> tuple[list[Example], list[Example]]:
+    """(``check`` traces to judge a base by, ``n`` to train it on): the base's own style (fillers in
+    BASE_FILLER_RATE of gaps), on DIGITS-digit problems outside ``reserved``."""
+    rng = random.Random(0)
+    data = []
+    while len(data) < n + check:
+        digits = tuple(rng.randrange(10) for _ in range(DIGITS))
+        if digits not in reserved:
+            data.append(trace(f"base-{len(data)}", digits, BASE_FILLER_RATE, rng))
+    return data[:check], data[check:]
+
+
+def train_base(cfg: DemoConfig, reserved: set):
+    """theta_0, the causal base student (a tiny Qwen3, patched): trained in its own style until BASE_TARGET
+    of its answers are right (checked every 50 steps), at most ``cfg.base_steps`` steps, on problems outside
+    ``reserved``. Returns (model, its state dict, [(step, accuracy)])."""
     from tqdm.auto import tqdm
 
     from .toy import tiny_causal_lm
 
-    if size not in CONFIGS:
-        raise ValueError(f"size must be one of {sorted(CONFIGS)}; got {size!r}")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}; got {task!r}")
-    cfg = CONFIGS[size]
-    if seeds is not None:
-        if seeds < 1:
-            raise ValueError(f"seeds must be >= 1; got {seeds}")
-        cfg = DemoConfig(**{**asdict(cfg), "seeds": seeds})
-    t_start = time.time()
-    out = writable_folder(out_dir, "--out")
-    torch.manual_seed(0)
-    # Problems the base never sees: the pool every seed draws its training and held-out prompts from.
-    pool_rng = random.Random(12345)
-    pool = sorted({tuple(pool_rng.randrange(10) for _ in range(DIGITS)) for _ in range(4000)})
-    hard_pool = sorted({tuple(pool_rng.randrange(10) for _ in range(HARD_DIGITS)) for _ in range(4000)})
-
     print(f"[t3s demo] base student theta_0: its own style (fillers in {BASE_FILLER_RATE:.0%} of gaps), trained "
           f"until {BASE_TARGET:.0%} of its answers are right (at most {cfg.base_steps} steps)")
+    torch.manual_seed(0)
     # Running sums are learned in a sudden transition whose time varies with the initialisation;
     # the base is trained to a stated accuracy, not for a fixed number of steps.
     base = apply_t3s(tiny_causal_lm("qwen3", seed=1, vocab_size=VOCAB, hidden_size=cfg.hidden_size,
                                     num_hidden_layers=cfg.layers, intermediate_size=2 * cfg.hidden_size))
-    reserved = set(pool)
-    base_rng = random.Random(0)
-    base_data = []
-    while len(base_data) < cfg.base_steps * cfg.batch_size + 200:
-        digits = tuple(base_rng.randrange(10) for _ in range(DIGITS))
-        if digits not in reserved:
-            base_data.append(trace(f"base-{len(base_data)}", digits, BASE_FILLER_RATE, base_rng))
-    base_check, base_data = base_data[:200], base_data[200:]
+    base_check, base_data = base_style_data(cfg.base_steps * cfg.batch_size, reserved)
     base_log = []
     bar = tqdm(total=cfg.base_steps, desc="base", leave=False)
 
@@ -412,7 +464,28 @@ def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optiona
     except _Done:
         pass
     bar.close()
-    base_state = copy.deepcopy(base.state_dict())
+    return base, copy.deepcopy(base.state_dict()), base_log
+
+
+def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optional[int] = None,
+             task: str = "style") -> dict:
+    """Run the demo at ``size`` ("quick", "default", "full") on ``task`` (``TASKS``); write report.md /
+    report.json / plots."""
+    from tqdm.auto import tqdm
+
+    if size not in CONFIGS:
+        raise ValueError(f"size must be one of {sorted(CONFIGS)}; got {size!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}; got {task!r}")
+    cfg = CONFIGS[size]
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1; got {seeds}")
+        cfg = DemoConfig(**{**asdict(cfg), "seeds": seeds})
+    t_start = time.time()
+    out = writable_folder(out_dir, "--out")
+    pool, hard_pool = problem_pools()
+    base, base_state, base_log = train_base(cfg, set(pool))
 
     seed_results = []
     for seed in tqdm(range(cfg.seeds), desc="seeds (pilot, scoring, 5 arms)"):

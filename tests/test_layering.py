@@ -17,7 +17,7 @@ LAYERS = [
     ["adapters"],
     ["patching"],
     ["pipeline", "trainer_utils", "masked_diffusion_trainer"],
-    ["toy", "bench", "demo"],
+    ["toy", "bench", "demo", "demo_diffusion"],
     ["cli", "__init__"],
 ]
 
