@@ -6,6 +6,10 @@ what the patch's attention check (t3s_kernels/patching/attention.py) must accept
     (transformers' own models with a non-causal config);
   * "causal_under_2d": a 2-D mask with padding is made causal, an all-ones one full, a 4-D one taken as
     given (LLaDA 2.0's released code under transformers 4.x, whose 2-D helper builds a causal mask);
+  * "bool_4d": a 2-D mask is key padding, a 4-D mask is cast to bool and taken as True where a query may
+    attend (Dream's released code: an additive mask comes out inverted);
+  * "only_2d": a 2-D mask is key padding, and a 4-D one cannot be taken: it is reshaped to (B, -1) as a
+    2-D one and the scores' addition raises (LLaDA 1's released code; LLaDA-MoE's raises too);
   * "ignores": full attention whatever mask it is given;
   * "causal": causal whatever mask it is given (an autoregressive model patched by mistake).
 
@@ -23,7 +27,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutput
 
-BEHAVIOURS = ("honours", "causal_under_2d", "ignores", "causal")
+BEHAVIOURS = ("honours", "causal_under_2d", "bool_4d", "only_2d", "ignores", "causal")
 
 
 class StandInConfig(PretrainedConfig):
@@ -69,6 +73,12 @@ class StandInLM(torch.nn.Module):
             return causal
         if attention_mask is None:
             return None
+        if attention_mask.dim() == 4 and behaviour == "bool_4d":
+            return torch.zeros(attention_mask.shape, device=device).masked_fill(~attention_mask.bool(),
+                                                                                torch.finfo(torch.float32).min)
+        if attention_mask.dim() == 4 and behaviour == "only_2d":
+            attention_mask = attention_mask.reshape(attention_mask.shape[0], -1)  # (B, L*L): the addition raises
+            return torch.zeros(attention_mask.shape, device=device)[:, None, None, :]
         if attention_mask.dim() == 4:
             return attention_mask.float()
         padding = torch.zeros(attention_mask.shape, device=device).masked_fill(

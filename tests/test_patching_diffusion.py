@@ -13,6 +13,7 @@ import t3s_kernels as t3s
 from t3s_kernels.adapters import block_diffusion as bd
 from t3s_kernels.adapters.masked_diffusion import loss_weights
 from t3s_kernels.masked_diffusion_trainer import masked_diffusion_compute_loss, noise_inputs
+from t3s_kernels.patching.state import patch_state
 from tests.helpers import assert_close
 
 pytest.importorskip("transformers")
@@ -65,14 +66,16 @@ def grads(model, loss):
     return torch.autograd.grad(loss, params)
 
 
-def reference_loss(model, inputs, nb, *, block_size, padding, weighting, normalization, shift=None):
-    """The authors' loss from the unpatched model's full logits: ``[x_t ; x_0]`` under ``rule_mask``, the
-    first half's logits, cross-entropy at x_t's masked positions, weighted and normalized."""
+def reference_loss(model, inputs, nb, *, block_size, padding, weighting, normalization, shift=None,
+                   bool_mask=False):
+    """The authors' loss from the unpatched model's full logits: ``[x_t ; x_0]`` under ``rule_mask`` (as
+    an additive mask, or a boolean one for a model that takes that), the first half's logits,
+    cross-entropy at x_t's masked positions, weighted and normalized."""
     ids = inputs["input_ids"]
     b, length = ids.shape
     key_valid = inputs["attention_mask"].bool() if padding == "dropped" else None
     allowed = rule_mask(length, block_size, key_valid)
-    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    mask = allowed if bool_mask else torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     positions = torch.arange(length).repeat(2)[None].expand(b, -1)
     logits = model(input_ids=torch.cat([nb.noisy_ids, ids], 1), position_ids=positions,
                    attention_mask=mask).logits[:, :length].float()
@@ -100,7 +103,7 @@ CONVENTIONS = [  # LLaDA 2.0's, its padding dropped, BD3-LM's, LLaDA's 1/t by bl
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS, ids=lambda c: "-".join(str(v) for v in c.values()))
-@pytest.mark.parametrize("behaviour", ["honours", "causal_under_2d"])
+@pytest.mark.parametrize("behaviour", ["honours", "causal_under_2d", "bool_4d"])
 def test_block_diffusion_equals_the_unpatched_model(convention, behaviour):
     """Loss and every gradient of the patched model equal the authors' loss from the unpatched logits;
     the forced token is masked and trained; a padded row under "dropped" padding trains no pad."""
@@ -113,6 +116,7 @@ def test_block_diffusion_equals_the_unpatched_model(convention, behaviour):
     loss = masked_diffusion_compute_loss(model, inputs, mask_token_id=MASK,
                                          generator=torch.Generator().manual_seed(7), **convention)
     got = grads(model, loss)
+    assert patch_state(model)["mask_form"] == ("bool" if behaviour == "bool_4d" else "additive")
     t3s.revert_t3s(model)
     noise_kw = {k: v for k, v in convention.items() if k in ("rate_range", "padding")}
     nb = noise_inputs(inputs, mask_token_id=MASK, generator=torch.Generator().manual_seed(7),
@@ -121,7 +125,8 @@ def test_block_diffusion_equals_the_unpatched_model(convention, behaviour):
     if convention["padding"] == "dropped":
         assert not bool(nb.masked[1, -3:].any())
     ref = reference_loss(model, inputs, nb, block_size=block_size, padding=convention["padding"],
-                         weighting=convention["weighting"], normalization=convention["normalization"], shift=shift)
+                         weighting=convention["weighting"], normalization=convention["normalization"], shift=shift,
+                         bool_mask=behaviour == "bool_4d")
     assert_close(loss, ref, 1e-5, "loss")
     for k, (a, e) in enumerate(zip(got, grads(model, ref))):
         assert_close(a, e, 1e-4, f"gradient {k}")
@@ -152,24 +157,33 @@ def test_flex_attention_takes_the_same_mask_as_a_block_mask():
     assert_close(losses[1], losses[0], 1e-5, "loss")
 
 
-def test_full_attention_with_a_padded_batch_is_made_bidirectional():
-    """A model whose own code turns a padded 2-D mask causal (LLaDA 2.0 under transformers 4.x) gets a 4-D
-    key-padding mask from the patch: its loss equals the honest model's on the same weights and noise."""
+@pytest.mark.parametrize("behaviour,form", [("honours", "2d"), ("causal_under_2d", "additive"), ("bool_4d", "2d"),
+                                            ("only_2d", "2d")])
+def test_a_padded_batch_reaches_the_model_in_the_form_it_honours(behaviour, form):
+    """Full attention, padding dropped: the check at the first padded batch finds the form of the padding
+    mask the model's code honours (the collator's 2-D mask, first; a 4-D additive one where a 2-D one
+    turns it causal, as LLaDA 2.0's code under transformers 4.x; the 2-D one too where a 4-D one raises,
+    as LLaDA 1's), and the loss and every gradient equal the honest model's on the same weights and
+    noise. (The boolean form, for a model that casts a 4-D mask to bool, is found by the block test.)"""
     inputs = batch(b=3, length=12, pad=4)
-    losses = []
-    for behaviour in ("honours", "causal_under_2d"):
-        model = StandInLM(behaviour, seed=1).train()
+    results = []
+    for who in ("honours", behaviour):
+        model = StandInLM(who, seed=1).train()
         t3s.apply_t3s(model, mode="masked_diffusion", backend="torch")
-        losses.append(masked_diffusion_compute_loss(model, inputs, mask_token_id=MASK, weighting="none",
-                                                    normalization="masked_tokens",
-                                                    generator=torch.Generator().manual_seed(2)))
-    assert_close(losses[1], losses[0], 1e-6, "loss")
-    unpatched = StandInLM("causal_under_2d", seed=1)
-    honest = StandInLM("honours", seed=1)
-    with torch.no_grad():  # without the repair, the two differ: the check above could not pass by luck
-        a = unpatched(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-        b = honest(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-    assert (a - b).abs().max() > 1e-3
+        loss = masked_diffusion_compute_loss(model, inputs, mask_token_id=MASK, weighting="none",
+                                             normalization="masked_tokens", generator=torch.Generator().manual_seed(2))
+        results.append((loss, grads(model, loss), patch_state(model).get("mask_form")))
+    (loss_0, grads_0, _), (loss_1, grads_1, chosen) = results
+    assert chosen == form
+    assert_close(loss_1, loss_0, 1e-6, "loss")
+    for k, (a, e) in enumerate(zip(grads_1, grads_0)):
+        assert_close(a, e, 1e-5, f"gradient {k}")
+    if behaviour == "causal_under_2d":
+        unpatched, honest = StandInLM(behaviour, seed=1), StandInLM("honours", seed=1)
+        with torch.no_grad():  # without the repair, the two differ: the check above could not pass by luck
+            a = unpatched(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            b = honest(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        assert (a - b).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("behaviour,block_size,when,pattern", [
@@ -177,6 +191,9 @@ def test_full_attention_with_a_padded_batch_is_made_bidirectional():
     ("causal", 4, "patch", r"does not reach the noisy block 1|reaches the noisy block 0"),
     ("ignores", 4, "patch", r"reaches the noisy block 0"),
     ("ignores", None, "forward", r"ignores the padding mask.*padding='labelled'"),
+    ("only_2d", 4, "patch", r"with a 4-D additive mask: its forward raised RuntimeError.*with a 4-D boolean mask: "
+                            r"its forward raised RuntimeError.*takes a 4-D attention mask \(additive or boolean\) "
+                            r"and position_ids"),
 ])
 def test_a_model_that_does_not_attend_as_declared_is_refused(behaviour, block_size, when, pattern):
     model = StandInLM(behaviour).train()

@@ -35,6 +35,10 @@ BLOCK_PADDINGS = ("labelled", "dropped")
 # Attention implementations that take a 4-D additive mask as given, and the one that takes a BlockMask.
 DENSE_MASK_ATTENTION = ("eager", "sdpa", None)
 FLEX_ATTENTION = "flex_attention"
+# The forms a dense 4-D mask can be given in: "additive" (0 where a query may attend, the dtype's minimum
+# elsewhere: what transformers' eager and SDPA paths add to the scores) or "bool" (True where it may: what
+# a model that casts its 4-D mask to bool takes, as Dream's released code does).
+DENSE_MASK_FORMS = ("additive", "bool")
 
 
 def check_block_size(block_size) -> None:
@@ -75,18 +79,18 @@ def key_padding_mask(key_valid: torch.Tensor) -> torch.Tensor:
 
 
 def bidirectional_padding_mask(key_valid: torch.Tensor, *, attention: Optional[str], dtype: torch.dtype,
-                               model_name: str = "the model"):
+                               model_name: str = "the model", form: str = "additive"):
     """A padded batch's 2-D mask as a full-attention student must take it: a 4-D mask (or a BlockMask),
     which models take as given, where a 2-D one may be turned into a causal mask by the model's own
     mask builder (LLaDA 2.0's code does, under transformers 4.x)."""
     b, length = key_valid.shape
 
-    def allowed(form):
-        if form == "flex":
+    def allowed(kind):
+        if kind == "flex":
             return flex_block_mask(length, None, key_valid, b, key_valid.device)
         return key_padding_mask(key_valid)
 
-    return attention_mask_for(attention, allowed, dtype=dtype, model_name=model_name, what="padding")
+    return attention_mask_for(attention, allowed, dtype=dtype, model_name=model_name, what="padding", form=form)
 
 
 def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -115,22 +119,27 @@ def flex_block_mask(length: int, block_size: Optional[int], key_valid: Optional[
 
 
 def attention_mask_for(attention: Optional[str], allowed_dense, *, dtype: torch.dtype, model_name: str,
-                       what: str):
+                       what: str, form: str = "additive"):
     """The mask ``allowed_dense`` (a function giving the bool 4-D mask, or a BlockMask builder for flex)
-    in the form the attention implementation ``attention`` takes, or a refusal naming the fix."""
+    in the form the attention implementation ``attention`` takes (a dense one in ``form``, of
+    ``DENSE_MASK_FORMS``), or a refusal naming the fix."""
+    if form not in DENSE_MASK_FORMS:
+        raise ValueError(f"form must be one of {DENSE_MASK_FORMS}; got {form!r}")
     if attention == FLEX_ATTENTION:
         return allowed_dense("flex")
     if attention in DENSE_MASK_ATTENTION:
-        return additive(allowed_dense("dense"), dtype)
+        dense = allowed_dense("dense")
+        return dense if form == "bool" else additive(dense, dtype)
     raise ValueError(f"{model_name} uses attn_implementation={attention!r}, which cannot take the {what} mask; "
                      "load it with attn_implementation='sdpa', 'eager' or 'flex_attention'")
 
 
 def block_layout(noisy_ids: torch.Tensor, clean_ids: torch.Tensor, *, block_size: int,
                  key_valid: Optional[torch.Tensor] = None, attention: Optional[str], dtype: torch.dtype,
-                 model_name: str = "the model") -> dict:
+                 model_name: str = "the model", form: str = "additive") -> dict:
     """The forward arguments of a block-diffusion student: ``input_ids`` ``[x_t ; x_0]`` (B, 2L),
-    ``position_ids`` ``[0..L-1, 0..L-1]``, and the attention mask in the form ``attention`` takes."""
+    ``position_ids`` ``[0..L-1, 0..L-1]``, and the attention mask in the form ``attention`` takes (a
+    dense one in ``form``)."""
     check_block_size(block_size)
     if noisy_ids.dim() != 2 or tuple(clean_ids.shape) != tuple(noisy_ids.shape):
         raise ValueError(f"the noisy and the clean ids must both have shape (B, L); got {tuple(noisy_ids.shape)} "
@@ -141,10 +150,11 @@ def block_layout(noisy_ids: torch.Tensor, clean_ids: torch.Tensor, *, block_size
     device = noisy_ids.device
     positions = torch.arange(length, device=device).repeat(2)[None].expand(b, -1)
 
-    def allowed(form):
-        if form == "flex":
+    def allowed(kind):
+        if kind == "flex":
             return flex_block_mask(length, block_size, key_valid, b, device)
         return dense_block_mask(length, block_size, key_valid, device)
 
-    mask = attention_mask_for(attention, allowed, dtype=dtype, model_name=model_name, what="block-diffusion")
+    mask = attention_mask_for(attention, allowed, dtype=dtype, model_name=model_name, what="block-diffusion",
+                              form=form)
     return dict(input_ids=torch.cat([noisy_ids, clean_ids], 1), position_ids=positions, attention_mask=mask)

@@ -77,8 +77,10 @@ def _check_attention_now(model, block_size: Optional[int]) -> None:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, length), generator=g).to(head.weight.device)
     clean = None if block_size is None else torch.randint(0, vocab, (1, length), generator=g).to(ids.device)
-    check_attention(model, original_forward(model), dict(input_ids=ids), clean_ids=clean, block_size=block_size,
-                    where="a random row at apply_t3s")
+    form = check_attention(model, original_forward(model), dict(input_ids=ids), clean_ids=clean,
+                           block_size=block_size, where="a random row at apply_t3s")
+    if form is not None:
+        patch_state(model)["mask_form"] = form
 
 
 def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = "auto", block_size: Optional[int] = None,

@@ -2,10 +2,19 @@
 
 A masked-diffusion student attends bidirectionally over its sequence; a block-diffusion one (``apply_t3s(...,
 block_size=s)``) by the block rule over ``[x_t ; x_0]`` (adapters/block_diffusion.py). The patch builds
-what the model is given: the block layout and its mask, and for a padded batch a 4-D (or flex) mask in
-place of the collator's 2-D one, which a model's own mask builder may turn causal (LLaDA 2.0's code does,
-under transformers 4.x). Then it checks, never assumes, that the model attends so under those very
-masks: on one row, it changes one token at a time and looks at which positions' head inputs move.
+what the model is given: the block layout and its mask, and for a padded batch the padding in the form
+the model honours. Model code differs there, and the check finds out which form it is (``MASK_FORMS``):
+
+  * "2d", the collator's 2-D mask as sent: key padding in LLaDA 1's and LLaDA-MoE's released code (which
+    take no 4-D mask: LLaDA 1's reshapes it to 2-D, LLaDA-MoE's hands it to a 2-D helper, and both raise),
+    and in transformers' own models with a non-causal config;
+  * "additive", a 4-D additive mask (0 where a query may attend, the dtype's minimum elsewhere): a 2-D
+    mask would be turned causal by LLaDA 2.0's code under transformers 4.x, which takes a 4-D one as given;
+  * "bool", a 4-D boolean mask: Dream's code casts a 4-D mask to bool, which inverts an additive one.
+
+(A flex_attention model takes a ``BlockMask``, whatever the form.) Then it checks, never assumes, that the
+model attends as declared under those very masks: on one row, it changes one token at a time and looks at
+which positions' head inputs move.
 
   * full attention: a change at the last position reaches the first (else the model is causal);
   * block rule: a clean token of block 0 reaches the noisy block 1 but not the noisy block 0; a noisy
@@ -14,8 +23,11 @@ masks: on one row, it changes one token at a time and looks at which positions' 
 
 The check runs at ``apply_t3s`` on a random unpadded row (two to four forwards of one row), and again at
 the first training batch and at the first padded one, on the batch's most padded row, with the masks
-the trainer sent. A model that fails it is refused, naming what was seen and the fix, at that batch and
-every later one of its kind until one passes.
+the trainer sent. Where the mask's form matters (a padded batch, or any block-diffusion batch) it tries
+the forms in the order above, a model that raises on one counting as failing it, and keeps the first
+that passes for every later batch (``patch_state(model)["mask_form"]``). A model that passes under none
+is refused, naming what each form showed and the fix, at that batch and every later one of its kind
+until one passes. Unchecked (``apply_t3s(check=False)``), the form is "additive".
 """
 
 from __future__ import annotations
@@ -24,10 +36,14 @@ from typing import Optional
 
 import torch
 
-from ..adapters.block_diffusion import bidirectional_padding_mask, block_layout
+from ..adapters.block_diffusion import FLEX_ATTENTION, bidirectional_padding_mask, block_layout
 from ..adapters.packing import VARLEN_ATTENTION
 from .capture import HeadInputs, capture_head_inputs, run_with_head_captured
 from .head import lm_head
+from .state import carries_patch, patch_state
+
+MASK_FORMS = ("2d", "additive", "bool")
+UNCHECKED_FORM = "additive"
 
 # |change| above this fraction of the head inputs' scale counts as a change; unchanged positions
 # compute bitwise the same numbers (masked keys get exactly zero weight), so the split is wide.
@@ -43,10 +59,17 @@ def key_valid_of(call: dict) -> Optional[torch.Tensor]:
     return mask.bool()
 
 
-def diffusion_arguments(model, call: dict, clean_ids: Optional[torch.Tensor], block_size: Optional[int]) -> dict:
+def mask_form(model) -> str:
+    """The padding's form the attention check chose for ``model`` (module docstring), or "additive"."""
+    return (patch_state(model).get("mask_form") if carries_patch(model) else None) or UNCHECKED_FORM
+
+
+def diffusion_arguments(model, call: dict, clean_ids: Optional[torch.Tensor], block_size: Optional[int],
+                        form: Optional[str] = None) -> dict:
     """The forward arguments ``call`` of a masked-diffusion training step as the model must be given them
-    (module docstring); a new dict."""
+    (module docstring), the padding in ``form`` (default: the one the check chose); a new dict."""
     name = type(model).__name__
+    form = form or mask_form(model)
     attention = getattr(model.config, "_attn_implementation", None)
     call = dict(call)
     mask = call.get("attention_mask")
@@ -56,9 +79,9 @@ def diffusion_arguments(model, call: dict, clean_ids: Optional[torch.Tensor], bl
                              "for full attention: apply_t3s(model, mode='masked_diffusion', block_size=...) for "
                              "block diffusion")
         key_valid = key_valid_of(call)
-        if key_valid is not None and attention not in VARLEN_ATTENTION:
+        if key_valid is not None and attention not in VARLEN_ATTENTION and form != "2d":
             call["attention_mask"] = bidirectional_padding_mask(key_valid, attention=attention,
-                                                                dtype=model.dtype, model_name=name)
+                                                                dtype=model.dtype, model_name=name, form=form)
         return call
     if clean_ids is None:
         raise ValueError(f"{name} is patched for block diffusion (block_size={block_size}): pass the clean "
@@ -78,7 +101,8 @@ def diffusion_arguments(model, call: dict, clean_ids: Optional[torch.Tensor], bl
                          "than those (a packed batch?) are not supported")
     call.pop("attention_mask", None)
     call.update(block_layout(call["input_ids"], clean_ids, block_size=block_size, key_valid=key_valid_of(
-        dict(attention_mask=mask)), attention=attention, dtype=model.dtype, model_name=name))
+        dict(attention_mask=mask)), attention=attention, dtype=model.dtype, model_name=name,
+        form="additive" if form == "2d" else form))  # the block rule needs a 4-D mask
     return call
 
 
@@ -106,10 +130,55 @@ def _moved(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def check_attention(model, forward, call: dict, *, clean_ids: Optional[torch.Tensor],
-                    block_size: Optional[int], where: str) -> None:
+                    block_size: Optional[int], where: str) -> Optional[str]:
     """Run the checks of the module docstring on the most padded row of the batch ``call`` (the model's
-    arguments before ``diffusion_arguments``); raise ``ValueError`` naming what was seen and the fix."""
+    arguments before ``diffusion_arguments``). Returns the mask form the model attends as declared under
+    (None where the form does not matter: an unpadded full-attention batch); raises ``ValueError`` naming
+    what each form showed and the fix."""
     name = type(model).__name__
+    key_valid = key_valid_of(call)
+    forms = MASK_FORMS[1:] if block_size is not None else MASK_FORMS if key_valid is not None else (None,)
+    if getattr(model.config, "_attn_implementation", None) in (FLEX_ATTENTION, *VARLEN_ATTENTION):
+        forms = forms[-1:]  # one form: the BlockMask (or no mask) whatever the form
+    shown = {}
+    for form in forms:
+        try:
+            seen = _findings(model, forward, call, clean_ids=clean_ids, block_size=block_size,
+                             form=form or UNCHECKED_FORM)
+        except Exception as e:  # a model whose code cannot take the mask in this form
+            first_line = str(e).splitlines()[0][:200] if str(e) else ""
+            seen = [f"its forward raised {type(e).__name__}: {first_line}"]
+        if seen is None:
+            return None  # a row of fewer than two real tokens: nothing to tell
+        if not seen:
+            return form
+        shown[form] = seen
+    kind = "full (bidirectional) attention" if block_size is None else f"the block rule (block_size={block_size})"
+    everything = [s for seen in shown.values() for s in seen]
+    if all("padding" in s for s in everything):
+        fix = ("pad with labelled tokens and no attention_mask (MaskedDiffusionTrainer(padding='labelled'), "
+               "as LLaDA 2.0 trains), or send unpadded batches")
+    elif all("raised" in s for s in everything) and block_size is not None:
+        fix = ("block diffusion needs a model whose forward takes a 4-D attention mask (additive or boolean) and "
+               "position_ids; train this model with full attention (no block_size) or with its own trainer")
+    elif all("raised" in s for s in everything):
+        fix = ("pad with labelled tokens and no attention_mask (MaskedDiffusionTrainer(padding='labelled')), or "
+               "send unpadded batches")
+    else:
+        fix = ("check the model's attention implementation and its config's causal flag, or patch it in causal "
+               "mode if it is an autoregressive model")
+    told = "; ".join(f"with {_FORM_WORDS[f]}: {', '.join(seen)}" if f else ", ".join(seen) for f, seen in shown.items())
+    raise ValueError(f"apply_t3s: {name} does not attend by {kind} under the masks the patch sends ({where}): "
+                     f"{told}. The masked-diffusion loss would be silently wrong, so it is refused; {fix}")
+
+
+_FORM_WORDS = {"2d": "the 2-D padding mask", "additive": "a 4-D additive mask", "bool": "a 4-D boolean mask"}
+
+
+def _findings(model, forward, call: dict, *, clean_ids: Optional[torch.Tensor], block_size: Optional[int],
+              form: str) -> Optional[list]:
+    """What breaks the declared attention on the batch's most padded row with the masks in ``form`` ([]:
+    nothing; None: a row too short to tell)."""
     ids = call["input_ids"]
     key_valid = key_valid_of(call)
     row = 0 if key_valid is None else int(key_valid.sum(1).argmin())
@@ -120,11 +189,11 @@ def check_attention(model, forward, call: dict, *, clean_ids: Optional[torch.Ten
     length, vocab = ids.shape[1], lm_head(model).out_features
     real = valid.nonzero().squeeze(1)
     if real.numel() < 2:
-        return
+        return None
 
     def run(noisy, clean_half):
         args = dict(one, input_ids=noisy)
-        return _head_inputs(model, forward, diffusion_arguments(model, args, clean_half, block_size))
+        return _head_inputs(model, forward, diffusion_arguments(model, args, clean_half, block_size, form=form))
 
     def changed(t, pos):
         t = t.clone()
@@ -156,15 +225,7 @@ def check_attention(model, forward, call: dict, *, clean_ids: Optional[torch.Ten
                                 "mask")
     finally:
         model.train(was_training)
-    if seen:
-        kind = "full (bidirectional) attention" if block_size is None else f"the block rule (block_size={block_size})"
-        fix = ("pad with labelled tokens and no attention_mask (MaskedDiffusionTrainer(padding='labelled'), "
-               "as LLaDA 2.0 trains), or send unpadded batches" if any("padding" in s for s in seen) else
-               "check the model's attention implementation and its config's causal flag, or patch it in causal "
-               "mode if it is an autoregressive model")
-        raise ValueError(f"apply_t3s: {name} does not attend by {kind} under the masks the patch sends ({where}): "
-                         f"{'; '.join(seen)}. The masked-diffusion loss would be silently wrong, so it is refused; "
-                         f"{fix}")
+    return seen
 
 
 def _block_findings(run, noisy, clean, base, scale, changed, real, length, block_size) -> list:

@@ -142,8 +142,9 @@ def fused_forward(model, loss: T3SLoss, mode: str, shift: Optional[str], args, k
         pending = state.get("attention_pending", ())
         kind = ("padded" if key_valid_of(call) is not None else "plain") if pending and not packed else None
         if kind in pending:  # reading the mask costs a host sync: only while a check is pending
-            check_attention(model, original, call, clean_ids=clean_ids, block_size=block_size,
-                            where=f"the first {'padded ' if kind == 'padded' else ''}training batch")
+            form = check_attention(model, original, call, clean_ids=clean_ids, block_size=block_size,
+                                   where=f"the first {'padded ' if kind == 'padded' else ''}training batch")
+            state["mask_form"] = form or state.get("mask_form")
             state["attention_pending"] = state["attention_pending"] - {kind, "plain"}
         call = diffusion_arguments(model, call, clean_ids, block_size)
     head_in = run_with_head_captured(model, original, *args, labels=None, **call)
