@@ -333,21 +333,38 @@ def _plot_seed(base_set, bottleneck_set, sets, anchors, table, bottleneck, out: 
     return paths
 
 
+def plot_heldout(ax, seeds: list[dict], arms: tuple, ylabel: str, title: str, rotation: int = 0) -> None:
+    """Each seed's held-out accuracy of each arm as a dot, the mean over seeds as a bar, on ``ax``."""
+    for k, arm in enumerate(arms):
+        values = [s["heldout_accuracy"][arm] for s in seeds if arm in s["heldout_accuracy"]]
+        ax.scatter([k] * len(values), values, alpha=0.6)
+        if values:
+            ax.plot([k - 0.3, k + 0.3], [statistics.mean(values)] * 2, "k-")
+    ax.set_xticks(range(len(arms)), arms, rotation=rotation, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+
+
+def resolve_config(configs: dict, size: str, seeds: Optional[int]):
+    """The configuration of ``size`` from ``configs`` (a frozen dataclass each), with ``seeds`` in place of
+    its own where given."""
+    if size not in configs:
+        raise ValueError(f"size must be one of {sorted(configs)}; got {size!r}")
+    cfg = configs[size]
+    if seeds is not None:
+        if seeds < 1:
+            raise ValueError(f"seeds must be >= 1; got {seeds}")
+        cfg = type(cfg)(**{**asdict(cfg), "seeds": seeds})
+    return cfg
+
+
 def _plot_arms(seeds: list[dict], out: Path) -> list[str]:
     try:
         plt = pyplot("the demo's plots")
     except ImportError:
         return []
-    arms = ("base",) + ARMS
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for k, arm in enumerate(arms):
-        values = [s["heldout_accuracy"][arm] for s in seeds if arm in s["heldout_accuracy"]]
-        left.scatter([k] * len(values), values, alpha=0.6)
-        if values:
-            left.plot([k - 0.3, k + 0.3], [statistics.mean(values)] * 2, "k-")
-    left.set_xticks(range(len(arms)), arms, rotation=30, fontsize=8)
-    left.set_ylabel("held-out accuracy")
-    left.set_title("each dot a seed, bar the mean", fontsize=9)
+    plot_heldout(left, seeds, ("base",) + ARMS, "held-out accuracy", "each dot a seed, bar the mean", rotation=30)
     for s in seeds:
         steps = [0] + [int(n.split("-")[1]) for n, _ in s["training_accuracy"][1:]]
         right.plot(steps, [a for _, a in s["training_accuracy"]], "-", color="tab:red", alpha=0.5)
@@ -436,7 +453,6 @@ def train_base(cfg: DemoConfig, reserved: set):
     """theta_0, the causal base student (a tiny Qwen3, patched): trained in its own style until BASE_TARGET
     of its answers are right (checked every 50 steps), at most ``cfg.base_steps`` steps, on problems outside
     ``reserved``. Returns (model, its state dict, [(step, accuracy)])."""
-    from tqdm.auto import tqdm
 
     from .toy import tiny_causal_lm
 
@@ -448,23 +464,32 @@ def train_base(cfg: DemoConfig, reserved: set):
     base = apply_t3s(tiny_causal_lm("qwen3", seed=1, vocab_size=VOCAB, hidden_size=cfg.hidden_size,
                                     num_hidden_layers=cfg.layers, intermediate_size=2 * cfg.hidden_size))
     base_check, base_data = base_style_data(cfg.base_steps * cfg.batch_size, reserved)
-    base_log = []
-    bar = tqdm(total=cfg.base_steps, desc="base", leave=False)
+    return train_to_target(base, train, base_data, lambda model: answer_accuracy(model, base_check)[0], cfg, "base")
 
-    def until_target(step, model):
+
+def train_to_target(model, train_fn, data: list, accuracy, cfg, desc: str) -> tuple:
+    """``train_fn(model, data, ...)`` at ``cfg``'s base steps, learning rate and batch, stopped once
+    ``accuracy(model)``, read every 50 steps, reaches ``BASE_TARGET``. Returns (model, its state dict,
+    [(step, accuracy)])."""
+    from tqdm.auto import tqdm
+
+    log = []
+    bar = tqdm(total=cfg.base_steps, desc=desc, leave=False)
+
+    def until_target(step, m):
         bar.update(1)
         if step % 50 == 0:
-            base_log.append((step, answer_accuracy(model, base_check)[0]))
-            if base_log[-1][1] >= BASE_TARGET:
+            log.append((step, accuracy(m)))
+            if log[-1][1] >= BASE_TARGET:
                 raise _Done
 
     try:
-        train(base, base_data, cfg.base_steps, lr=cfg.base_lr, batch_size=cfg.batch_size, seed=0,
-              on_step=until_target)
+        train_fn(model, data, cfg.base_steps, lr=cfg.base_lr, batch_size=cfg.batch_size, seed=0,
+                 on_step=until_target)
     except _Done:
         pass
     bar.close()
-    return base, copy.deepcopy(base.state_dict()), base_log
+    return model, copy.deepcopy(model.state_dict()), log
 
 
 def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optional[int] = None,
@@ -473,15 +498,9 @@ def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optiona
     report.json / plots."""
     from tqdm.auto import tqdm
 
-    if size not in CONFIGS:
-        raise ValueError(f"size must be one of {sorted(CONFIGS)}; got {size!r}")
+    cfg = resolve_config(CONFIGS, size, seeds)
     if task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}; got {task!r}")
-    cfg = CONFIGS[size]
-    if seeds is not None:
-        if seeds < 1:
-            raise ValueError(f"seeds must be >= 1; got {seeds}")
-        cfg = DemoConfig(**{**asdict(cfg), "seeds": seeds})
     t_start = time.time()
     out = writable_folder(out_dir, "--out")
     pool, hard_pool = problem_pools()
@@ -500,6 +519,17 @@ def run_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optiona
     print(report)
     print(f"\nwrote {out / 'report.md'}")
     return result
+
+
+def heldout_table(seeds: list[dict], arms: tuple) -> list[str]:
+    """The report's table of held-out accuracy: a row per seed, a column per arm, and the mean ± sd."""
+    lines = ["| seed | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for s in seeds:
+        row = [f"{s['heldout_accuracy'][a]:.3f}" if a in s["heldout_accuracy"] else "—" for a in arms]
+        lines.append(f"| {s['seed']} | " + " | ".join(row) + " |")
+    lines.append("| mean ± sd | " + " | ".join(
+        _mean_sd([s["heldout_accuracy"][a] for s in seeds if a in s["heldout_accuracy"]]) for a in arms) + " |")
+    return lines
 
 
 def _report(result: dict) -> str:
@@ -521,13 +551,7 @@ def _report(result: dict) -> str:
         f"from theta_0; pilot checkpoints every {cfg['every']} steps. {len(seeds)} seeds. The design and why the "
         "mechanism can appear: `t3s_kernels/demo.py`.", "",
         "## Held-out accuracy (greedy answers, final digit)", "",
-        "| seed | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|",
-    ]
-    for s in seeds:
-        row = [f"{s['heldout_accuracy'][a]:.3f}" if a in s["heldout_accuracy"] else "—" for a in arms]
-        lines.append(f"| {s['seed']} | " + " | ".join(row) + " |")
-    lines.append("| mean ± sd | " + " | ".join(
-        _mean_sd([s["heldout_accuracy"][a] for s in seeds if a in s["heldout_accuracy"]]) for a in arms) + " |")
+    ] + heldout_table(seeds, arms)
     lines += ["", "## Pilot (plain SFT) and selection, per seed", "",
               "| seed | base train acc | bottleneck | acc there | trough | fillers/answer there | T3S kept | "
               "anchors: fillers / digits / eos | grad norm ratio | cosine |", "|---" * 10 + "|"]

@@ -59,7 +59,6 @@ training accuracy falls to about 0.15), so tau 0.2 selects far more than the pap
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import shutil
@@ -84,17 +83,20 @@ from .demo import (
     PAD,
     TEACHER_FILLER_RATE,
     VOCAB,
-    _Done,
     _fresh,
     _mean_sd,
     base_style_data,
     batch_indices,
     compare,
+    heldout_table,
+    plot_heldout,
     problem_pools,
+    resolve_config,
     run_pilot,
     score_checkpoints,
     seed_traces,
     train_base,
+    train_to_target,
 )
 from .extras import pyplot
 from .masked_diffusion_trainer import LLADA2, masked_diffusion_compute_loss, noise_inputs
@@ -240,7 +242,6 @@ def train_dllm_base(cfg: DiffusionConfig, reserved: set):
     """The dLLM base student: a tiny bidirectional Qwen3, patched for masked diffusion, trained in the base
     style until BASE_TARGET of its decoded answers are right (checked every 50 steps), at most
     ``cfg.base_steps`` steps. Returns (model, its state dict, [(step, accuracy)])."""
-    from tqdm.auto import tqdm
 
     from .toy import tiny_bidirectional_lm
 
@@ -251,23 +252,8 @@ def train_dllm_base(cfg: DiffusionConfig, reserved: set):
                       mode="masked_diffusion")
     check, data = base_style_data(cfg.base_steps * cfg.batch_size, reserved)
     data = [canvas({"input_ids": ex.input_ids, "labels": ex.labels}) for ex in data]
-    log = []
-    bar = tqdm(total=cfg.base_steps, desc="dLLM base", leave=False)
-
-    def until_target(step, m):
-        bar.update(1)
-        if step % 50 == 0:
-            log.append((step, dllm_accuracy(m, check, cfg.per_step)[0]))
-            if log[-1][1] >= BASE_TARGET:
-                raise _Done
-
-    try:
-        train_dllm(model, data, cfg.base_steps, lr=cfg.base_lr, batch_size=cfg.batch_size, seed=0,
-                   on_step=until_target)
-    except _Done:
-        pass
-    bar.close()
-    return model, copy.deepcopy(model.state_dict()), log
+    return train_to_target(model, train_dllm, data, lambda m: dllm_accuracy(m, check, cfg.per_step)[0], cfg,
+                           "dLLM base")
 
 
 def run_diffusion_seed(ar_base, ar_state, dllm, dllm_state, pool, seed: int, cfg: DiffusionConfig,
@@ -378,16 +364,9 @@ def _plot(seeds: list[dict], out: Path) -> list[str]:
         plt = pyplot("the demo's plots")
     except ImportError:
         return []
-    arms = ("base",) + ARMS
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for k, arm in enumerate(arms):
-        values = [s["heldout_accuracy"][arm] for s in seeds if arm in s["heldout_accuracy"]]
-        left.scatter([k] * len(values), values, alpha=0.6)
-        if values:
-            left.plot([k - 0.3, k + 0.3], [statistics.mean(values)] * 2, "k-")
-    left.set_xticks(range(len(arms)), arms, fontsize=8)
-    left.set_ylabel("held-out accuracy (decoded)")
-    left.set_title("masked-diffusion student: each dot a seed, bar the mean", fontsize=9)
+    plot_heldout(left, seeds, ("base",) + ARMS, "held-out accuracy (decoded)",
+                 "masked-diffusion student: each dot a seed, bar the mean")
     colors = {"plain": "tab:red", "dllm": "tab:blue", "random_force": "tab:gray"}
     for s in seeds:
         for arm, curve in s.get("training_curves", {}).items():
@@ -410,13 +389,7 @@ def run_diffusion_demo(out_dir: str = "t3s-demo", *, size: str = "default", seed
     0.2); writes report.md / report.json / a plot into ``out_dir``."""
     from tqdm.auto import tqdm
 
-    if size not in DIFFUSION_CONFIGS:
-        raise ValueError(f"size must be one of {sorted(DIFFUSION_CONFIGS)}; got {size!r}")
-    cfg = DIFFUSION_CONFIGS[size]
-    if seeds is not None:
-        if seeds < 1:
-            raise ValueError(f"seeds must be >= 1; got {seeds}")
-        cfg = DiffusionConfig(**{**asdict(cfg), "seeds": seeds})
+    cfg = resolve_config(DIFFUSION_CONFIGS, size, seeds)
     if tau is not None:
         if not tau >= 0:
             raise ValueError(f"tau must be >= 0; got {tau}")
@@ -463,13 +436,7 @@ def _report(result: dict) -> str:
         f"low-confidence remasking, {cfg['per_step']} token(s) a step. {len(seeds)} seeds. The design: "
         "`t3s_kernels/demo_diffusion.py`.", "",
         "## Held-out accuracy (decoded answers, final digit)", "",
-        "| seed | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|",
-    ]
-    for s in seeds:
-        row = [f"{s['heldout_accuracy'][a]:.3f}" if a in s["heldout_accuracy"] else "—" for a in arms]
-        lines.append(f"| {s['seed']} | " + " | ".join(row) + " |")
-    lines.append("| mean ± sd | " + " | ".join(
-        _mean_sd([s["heldout_accuracy"][a] for s in seeds if a in s["heldout_accuracy"]]) for a in arms) + " |")
+    ] + heldout_table(seeds, arms)
     lines += ["", "## Selection and masking, per seed", "",
               "| seed | selector bottleneck (train acc) | selected | digits / after a filler / fillers / eos | "
               "selected masked: plain / dllm / random_force | dllm forced masked | train acc: base / plain / dllm / "

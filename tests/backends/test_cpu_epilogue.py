@@ -35,14 +35,8 @@ def native():
     return module
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=["plain", "rich"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("chunk_rows,vocab_chunk", [(16, None), (16, 64)], ids=["whole-rows", "vocab-chunks"])
-def test_native_epilogue_matches_the_reference(native, opts, dtype, chunk_rows, vocab_chunk):
-    inputs = make_inputs(n=41, h=24, v=203, dtype=dtype, bias=True, weights="zeros", ignored=3, device="cpu")
-    assert isinstance(make_engine(CPU, "torch").epilogue, NativeCpuEpilogue)  # the default on a CPU
-    cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), backend="torch", chunk_rows=chunk_rows,
-                     vocab_chunk=vocab_chunk)
+def assert_matches_reference(inputs: dict, cfg: LossConfig, opts: dict, dtype: torch.dtype) -> None:
+    """The op's loss, statistics and gradients (in ``dtype``) against the fp64 reference, at ``TOLERANCE``."""
     x, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
     loss, logprob, entropy, correct, lse, _ = fused_head_loss(x, w, b, inputs["labels"], inputs["token_weights"], cfg)
     rx, rw, rb = (t.detach().double().requires_grad_() for t in (x, w, b))
@@ -58,6 +52,17 @@ def test_native_epilogue_matches_the_reference(native, opts, dtype, chunk_rows, 
         assert_close(got, want, tol["grad"], name)
 
 
+@pytest.mark.parametrize("opts", OPTIONS, ids=["plain", "rich"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("chunk_rows,vocab_chunk", [(16, None), (16, 64)], ids=["whole-rows", "vocab-chunks"])
+def test_native_epilogue_matches_the_reference(native, opts, dtype, chunk_rows, vocab_chunk):
+    inputs = make_inputs(n=41, h=24, v=203, dtype=dtype, bias=True, weights="zeros", ignored=3, device="cpu")
+    assert isinstance(make_engine(CPU, "torch").epilogue, NativeCpuEpilogue)  # the default on a CPU
+    cfg = LossConfig(opts=HeadOptions(vocab_size=203, **opts), backend="torch", chunk_rows=chunk_rows,
+                     vocab_chunk=vocab_chunk)
+    assert_matches_reference(inputs, cfg, opts, dtype)
+
+
 @pytest.mark.parametrize("v", [2047, 4099, 6144 + 37])
 @pytest.mark.parametrize("opts", OPTIONS, ids=["plain", "rich"])
 def test_rows_of_several_blocks_match_the_reference(native, v, opts):
@@ -67,18 +72,7 @@ def test_rows_of_several_blocks_match_the_reference(native, v, opts):
     inputs = make_inputs(n=19, h=16, v=v, dtype=torch.float32, bias=True, weights="random", ignored=2, device="cpu",
                          logit_scale=4.0)
     cfg = LossConfig(opts=HeadOptions(vocab_size=v, **opts), backend="torch", chunk_rows=8)
-    x, w, b = (inputs[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
-    loss, logprob, entropy, correct, lse, _ = fused_head_loss(x, w, b, inputs["labels"], inputs["token_weights"], cfg)
-    rx, rw, rb = (t.detach().double().requires_grad_() for t in (x, w, b))
-    ref, stats = reference_t3s_loss(rx, rw, inputs["labels"], bias=rb, token_weights=inputs["token_weights"], **opts)
-    tol = TOLERANCE[torch.float32]
-    assert_close(loss, ref, tol["value"], "loss")
-    for name, got in (("logprob", logprob), ("entropy", entropy), ("lse", lse)):
-        assert_close(got, stats[name], tol["value"], name)
-    assert torch.equal(correct, stats["correct"])
-    for name, got, want in zip(("dX", "dW", "db"), torch.autograd.grad(loss, (x, w, b)),
-                               torch.autograd.grad(ref, (rx, rw, rb))):
-        assert_close(got, want, tol["grad"], name)
+    assert_matches_reference(inputs, cfg, opts, torch.float32)
 
 
 def test_the_kernels_exponential_is_within_one_and_a_half_ulp(native):
