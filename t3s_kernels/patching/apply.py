@@ -119,7 +119,9 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = "auto", blo
     ``check`` (default True) runs the equivalence check (``equivalence.check_t3s_patch``: two forward
     passes of a 2 x 16 batch; at the first training forward when the parameters are on the meta
     device) and, in masked-diffusion mode, the attention checks; there, there is no unpatched loss of
-    the same meaning to compare with. Returns the model; raises ``TypeError`` / ``ValueError``
+    the same meaning to compare with. ``check=False`` trusts the model: a masked-diffusion student then
+    gets its padding as a 4-D additive mask, which some released model code takes otherwise (Dream's
+    inverts it), so leave the check on unless the model has passed it before. Returns the model; raises ``TypeError`` / ``ValueError``
     naming the reason where the patch cannot be exact (and leaves the model unpatched)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
