@@ -121,8 +121,9 @@ def apply_t3s(model, *, mode: str = "causal", shift: Optional[str] = "auto", blo
     device) and, in masked-diffusion mode, the attention checks; there, there is no unpatched loss of
     the same meaning to compare with. ``check=False`` trusts the model: a masked-diffusion student then
     gets its padding as a 4-D additive mask, which some released model code takes otherwise (Dream's
-    inverts it), so leave the check on unless the model has passed it before. Returns the model; raises ``TypeError`` / ``ValueError``
-    naming the reason where the patch cannot be exact (and leaves the model unpatched)."""
+    inverts it), so leave the check on unless the model has passed it before. Returns the model; raises
+    ``TypeError`` / ``ValueError`` naming the reason where the patch cannot be exact (and leaves the model
+    unpatched)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
     if block_size is not None:
