@@ -358,6 +358,14 @@ def resolve_config(configs: dict, size: str, seeds: Optional[int]):
     return cfg
 
 
+def save_figure(plt, fig, path: Path) -> list[str]:
+    """``fig`` laid out and written to ``path`` (120 dpi), then closed; [the path]."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [str(path)]
+
+
 def _plot_arms(seeds: list[dict], out: Path) -> list[str]:
     try:
         plt = pyplot("the demo's plots")
@@ -375,11 +383,7 @@ def _plot_arms(seeds: list[dict], out: Path) -> list[str]:
     right.set_xlabel("step")
     right.set_ylabel("training accuracy (own answers)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "arms.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [str(path)]
+    return save_figure(plt, fig, out / "arms.png")
 
 
 def _mean_sd(values: list[float]) -> str:

@@ -93,6 +93,7 @@ from .demo import (
     problem_pools,
     resolve_config,
     run_pilot,
+    save_figure,
     score_checkpoints,
     seed_traces,
     train_base,
@@ -376,11 +377,7 @@ def _plot(seeds: list[dict], out: Path) -> list[str]:
     right.set_xlabel("step")
     right.set_ylabel("training accuracy (own decoded answers)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "dllm_arms.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [str(path)]
+    return save_figure(plt, fig, out / "dllm_arms.png")
 
 
 def run_diffusion_demo(out_dir: str = "t3s-demo", *, size: str = "default", seeds: Optional[int] = None,
