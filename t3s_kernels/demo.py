@@ -457,7 +457,6 @@ def train_base(cfg: DemoConfig, reserved: set):
     """theta_0, the causal base student (a tiny Qwen3, patched): trained in its own style until BASE_TARGET
     of its answers are right (checked every 50 steps), at most ``cfg.base_steps`` steps, on problems outside
     ``reserved``. Returns (model, its state dict, [(step, accuracy)])."""
-
     from .toy import tiny_causal_lm
 
     print(f"[t3s demo] base student theta_0: its own style (fillers in {BASE_FILLER_RATE:.0%} of gaps), trained "

@@ -243,7 +243,6 @@ def train_dllm_base(cfg: DiffusionConfig, reserved: set):
     """The dLLM base student: a tiny bidirectional Qwen3, patched for masked diffusion, trained in the base
     style until BASE_TARGET of its decoded answers are right (checked every 50 steps), at most
     ``cfg.base_steps`` steps. Returns (model, its state dict, [(step, accuracy)])."""
-
     from .toy import tiny_bidirectional_lm
 
     print(f"[t3s demo] masked-diffusion student: its own style (fillers in {BASE_FILLER_RATE:.0%} of gaps), "

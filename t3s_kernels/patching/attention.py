@@ -101,8 +101,7 @@ def diffusion_arguments(model, call: dict, clean_ids: Optional[torch.Tensor], bl
                          "than those (a packed batch?) are not supported")
     call.pop("attention_mask", None)
     call.update(block_layout(call["input_ids"], clean_ids, block_size=block_size, key_valid=key_valid_of(
-        dict(attention_mask=mask)), attention=attention, dtype=model.dtype, model_name=name,
-        form="additive" if form == "2d" else form))  # the block rule needs a 4-D mask
+        dict(attention_mask=mask)), attention=attention, dtype=model.dtype, model_name=name, form=form))
     return call
 
 
@@ -140,28 +139,29 @@ def check_attention(model, forward, call: dict, *, clean_ids: Optional[torch.Ten
     forms = MASK_FORMS[1:] if block_size is not None else MASK_FORMS if key_valid is not None else (None,)
     if getattr(model.config, "_attn_implementation", None) in (FLEX_ATTENTION, *VARLEN_ATTENTION):
         forms = forms[-1:]  # one form: the BlockMask (or no mask) whatever the form
-    shown = {}
+    shown, raised = {}, set()
     for form in forms:
         try:
             seen = _findings(model, forward, call, clean_ids=clean_ids, block_size=block_size,
                              form=form or UNCHECKED_FORM)
-        except Exception as e:  # a model whose code cannot take the mask in this form
-            first_line = str(e).splitlines()[0][:200] if str(e) else ""
-            seen = [f"its forward raised {type(e).__name__}: {first_line}"]
+        except _ModelRaised as e:  # the model's code cannot take the mask in this form
+            error = e.__cause__
+            first_line = str(error).splitlines()[0][:200] if str(error) else ""
+            seen = [f"its forward raised {type(error).__name__}: {first_line}"]
+            raised.add(form)
         if seen is None:
             return None  # a row of fewer than two real tokens: nothing to tell
         if not seen:
             return form
         shown[form] = seen
     kind = "full (bidirectional) attention" if block_size is None else f"the block rule (block_size={block_size})"
-    everything = [s for seen in shown.values() for s in seen]
-    if all("padding" in s for s in everything):
+    if not raised and all("padding" in s for seen in shown.values() for s in seen):
         fix = ("pad with labelled tokens and no attention_mask (MaskedDiffusionTrainer(padding='labelled'), "
                "as LLaDA 2.0 trains), or send unpadded batches")
-    elif all("raised" in s for s in everything) and block_size is not None:
+    elif raised == set(shown) and block_size is not None:
         fix = ("block diffusion needs a model whose forward takes a 4-D attention mask (additive or boolean) and "
                "position_ids; train this model with full attention (no block_size) or with its own trainer")
-    elif all("raised" in s for s in everything):
+    elif raised == set(shown):
         fix = ("pad with labelled tokens and no attention_mask (MaskedDiffusionTrainer(padding='labelled')), or "
                "send unpadded batches")
     else:
@@ -170,6 +170,10 @@ def check_attention(model, forward, call: dict, *, clean_ids: Optional[torch.Ten
     told = "; ".join(f"with {_FORM_WORDS[f]}: {', '.join(seen)}" if f else ", ".join(seen) for f, seen in shown.items())
     raise ValueError(f"apply_t3s: {name} does not attend by {kind} under the masks the patch sends ({where}): "
                      f"{told}. The masked-diffusion loss would be silently wrong, so it is refused; {fix}")
+
+
+class _ModelRaised(Exception):
+    """The model's own forward raised (its cause): the check's finding for that form, not an error of ours."""
 
 
 _FORM_WORDS = {"2d": "the 2-D padding mask", "additive": "a 4-D additive mask", "bool": "a 4-D boolean mask"}
@@ -192,8 +196,11 @@ def _findings(model, forward, call: dict, *, clean_ids: Optional[torch.Tensor], 
         return None
 
     def run(noisy, clean_half):
-        args = dict(one, input_ids=noisy)
-        return _head_inputs(model, forward, diffusion_arguments(model, args, clean_half, block_size, form=form))
+        args = diffusion_arguments(model, dict(one, input_ids=noisy), clean_half, block_size, form=form)
+        try:
+            return _head_inputs(model, forward, args)
+        except Exception as e:  # anything the model's code raises; the arguments' own errors pass above
+            raise _ModelRaised from e
 
     def changed(t, pos):
         t = t.clone()
